@@ -1,0 +1,176 @@
+"""Glm4vForConditionalGeneration: the vision tower's features merged into the text, over a static KV cache.
+
+Host side (NumPy): token types, 3D positions and rope deltas, cos/sin tables, cache slots and write indices.
+Device side (MindSpore): the vision tower, then `CachedDecoder` (one jit graph per input length).
+
+Deliberate deviations from the reference:
+- positions always come from the attention mask (real tokens only), also for text-only prompts; the reference
+  does that in generate() but uses 0..L-1 in a plain forward of a left-padded text-only batch;
+- an image and a video may share a prompt: image and video features go to their own tokens (told apart by
+  <|begin_of_video|> ... <|end_of_video|>), where the reference rejects the mix;
+- text q/k rows are permuted to rotate-half layout at load time (weights.py).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from . import rope
+from .config import Glm4vConfig
+from .text import CachedDecoder, Linear, TextModel
+from .vision import VisionModel
+from .weights import load as load_weights, to_float32
+
+_DTYPES = {"float32": ms.float32, "fp32": ms.float32, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16,
+           "float16": ms.float16, "fp16": ms.float16}
+_device = None
+
+
+def select_device(device: str | None = None) -> str:
+    """Ascend when present, else CPU; `device=` or GLM4V_MS_DEVICE overrides. Fixed for the process."""
+    global _device
+    want = (device or os.environ.get("GLM4V_MS_DEVICE") or "auto").strip()
+    if want.lower() == "auto":
+        want = "Ascend" if ms.hal.is_available("Ascend") else "CPU"
+    want = {"cpu": "CPU", "ascend": "Ascend", "npu": "Ascend"}.get(want.lower())
+    if want is None:
+        raise ValueError(f"unknown device {device or os.environ.get('GLM4V_MS_DEVICE')!r} (use cpu, ascend or auto)")
+    if _device is None:
+        if want == "Ascend" and not ms.hal.is_available("Ascend"):
+            raise ValueError("device Ascend requested but no Ascend NPU / CANN runtime is available")
+        ms.set_device(want)
+        if want == "CPU":
+            ms.device_context.cpu.op_tuning.threads_num(os.cpu_count() or 1)
+        _device = want
+    elif want != _device:
+        raise ValueError(f"this process already runs on {_device}; MindSpore cannot switch to {want}")
+    return _device
+
+
+def resolve_dtype(dtype, device: str):
+    if dtype is None:
+        return ms.bfloat16 if device == "Ascend" else ms.float32   # bf16 has no CPU kernels
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+        return _DTYPES[dtype.lower()]
+    return dtype
+
+
+def _np(x, dtype=None):
+    if x is None:
+        return None
+    a = x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+    return a.astype(dtype) if dtype is not None else a
+
+
+@dataclass
+class Output:
+    logits: Tensor               # (B, L, vocab)
+    rope_deltas: np.ndarray      # (B,)
+
+
+class Glm4vForConditionalGeneration(nn.Cell):
+    def __init__(self, config: Glm4vConfig, dtype=ms.float32):
+        super().__init__()
+        self.config, self.dtype = config, dtype
+        self.visual = VisionModel(config.vision, dtype)
+        self.text = TextModel(config.text, dtype)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, dtype)
+        self._decoders = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, folder: str, dtype=None, device: str | None = None):
+        """A Hugging Face GLM-4.1V folder (official or transformers 5 layout) or one made by glm4v_ms.convert."""
+        dev = select_device(device)
+        cfg = Glm4vConfig.from_pretrained(folder)
+        model = cls(cfg, resolve_dtype(dtype, dev))
+        model.load_weights(folder)
+        return model
+
+    def load_weights(self, folder: str):
+        params = dict(self.parameters_and_names())
+        for name, arr, st in load_weights(self.config, folder):
+            p = params[name]
+            if st == {ms.float32: "F32", ms.float16: "F16"}.get(p.dtype):
+                p.set_data(Tensor(np.ascontiguousarray(arr)))
+            else:  # bf16 bits or a dtype change: through float32, exact for bf16 -> bf16
+                p.set_data(Tensor(to_float32(arr, st)).astype(p.dtype))
+
+    # ------------------------------------------------------------------ building blocks for generation
+    def decoder(self, batch: int, max_len: int) -> CachedDecoder:
+        """The decoder bound to a static cache of this size; reused (and its graphs with it) across calls."""
+        key = (batch, max_len)
+        if key not in self._decoders:
+            if len(self._decoders) >= 2:   # keep memory bounded: caches are large on the real model
+                self._decoders.pop(next(iter(self._decoders)))
+            self._decoders[key] = CachedDecoder(self.text, self.lm_head.weight, batch, max_len)
+        return self._decoders[key]
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        """Token embeddings with the vision features written over the image tokens, in order."""
+        c = self.config
+        ids = _np(input_ids, np.int64)
+        B, L = ids.shape
+        h = self.text.embed(Tensor(ids.astype(np.int32))).reshape(B * L, -1)
+        types = rope.token_types(ids, c.image_token_id, c.video_start_token_id, c.video_end_token_id).reshape(-1)
+        for kind, pixels, grid, rows in (
+                (rope.IMAGE, pixel_values, image_grid_thw, lambda g: np.asarray(g, np.int64).reshape(-1, 3)),
+                (rope.VIDEO, pixel_values_videos, video_grid_thw, rope.split_video_grids)):
+            where = np.nonzero(types == kind)[0]
+            what = "image" if kind == rope.IMAGE else "video"
+            if pixels is None:
+                if len(where):
+                    raise ValueError(f"input_ids hold {len(where)} {what} tokens but no {what} pixel values were given")
+                continue
+            if grid is None:
+                raise ValueError(f"{what} pixel values given without {what}_grid_thw")
+            feats = self.visual(Tensor(_np(pixels, np.float32)), rows(_np(grid)))
+            if feats.shape[0] != len(where):
+                raise ValueError(f"{what} features and {what} tokens do not match: {feats.shape[0]} features, "
+                                 f"{len(where)} tokens")
+            h = ops.tensor_scatter_update(h, Tensor(where[:, None].astype(np.int32)), feats.astype(h.dtype))
+        return h.reshape(B, L, -1)
+
+    def run(self, dec: CachedDecoder, h, pos3: np.ndarray, slot0: int, kv_valid: np.ndarray, last_only=False):
+        """Run L new tokens (embeddings h) at cache slots slot0..slot0+L-1 with 3D positions pos3 (3, B, L).
+        kv_valid (B, S): which slots hold real tokens once these are written."""
+        B, L = h.shape[0], h.shape[1]
+        c = self.config.text
+        if slot0 + L > dec.max_len:
+            raise ValueError(f"{slot0 + L} tokens do not fit the cache of {dec.max_len}")
+        cos, sin = rope.text_cos_sin(pos3, c.rotary_dim, c.rope_theta, c.mrope_section)
+        slots = slot0 + np.arange(L, dtype=np.int32)
+        q_slot = np.broadcast_to(slots, (B, L)).astype(np.int32)
+        b, hh, s = np.meshgrid(np.arange(B), np.arange(c.num_key_value_heads), slots, indexing="ij")
+        write = np.stack([b, hh, s], -1).astype(np.int32)
+        return dec(h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)),
+                   Tensor(write), last_only)
+
+    def positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
+        c = self.config
+        return rope.position_ids_3d(_np(input_ids), _np(attention_mask), _np(image_grid_thw), _np(video_grid_thw),
+                                    c.vision.spatial_merge_size, c.image_token_id, c.video_start_token_id,
+                                    c.video_end_token_id)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, **unused) -> Output:
+        """Logits for every position of a full prompt (extra processor keys such as mm_token_type_ids are ignored)."""
+        ids = _np(input_ids, np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        B, L = ids.shape
+        mask = np.ones((B, L), bool) if attention_mask is None else _np(attention_mask).astype(bool).reshape(B, L)
+        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
+        S = -(-L // 64) * 64  # bucket the cache length so that nearby prompt lengths share a decoder
+        dec = self.decoder(B, S)
+        kv_valid = np.zeros((B, S), bool)
+        kv_valid[:, :L] = mask
+        return Output(logits=self.run(dec, h, pos3, 0, kv_valid), rope_deltas=deltas)

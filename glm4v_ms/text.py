@@ -1,0 +1,144 @@
+"""GLM-4 text decoder over a static, pre-allocated KV cache.
+
+Layer: x + post_attn_norm(attn(input_norm(x))), then + post_mlp_norm(mlp(pre_mlp_norm(.))) (four norms).
+Attention: fused q/k/v matmul with bias, M-RoPE on the first `rotary_dim` dims of q and k (rotate-half form:
+see weights.py for the row permutation), grouped-query attention over the cache.
+
+`CachedDecoder` binds the layers to one cache of fixed (batch, length) and runs under ms.jit: it compiles once
+per input length, so decode (length 1) is one graph reused for every token.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from .attention import NEG, decoder_attention, rms_norm, rotate_half_rope
+from .config import TextConfig
+
+
+def _param(shape, dtype, name=None):
+    return Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=name, requires_grad=False)
+
+
+class Norm(nn.Cell):
+    """Holds a norm's weight (and bias); the maths is attention.rms_norm / layer_norm."""
+    def __init__(self, dim, dtype, bias=False):
+        super().__init__()
+        self.weight = _param((dim,), dtype)
+        self.bias = _param((dim,), dtype) if bias else None
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab, dim, dtype):
+        super().__init__()
+        self.weight = _param((vocab, dim), dtype)
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+class Linear(nn.Cell):
+    def __init__(self, n_in, n_out, dtype, bias=False):
+        super().__init__()
+        self.weight = _param((n_out, n_in), dtype)
+        self.bias = _param((n_out,), dtype) if bias else None
+
+    def construct(self, x):
+        return ops.dense(x, self.weight, self.bias)
+
+
+class Attention(nn.Cell):
+    def __init__(self, cfg: TextConfig, dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, dtype, bias=True)
+        self.o = Linear(cfg.q_size, cfg.hidden_size, dtype)
+
+    def construct(self, x, cos, sin, bias, write_idx, k_cache, v_cache):
+        c = self.cfg
+        B, L, _ = x.shape
+        qkv = self.qkv(x)
+        q = qkv[..., :c.q_size].reshape(B, L, c.num_attention_heads, c.head_dim)
+        k = qkv[..., c.q_size:c.q_size + c.kv_size].reshape(B, L, c.num_key_value_heads, c.head_dim)
+        v = qkv[..., c.q_size + c.kv_size:].reshape(B, L, c.num_key_value_heads, c.head_dim)
+        r = c.rotary_dim
+        cs, sn = cos[:, :, None, :], sin[:, :, None, :]
+        q = ops.cat([rotate_half_rope(q[..., :r], cs, sn), q[..., r:]], -1)
+        k = ops.cat([rotate_half_rope(k[..., :r], cs, sn), k[..., r:]], -1)
+        # write this step's keys/values at their explicit cache slots, then attend over the whole cache
+        ops.scatter_nd_update(k_cache, write_idx, k.transpose(0, 2, 1, 3))
+        ops.scatter_nd_update(v_cache, write_idx, v.transpose(0, 2, 1, 3))
+        o = decoder_attention(q, k_cache, v_cache, bias, c.head_dim ** -0.5)
+        return self.o(o)
+
+
+class MLP(nn.Cell):
+    def __init__(self, dim, hidden, dtype):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = Linear(dim, 2 * hidden, dtype)
+        self.down = Linear(hidden, dim, dtype)
+
+    def construct(self, x):
+        gu = self.gate_up(x)
+        return self.down(ops.silu(gu[..., :self.hidden]) * gu[..., self.hidden:])
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: TextConfig, dtype):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.input_norm = Norm(cfg.hidden_size, dtype)
+        self.attn = Attention(cfg, dtype)
+        self.post_attn_norm = Norm(cfg.hidden_size, dtype)
+        self.pre_mlp_norm = Norm(cfg.hidden_size, dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.post_mlp_norm = Norm(cfg.hidden_size, dtype)
+
+    def construct(self, x, cos, sin, bias, write_idx, k_cache, v_cache):
+        e = self.eps
+        a = self.attn(rms_norm(x, self.input_norm.weight, e), cos, sin, bias, write_idx, k_cache, v_cache)
+        x = x + rms_norm(a, self.post_attn_norm.weight, e)
+        m = self.mlp(rms_norm(x, self.pre_mlp_norm.weight, e))
+        return x + rms_norm(m, self.post_mlp_norm.weight, e)
+
+
+class TextModel(nn.Cell):
+    def __init__(self, cfg: TextConfig, dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.CellList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.norm = Norm(cfg.hidden_size, dtype)
+
+
+class CachedDecoder(nn.Cell):
+    """The decoder bound to one static KV cache of shape (batch, kv_heads, max_len, head_dim) per layer.
+
+    Inputs are host-made (model.py): embeddings (B, L, D), cos/sin (B, L, R), the cache slot of each query
+    (B, L), which cache slots hold real tokens (B, S), and scatter indices (B, Hkv, L, 3) for the writes.
+    A query sees slot s when s <= its own slot and s is real: causal and left-padding masking in one rule."""
+
+    def __init__(self, text: TextModel, lm_head: Parameter, batch: int, max_len: int):
+        super().__init__()
+        c = text.cfg
+        self.text, self.lm_head, self.eps = text, lm_head, c.rms_norm_eps
+        dtype = lm_head.dtype
+        shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
+        n = c.num_hidden_layers
+        self.k = ParameterTuple([_param(shape, dtype, f"cache.k.{i}") for i in range(n)])
+        self.v = ParameterTuple([_param(shape, dtype, f"cache.v.{i}") for i in range(n)])
+        self.slots = Tensor(np.arange(max_len, dtype=np.int32))
+        self.batch, self.max_len = batch, max_len
+
+    @ms.jit
+    def construct(self, h, cos, sin, q_slot, kv_valid, write_idx, last_only: bool):
+        seen = (self.slots[None, None, :] <= q_slot[:, :, None]) & kv_valid[:, None, :]      # (B, L, S)
+        bias = ((1.0 - seen.astype(ms.float32)) * NEG)[:, None, None, :, :]
+        cos, sin = cos.astype(h.dtype), sin.astype(h.dtype)
+        for i in range(len(self.text.layers)):
+            h = self.text.layers[i](h, cos, sin, bias, write_idx, self.k[i], self.v[i])
+        if last_only:
+            h = h[:, -1:]
+        return ops.dense(rms_norm(h, self.text.norm.weight, self.eps), self.lm_head)

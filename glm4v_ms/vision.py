@@ -1,0 +1,157 @@
+"""GLM-4.1V vision tower.
+
+patch embed (a Dense over the flattened C*T*P*P patch, = the reference's Conv3d with kernel == stride)
+-> RMSNorm -> + learned 24x24 position table resampled per image with bicubic interpolation
+-> blocks (RMSNorm, attention with 2D rotary isolated per image / temporal patch, RMSNorm, SwiGLU MLP)
+-> RMSNorm -> downsample (2x2 merge block as one Dense) -> merger (Dense, LayerNorm, exact GELU, SwiGLU).
+
+The bicubic resampling reproduces `grid_sample(mode="bicubic", align_corners=False, padding_mode="border")`
+at the patch centres. Bicubic grid sampling is separable, so it is two small matrices per grid size built on
+the host (cubic convolution, A = -0.75, taps clamped to the border) and two matmuls; MindSpore's grid_sample
+has no bicubic mode and bilinear would change the numbers.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from .attention import layer_norm, rms_norm, rotate_half_rope, vision_attention
+from .config import VisionConfig
+from .rope import vision_cos_sin, vision_patch_hw
+from .text import MLP, Linear, Norm, _param
+
+A = -0.75  # PyTorch's (and PIL's) cubic convolution coefficient
+
+
+def cubic_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights: output sample o reads the input at x = (o + 0.5) * n_in / n_out - 0.5.
+
+    The sample point is computed in float32 the way grid_sample does (normalise to [-1, 1], then unnormalise),
+    so the weights match the reference to rounding."""
+    o = np.arange(n_out, dtype=np.float32)
+    g = ((o + np.float32(0.5)) / np.float32(n_out)) * np.float32(2) - np.float32(1)
+    x = ((g + np.float32(1)) * np.float32(n_in) - np.float32(1)) / np.float32(2)
+    x0 = np.floor(x)
+    t = (x - x0).astype(np.float64)
+
+    def near(d):  # |d| <= 1
+        return ((A + 2) * d - (A + 3)) * d * d + 1
+
+    def far(d):   # 1 < |d| < 2
+        return ((A * d - 5 * A) * d + 8 * A) * d - 4 * A
+    w = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)
+    m = np.zeros((n_out, n_in), np.float64)
+    for k in range(4):
+        idx = np.clip(x0.astype(np.int64) - 1 + k, 0, n_in - 1)   # border padding: clamp every tap
+        np.add.at(m, (np.arange(n_out), idx), w[:, k])
+    return m.astype(np.float32)
+
+
+def resample_table(table, n_h: int, n_w: int):
+    """(G*G, C) table -> (n_w * n_h, C), row w * n_h + h = the table bicubically resampled at patch (h, w)."""
+    G = int(round(table.shape[0] ** 0.5))
+    C = table.shape[1]
+    mh, mw = Tensor(cubic_matrix(n_h, G)), Tensor(cubic_matrix(n_w, G))
+    t = table.astype(ms.float32).reshape(G, G * C)                        # rows = table h
+    a = ops.matmul(mh, t).reshape(n_h, G, C).transpose(1, 0, 2).reshape(G, n_h * C)
+    return ops.matmul(mw, a).reshape(n_w * n_h, C)
+
+
+class VisionAttention(nn.Cell):
+    def __init__(self, cfg: VisionConfig, dtype):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, dtype)
+
+    def construct(self, x, cos, sin, seg_lens):
+        N = x.shape[0]
+        qkv = self.qkv(x).reshape(N, 3, self.heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # rotary in float32 whatever the weights' dtype, as the reference does
+        q = rotate_half_rope(q.astype(ms.float32), cos, sin).astype(x.dtype)
+        k = rotate_half_rope(k.astype(ms.float32), cos, sin).astype(x.dtype)
+        return self.proj(vision_attention(q, k, v, seg_lens, self.head_dim ** -0.5))
+
+
+class VisionBlock(nn.Cell):
+    def __init__(self, cfg: VisionConfig, dtype):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.norm1 = Norm(cfg.hidden_size, dtype)
+        self.attn = VisionAttention(cfg, dtype)
+        self.norm2 = Norm(cfg.hidden_size, dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.out_hidden_size, dtype)   # its width is out_hidden_size, not intermediate_size
+
+    def construct(self, x, cos, sin, seg_lens):
+        x = x + self.attn(rms_norm(x, self.norm1.weight, self.eps), cos, sin, seg_lens)
+        return x + self.mlp(rms_norm(x, self.norm2.weight, self.eps))
+
+
+class Merger(nn.Cell):
+    def __init__(self, cfg: VisionConfig, dtype):
+        super().__init__()
+        d = cfg.out_hidden_size
+        self.proj = Linear(d, d, dtype)
+        self.norm = Norm(d, dtype, bias=True)   # a LayerNorm, unlike every other norm here
+        self.mlp_hidden = cfg.intermediate_size
+        self.gate_up = Linear(d, 2 * cfg.intermediate_size, dtype)
+        self.down = Linear(cfg.intermediate_size, d, dtype)
+
+    def construct(self, x):
+        h = self.proj(x)
+        h = ops.gelu(layer_norm(h, self.norm.weight, self.norm.bias, 1e-5), approximate="none")
+        gu = self.gate_up(h)
+        return self.down(ops.silu(gu[..., :self.mlp_hidden]) * gu[..., self.mlp_hidden:])
+
+
+class VisionModel(nn.Cell):
+    def __init__(self, cfg: VisionConfig, dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, dtype, bias=True)
+        self.post_conv_norm = Norm(cfg.hidden_size, dtype)
+        self.pos_embed = _param((cfg.pos_grid ** 2, cfg.hidden_size), dtype)
+        self.blocks = nn.CellList([VisionBlock(cfg, dtype) for _ in range(cfg.depth)])
+        self.post_norm = Norm(cfg.hidden_size, dtype)
+        m = cfg.spatial_merge_size ** 2
+        self.downsample = Linear(cfg.hidden_size * m, cfg.out_hidden_size, dtype, bias=True)
+        self.merger = Merger(cfg, dtype)
+
+    def position_embeddings(self, grid_rows: np.ndarray, patch_hw: np.ndarray):
+        """Resample the table once per distinct (h, w) grid and gather every patch's row from the results."""
+        tables, offsets, index = [], {}, []
+        start = 0
+        for _, h, w in grid_rows:
+            if (h, w) not in offsets:
+                offsets[(h, w)] = start
+                tables.append(resample_table(self.pos_embed, int(h), int(w)))
+                start += h * w
+        n = 0
+        for t, h, w in grid_rows:
+            hw = patch_hw[n:n + t * h * w]
+            index.append(offsets[(h, w)] + hw[:, 1] * h + hw[:, 0])
+            n += t * h * w
+        table = tables[0] if len(tables) == 1 else ops.cat(tables, 0)
+        return ops.gather(table, Tensor(np.concatenate(index).astype(np.int32)), 0)
+
+    def construct(self, pixels, grid_rows: np.ndarray):
+        """pixels (N, C*T*P*P); grid_rows (n, 3) of (t, h, w) in patches, one row per image or video frame pair.
+        Returns (N / merge^2, out_hidden_size) LLM embeddings."""
+        c = self.cfg
+        grid_rows = np.asarray(grid_rows, np.int64).reshape(-1, 3)
+        patch_hw = vision_patch_hw(grid_rows, c.spatial_merge_size)
+        if patch_hw.shape[0] != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} patch rows in the pixel values, the grids describe {patch_hw.shape[0]}")
+        cos, sin = (Tensor(a)[:, None, :] for a in vision_cos_sin(patch_hw, c.head_dim, c.rope_theta))
+        seg_lens = [int(h * w) for t, h, w in grid_rows for _ in range(t)]
+
+        x = self.patch_embed(pixels.astype(self.pos_embed.dtype))
+        x = rms_norm(x, self.post_conv_norm.weight, c.rms_norm_eps)
+        x = x + self.position_embeddings(grid_rows, patch_hw).astype(x.dtype)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, seg_lens)
+        x = rms_norm(x, self.post_norm.weight, c.rms_norm_eps)
+        x = self.downsample(x.reshape(-1, x.shape[-1] * c.spatial_merge_size ** 2))
+        return self.merger(x)

@@ -1,0 +1,313 @@
+"""The one weight table: checkpoint names -> this port's parameter layout, and safetensors reading.
+
+Every entry is (our name, source names, transform). Transforms are pure layout operations (reshape, permute,
+concatenate), so they work on raw bf16 bits as well as on floats: the converter reuses this table and writes
+bit-identical tensors. `{i}` stands for the layer index.
+
+Layout changes against the Hugging Face checkpoint:
+- patch embed Conv3d (o, C, T, P, P) -> Dense (o, C*T*P*P); downsample Conv2d (o, c, 2, 2) -> Dense (o, 4c) over
+  the four patches of a merge block, row-major;
+- text q/k/v -> one fused matmul; q and k rows permuted per head from interleaved rotary pairs to rotate-half
+  halves (rope.neox_permutation) so that text and vision share one rotary kernel; q.k is unchanged;
+- vision and merger gate/up -> one fused gate_up matmul (the text MLP is fused already).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .config import Glm4vConfig
+from .rope import neox_permutation
+
+
+class WeightError(ValueError):
+    """A checkpoint file or tensor is missing, corrupt, unexpected or of the wrong shape."""
+
+
+# ----------------------------------------------------------------------------------------------- safetensors I/O
+# Our own reader: numpy has no bfloat16, so BF16 tensors are returned as their raw uint16 bits (see to_float32).
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise WeightError(f"{path}: truncated (no safetensors header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100 << 20:
+                    raise WeightError(f"{path}: truncated or not a safetensors file (header of {n} bytes)")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise WeightError(f"{path}: cannot read ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightError(f"{path}: corrupt safetensors header") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.tensors = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self.base + end > size:
+            raise WeightError(f"{path}: truncated ({size} bytes, the header describes {self.base + end})")
+        self._mm = None
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def info(self, name):
+        t = self.tensors[name]
+        return t["dtype"], tuple(t["shape"])
+
+    def read(self, name) -> tuple[np.ndarray, str]:
+        """Zero-copy view of one tensor (a memory map) and its safetensors dtype name."""
+        t = self.tensors[name]
+        dt = ST_DTYPES.get(t["dtype"])
+        if dt is None:
+            raise WeightError(f"{self.path}: tensor {name} has unsupported dtype {t['dtype']}")
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        a, b = t["data_offsets"]
+        arr = self._mm[self.base + a:self.base + b].view(dt)
+        if arr.size != int(np.prod(t["shape"], dtype=np.int64)):
+            raise WeightError(f"{self.path}: tensor {name} has {arr.size} elements for shape {t['shape']}")
+        return arr.reshape(t["shape"]), t["dtype"]
+
+
+def to_float32(arr: np.ndarray, st_dtype: str) -> np.ndarray:
+    if st_dtype == "BF16":  # bf16 is the top half of a float32
+        return (np.asarray(arr, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(arr, np.float32)
+
+
+class Checkpoint:
+    """The tensors of a folder: sharded (model.safetensors.index.json) or single-file."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    wmap = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise WeightError(f"{index}: unreadable index ({e})") from None
+            files = sorted(set(wmap.values()))
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+            wmap = None
+        if not files:
+            raise WeightError(f"{folder}: no *.safetensors weights found")
+        self.files = {}
+        for fn in files:
+            p = os.path.join(folder, fn)
+            if not os.path.isfile(p):
+                raise WeightError(f"{p}: missing (listed in the index)")
+            self.files[fn] = SafetensorsFile(p)
+        self.where = {}
+        for fn, st in self.files.items():
+            for k in st.keys():
+                self.where[k] = fn
+        if wmap is not None:
+            for k, fn in wmap.items():
+                if self.where.get(k) != fn:
+                    raise WeightError(f"tensor {k}: listed in the index under {fn} but not found there")
+
+    def keys(self):
+        return self.where.keys()
+
+    def read(self, name):
+        return self.files[self.where[name]].read(name)
+
+    def info(self, name):
+        return self.files[self.where[name]].info(name)
+
+
+# ----------------------------------------------------------------------------------------------- the table
+def _same(cfg, x):
+    return x
+
+
+def _conv_to_dense(cfg, w):
+    return w.reshape(w.shape[0], -1)
+
+
+def _downsample_to_dense(cfg, w):
+    # rows of a merge block are concatenated as (block row, block col, channel)
+    return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _cat(cfg, *xs):
+    return np.concatenate(xs, axis=0)
+
+
+def _text_qkv(cfg, q, k, v):
+    t = cfg.text
+    perm = neox_permutation(t.head_dim, t.rotary_dim)
+
+    def per_head(x):
+        heads = x.reshape(-1, t.head_dim, *x.shape[1:])
+        return heads[:, perm].reshape(x.shape)
+    return np.concatenate([per_head(q), per_head(k), v], axis=0)
+
+
+@dataclass(frozen=True)
+class Entry:
+    ours: str
+    sources: tuple
+    fn: Callable = _same
+
+
+V, T = "model.visual.", "model.language_model."
+_VISION = [
+    Entry("visual.patch_embed.weight", (V + "patch_embed.proj.weight",), _conv_to_dense),
+    Entry("visual.patch_embed.bias", (V + "patch_embed.proj.bias",)),
+    Entry("visual.post_conv_norm.weight", (V + "post_conv_layernorm.weight",)),
+    Entry("visual.pos_embed", (V + "embeddings.position_embedding.weight",)),
+    Entry("visual.post_norm.weight", (V + "post_layernorm.weight",)),
+    Entry("visual.downsample.weight", (V + "downsample.weight",), _downsample_to_dense),
+    Entry("visual.downsample.bias", (V + "downsample.bias",)),
+    Entry("visual.merger.proj.weight", (V + "merger.proj.weight",)),
+    Entry("visual.merger.norm.weight", (V + "merger.post_projection_norm.weight",)),
+    Entry("visual.merger.norm.bias", (V + "merger.post_projection_norm.bias",)),
+    Entry("visual.merger.gate_up.weight", (V + "merger.gate_proj.weight", V + "merger.up_proj.weight"), _cat),
+    Entry("visual.merger.down.weight", (V + "merger.down_proj.weight",)),
+]
+_VISION_BLOCK = [
+    Entry("visual.blocks.{i}.norm1.weight", (V + "blocks.{i}.norm1.weight",)),
+    Entry("visual.blocks.{i}.norm2.weight", (V + "blocks.{i}.norm2.weight",)),
+    Entry("visual.blocks.{i}.attn.qkv.weight", (V + "blocks.{i}.attn.qkv.weight",)),
+    Entry("visual.blocks.{i}.attn.proj.weight", (V + "blocks.{i}.attn.proj.weight",)),
+    Entry("visual.blocks.{i}.mlp.gate_up.weight", (V + "blocks.{i}.mlp.gate_proj.weight", V + "blocks.{i}.mlp.up_proj.weight"), _cat),
+    Entry("visual.blocks.{i}.mlp.down.weight", (V + "blocks.{i}.mlp.down_proj.weight",)),
+]
+_L = T + "layers.{i}."
+_TEXT_LAYER = [
+    Entry("text.layers.{i}.input_norm.weight", (_L + "input_layernorm.weight",)),
+    Entry("text.layers.{i}.attn.qkv.weight", (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"), _text_qkv),
+    Entry("text.layers.{i}.attn.qkv.bias", (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"), _text_qkv),
+    Entry("text.layers.{i}.attn.o.weight", (_L + "self_attn.o_proj.weight",)),
+    Entry("text.layers.{i}.post_attn_norm.weight", (_L + "post_self_attn_layernorm.weight",)),
+    Entry("text.layers.{i}.pre_mlp_norm.weight", (_L + "post_attention_layernorm.weight",)),   # sic: the pre-MLP norm
+    Entry("text.layers.{i}.mlp.gate_up.weight", (_L + "mlp.gate_up_proj.weight",)),
+    Entry("text.layers.{i}.mlp.down.weight", (_L + "mlp.down_proj.weight",)),
+    Entry("text.layers.{i}.post_mlp_norm.weight", (_L + "post_mlp_layernorm.weight",)),
+]
+_TEXT = [
+    Entry("text.embed.weight", (T + "embed_tokens.weight",)),
+    Entry("text.norm.weight", (T + "norm.weight",)),
+]
+
+
+def _expand(entries, n):
+    return [Entry(e.ours.format(i=i), tuple(s.format(i=i) for s in e.sources), e.fn) for i in range(n) for e in entries]
+
+
+def hf_table(cfg: Glm4vConfig) -> list[Entry]:
+    """Hugging Face checkpoint -> ours, for this config."""
+    head = "model.language_model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    return (_VISION + _expand(_VISION_BLOCK, cfg.vision.depth) + _TEXT
+            + _expand(_TEXT_LAYER, cfg.text.num_hidden_layers) + [Entry("lm_head.weight", (head,))])
+
+
+def converted_table(cfg: Glm4vConfig) -> list[Entry]:
+    """A converted folder already holds our names and layout."""
+    return [Entry(e.ours, (e.ours,)) for e in hf_table(cfg)]
+
+
+def expected_shapes(cfg: Glm4vConfig) -> dict:
+    v, t = cfg.vision, cfg.text
+    s = {
+        "visual.patch_embed.weight": (v.hidden_size, v.patch_dim), "visual.patch_embed.bias": (v.hidden_size,),
+        "visual.post_conv_norm.weight": (v.hidden_size,), "visual.pos_embed": (v.pos_grid ** 2, v.hidden_size),
+        "visual.post_norm.weight": (v.hidden_size,),
+        "visual.downsample.weight": (v.out_hidden_size, v.hidden_size * v.spatial_merge_size ** 2),
+        "visual.downsample.bias": (v.out_hidden_size,),
+        "visual.merger.proj.weight": (v.out_hidden_size, v.out_hidden_size),
+        "visual.merger.norm.weight": (v.out_hidden_size,), "visual.merger.norm.bias": (v.out_hidden_size,),
+        "visual.merger.gate_up.weight": (2 * v.intermediate_size, v.out_hidden_size),
+        "visual.merger.down.weight": (v.out_hidden_size, v.intermediate_size),
+        "text.embed.weight": (t.vocab_size, t.hidden_size), "text.norm.weight": (t.hidden_size,),
+        "lm_head.weight": (t.vocab_size, t.hidden_size),
+    }
+    for i in range(v.depth):
+        p = f"visual.blocks.{i}."
+        s.update({p + "norm1.weight": (v.hidden_size,), p + "norm2.weight": (v.hidden_size,),
+                  p + "attn.qkv.weight": (3 * v.hidden_size, v.hidden_size), p + "attn.proj.weight": (v.hidden_size, v.hidden_size),
+                  p + "mlp.gate_up.weight": (2 * v.out_hidden_size, v.hidden_size), p + "mlp.down.weight": (v.hidden_size, v.out_hidden_size)})
+    qkv = t.q_size + 2 * t.kv_size
+    for i in range(t.num_hidden_layers):
+        p = f"text.layers.{i}."
+        s.update({p + "input_norm.weight": (t.hidden_size,), p + "attn.qkv.weight": (qkv, t.hidden_size),
+                  p + "attn.qkv.bias": (qkv,), p + "attn.o.weight": (t.hidden_size, t.q_size),
+                  p + "post_attn_norm.weight": (t.hidden_size,), p + "pre_mlp_norm.weight": (t.hidden_size,),
+                  p + "mlp.gate_up.weight": (2 * t.intermediate_size, t.hidden_size),
+                  p + "mlp.down.weight": (t.hidden_size, t.intermediate_size), p + "post_mlp_norm.weight": (t.hidden_size,)})
+    return s
+
+
+def _source_shapes(cfg: Glm4vConfig) -> dict:
+    """Source shapes the transforms need, so that a wrong shape is named by its checkpoint name."""
+    v, t = cfg.vision, cfg.text
+    s = {V + "patch_embed.proj.weight": (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
+         V + "downsample.weight": (v.out_hidden_size, v.hidden_size, v.spatial_merge_size, v.spatial_merge_size)}
+    for i in range(t.num_hidden_layers):
+        p = _L.format(i=i) + "self_attn."
+        s.update({p + "q_proj.weight": (t.q_size, t.hidden_size), p + "k_proj.weight": (t.kv_size, t.hidden_size),
+                  p + "v_proj.weight": (t.kv_size, t.hidden_size), p + "q_proj.bias": (t.q_size,),
+                  p + "k_proj.bias": (t.kv_size,), p + "v_proj.bias": (t.kv_size,)})
+    return s
+
+
+def is_converted(ckpt: Checkpoint) -> bool:
+    return any(k.startswith("text.layers.") for k in ckpt.keys())
+
+
+def plan(cfg: Glm4vConfig, ckpt: Checkpoint) -> list[Entry]:
+    """The table for this checkpoint, after checking that its keys are exactly the expected ones."""
+    table = converted_table(cfg) if is_converted(ckpt) else hf_table(cfg)
+    needed = {s for e in table for s in e.sources}
+    have = set(ckpt.keys())
+    missing = sorted(needed - have)
+    if missing:
+        raise WeightError(f"tensor {missing[0]} is missing from the checkpoint in {ckpt.folder}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(have - needed - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    if extra:
+        raise WeightError(f"unexpected tensor {extra[0]} in the checkpoint in {ckpt.folder}"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    src_shapes = {} if is_converted(ckpt) else _source_shapes(cfg)
+    for name, shape in src_shapes.items():
+        got = ckpt.info(name)[1]
+        if got != shape:
+            raise WeightError(f"tensor {name} has shape {list(got)}, the config implies {list(shape)}")
+    return table
+
+
+def load(cfg: Glm4vConfig, folder: str):
+    """Yield (our name, raw array, safetensors dtype) for every parameter, shape-checked."""
+    ckpt = Checkpoint(folder)
+    shapes = expected_shapes(cfg)
+    for e in plan(cfg, ckpt):
+        raws = [ckpt.read(s) for s in e.sources]
+        dtypes = {d for _, d in raws}
+        if len(dtypes) != 1:
+            raise WeightError(f"tensors {', '.join(e.sources)} mix dtypes {sorted(dtypes)}")
+        try:
+            arr = e.fn(cfg, *[a for a, _ in raws])
+        except ValueError as err:
+            raise WeightError(f"tensor {e.sources[0]}: cannot map to {e.ours} ({err})") from None
+        if tuple(arr.shape) != shapes[e.ours]:
+            shown = [list(ckpt.info(s)[1]) for s in e.sources]
+            raise WeightError(f"tensor {e.sources[0] if len(e.sources) == 1 else e.sources} has shape "
+                              f"{shown[0] if len(shown) == 1 else shown}, the config implies {list(shapes[e.ours])} "
+                              f"for {e.ours}")
+        yield e.ours, arr, dtypes.pop()
