@@ -112,7 +112,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
             self._decoders[key] = CachedDecoder(self.text, self.lm_head.weight, batch, max_len)
         return self._decoders[key]
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+              states=None):
         """Token embeddings with the vision features written over the image tokens, in order."""
         c = self.config
         ids = _np(input_ids, np.int64)
@@ -130,16 +131,21 @@ class Glm4vForConditionalGeneration(nn.Cell):
                 continue
             if grid is None:
                 raise ValueError(f"{what} pixel values given without {what}_grid_thw")
-            feats = self.visual(Tensor(_np(pixels, np.float32)), rows(_np(grid)))
+            sub = None if states is None else []
+            feats = self.visual(Tensor(_np(pixels, np.float32)), rows(_np(grid)), sub)
+            if states is not None:
+                states += [(f"{what}.{name}", x) for name, x in sub]
             if feats.shape[0] != len(where):
                 raise ValueError(f"{what} features and {what} tokens do not match: {feats.shape[0]} features, "
                                  f"{len(where)} tokens")
             h = ops.tensor_scatter_update(h, Tensor(where[:, None].astype(np.int32)), feats.astype(h.dtype))
         return h.reshape(B, L, -1)
 
-    def run(self, dec: CachedDecoder, h, pos3: np.ndarray, slot0: int, kv_valid: np.ndarray, last_only=False):
+    def run(self, dec: CachedDecoder, h, pos3: np.ndarray, slot0: int, kv_valid: np.ndarray, last_only=False,
+            states=None):
         """Run L new tokens (embeddings h) at cache slots slot0..slot0+L-1 with 3D positions pos3 (3, B, L).
-        kv_valid (B, S): which slots hold real tokens once these are written."""
+        kv_valid (B, S): which slots hold real tokens once these are written. With a `states` list the layers run
+        eagerly (not compiled) and record their outputs."""
         B, L = h.shape[0], h.shape[1]
         c = self.config.text
         if slot0 + L > dec.max_len:
@@ -149,8 +155,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         q_slot = np.broadcast_to(slots, (B, L)).astype(np.int32)
         b, hh, s = np.meshgrid(np.arange(B), np.arange(c.num_key_value_heads), slots, indexing="ij")
         write = np.stack([b, hh, s], -1).astype(np.int32)
-        return dec(h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)),
-                   Tensor(write), last_only)
+        args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write), last_only)
+        return dec(*args) if states is None else dec.forward(*args, states=states)
 
     def positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
         c = self.config
@@ -162,15 +168,31 @@ class Glm4vForConditionalGeneration(nn.Cell):
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, **unused) -> Output:
         """Logits for every position of a full prompt (extra processor keys such as mm_token_type_ids are ignored)."""
+        return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+
+    def trace(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+              pixel_values_videos=None, video_grid_thw=None, **unused) -> dict:
+        """Hidden states for the parity harness, run eagerly: {"image.visual.blocks.{i}", "image.visual.merger"
+        (and "video.*"), "text.layers.{i}", "text.norm", "logits"} -> numpy arrays. Vision states are (N, D) over
+        all patches / merged tokens; text states (B, L, D)."""
+        states = []
+        out = self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                            video_grid_thw, states)
+        d = {k: v.astype(ms.float32).asnumpy() for k, v in states}
+        d["logits"] = out.logits.astype(ms.float32).asnumpy()
+        return d
+
+    def _forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                 states=None):
         ids = _np(input_ids, np.int64)
         if ids.ndim == 1:
             ids = ids[None]
         B, L = ids.shape
         mask = np.ones((B, L), bool) if attention_mask is None else _np(attention_mask).astype(bool).reshape(B, L)
-        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states)
         pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
         S = -(-L // 64) * 64  # bucket the cache length so that nearby prompt lengths share a decoder
         dec = self.decoder(B, S)
         kv_valid = np.zeros((B, S), bool)
         kv_valid[:, :L] = mask
-        return Output(logits=self.run(dec, h, pos3, 0, kv_valid), rope_deltas=deltas)
+        return Output(logits=self.run(dec, h, pos3, 0, kv_valid, states=states), rope_deltas=deltas)

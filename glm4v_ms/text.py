@@ -134,11 +134,21 @@ class CachedDecoder(nn.Cell):
 
     @ms.jit
     def construct(self, h, cos, sin, q_slot, kv_valid, write_idx, last_only: bool):
+        return self.forward(h, cos, sin, q_slot, kv_valid, write_idx, last_only)
+
+    def forward(self, h, cos, sin, q_slot, kv_valid, write_idx, last_only: bool, states=None):
+        """The graph's body; called eagerly with a `states` list, it also records each layer's output and the
+        final norm's (the parity harness)."""
         seen = (self.slots[None, None, :] <= q_slot[:, :, None]) & kv_valid[:, None, :]      # (B, L, S)
         bias = ((1.0 - seen.astype(ms.float32)) * NEG)[:, None, None, :, :]
         cos, sin = cos.astype(h.dtype), sin.astype(h.dtype)
         for i in range(len(self.text.layers)):
             h = self.text.layers[i](h, cos, sin, bias, write_idx, self.k[i], self.v[i])
+            if states is not None:
+                states.append((f"text.layers.{i}", h))
         if last_only:
             h = h[:, -1:]
-        return ops.dense(rms_norm(h, self.text.norm.weight, self.eps), self.lm_head)
+        h = rms_norm(h, self.text.norm.weight, self.eps)
+        if states is not None:
+            states.append(("text.norm", h))
+        return ops.dense(h, self.lm_head)

@@ -136,9 +136,9 @@ class VisionModel(nn.Cell):
         table = tables[0] if len(tables) == 1 else ops.cat(tables, 0)
         return ops.gather(table, Tensor(np.concatenate(index).astype(np.int32)), 0)
 
-    def construct(self, pixels, grid_rows: np.ndarray):
+    def construct(self, pixels, grid_rows: np.ndarray, states=None):
         """pixels (N, C*T*P*P); grid_rows (n, 3) of (t, h, w) in patches, one row per image or video frame pair.
-        Returns (N / merge^2, out_hidden_size) LLM embeddings."""
+        Returns (N / merge^2, out_hidden_size) LLM embeddings. `states`, a list, receives each block's output."""
         c = self.cfg
         grid_rows = np.asarray(grid_rows, np.int64).reshape(-1, 3)
         patch_hw = vision_patch_hw(grid_rows, c.spatial_merge_size)
@@ -150,8 +150,13 @@ class VisionModel(nn.Cell):
         x = self.patch_embed(pixels.astype(self.pos_embed.dtype))
         x = rms_norm(x, self.post_conv_norm.weight, c.rms_norm_eps)
         x = x + self.position_embeddings(grid_rows, patch_hw).astype(x.dtype)
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
             x = blk(x, cos, sin, seg_lens)
+            if states is not None:
+                states.append((f"visual.blocks.{i}", x))
         x = rms_norm(x, self.post_norm.weight, c.rms_norm_eps)
         x = self.downsample(x.reshape(-1, x.shape[-1] * c.spatial_merge_size ** 2))
-        return self.merger(x)
+        x = self.merger(x)
+        if states is not None:
+            states.append(("visual.merger", x))
+        return x
