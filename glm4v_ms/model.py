@@ -82,6 +82,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self.text = TextModel(config.text, dtype)
         self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, dtype)
         self._decoders = {}
+        from .generation import GenerationConfig
+        self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+        self.think_ids = {}
+        self.last_timings = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -91,7 +95,25 @@ class Glm4vForConditionalGeneration(nn.Cell):
         cfg = Glm4vConfig.from_pretrained(folder)
         model = cls(cfg, resolve_dtype(dtype, dev))
         model.load_weights(folder)
+        from .generation import GenerationConfig, thinking_ids
+        model.generation_config = GenerationConfig.from_pretrained(folder, fallback_eos=cfg.eos_token_id)
+        if model.generation_config.pad_token_id is None and cfg.pad_token_id is not None:
+            model.generation_config = model.generation_config.updated(pad_token_id=cfg.pad_token_id)
+        model.think_ids = thinking_ids(folder)
         return model
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, streamer=None, mm_token_type_ids=None, **kwargs):
+        """Token ids (B, prompt + new), numpy int64. kwargs: max_new_tokens, min_new_tokens, do_sample,
+        temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, max_thinking_tokens, seed.
+        Defaults come from the checkpoint's generation_config.json. `streamer`: a callable taking the new
+        token ids (B,), or an object with put(ids) / end()."""
+        from .generation import generate
+        cfg = self.generation_config.updated(**kwargs)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                      video_grid_thw=video_grid_thw)
+        return generate(self, {k: v for k, v in inputs.items() if v is not None}, cfg, self.think_ids, streamer)
 
     def load_weights(self, folder: str):
         params = dict(self.parameters_and_names())

@@ -254,16 +254,36 @@ def expected_shapes(cfg: Glm4vConfig) -> dict:
     return s
 
 
-def _source_shapes(cfg: Glm4vConfig) -> dict:
-    """Source shapes the transforms need, so that a wrong shape is named by its checkpoint name."""
+def hf_shapes(cfg: Glm4vConfig) -> dict:
+    """Every tensor of a Hugging Face checkpoint for this config, with its shape (checked before mapping, so
+    that a wrong shape is reported under the checkpoint's own name; also what demo checkpoints are made of)."""
     v, t = cfg.vision, cfg.text
-    s = {V + "patch_embed.proj.weight": (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
-         V + "downsample.weight": (v.out_hidden_size, v.hidden_size, v.spatial_merge_size, v.spatial_merge_size)}
+    hv, d, m = v.hidden_size, v.out_hidden_size, v.spatial_merge_size
+    s = {V + "patch_embed.proj.weight": (hv, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
+         V + "patch_embed.proj.bias": (hv,), V + "post_conv_layernorm.weight": (hv,),
+         V + "embeddings.position_embedding.weight": (v.pos_grid ** 2, hv), V + "post_layernorm.weight": (hv,),
+         V + "downsample.weight": (d, hv, m, m), V + "downsample.bias": (d,), V + "merger.proj.weight": (d, d),
+         V + "merger.post_projection_norm.weight": (d,), V + "merger.post_projection_norm.bias": (d,),
+         V + "merger.gate_proj.weight": (v.intermediate_size, d), V + "merger.up_proj.weight": (v.intermediate_size, d),
+         V + "merger.down_proj.weight": (d, v.intermediate_size),
+         T + "embed_tokens.weight": (t.vocab_size, t.hidden_size), T + "norm.weight": (t.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        s["lm_head.weight"] = (t.vocab_size, t.hidden_size)
+    for i in range(v.depth):
+        p = V + f"blocks.{i}."
+        s.update({p + "norm1.weight": (hv,), p + "norm2.weight": (hv,), p + "attn.qkv.weight": (3 * hv, hv),
+                  p + "attn.proj.weight": (hv, hv), p + "mlp.gate_proj.weight": (d, hv), p + "mlp.up_proj.weight": (d, hv),
+                  p + "mlp.down_proj.weight": (hv, d)})
     for i in range(t.num_hidden_layers):
-        p = _L.format(i=i) + "self_attn."
-        s.update({p + "q_proj.weight": (t.q_size, t.hidden_size), p + "k_proj.weight": (t.kv_size, t.hidden_size),
-                  p + "v_proj.weight": (t.kv_size, t.hidden_size), p + "q_proj.bias": (t.q_size,),
-                  p + "k_proj.bias": (t.kv_size,), p + "v_proj.bias": (t.kv_size,)})
+        p = _L.format(i=i)
+        s.update({p + "input_layernorm.weight": (t.hidden_size,), p + "post_self_attn_layernorm.weight": (t.hidden_size,),
+                  p + "post_attention_layernorm.weight": (t.hidden_size,), p + "post_mlp_layernorm.weight": (t.hidden_size,),
+                  p + "self_attn.q_proj.weight": (t.q_size, t.hidden_size), p + "self_attn.q_proj.bias": (t.q_size,),
+                  p + "self_attn.k_proj.weight": (t.kv_size, t.hidden_size), p + "self_attn.k_proj.bias": (t.kv_size,),
+                  p + "self_attn.v_proj.weight": (t.kv_size, t.hidden_size), p + "self_attn.v_proj.bias": (t.kv_size,),
+                  p + "self_attn.o_proj.weight": (t.hidden_size, t.q_size),
+                  p + "mlp.gate_up_proj.weight": (2 * t.intermediate_size, t.hidden_size),
+                  p + "mlp.down_proj.weight": (t.hidden_size, t.intermediate_size)})
     return s
 
 
@@ -284,9 +304,9 @@ def plan(cfg: Glm4vConfig, ckpt: Checkpoint) -> list[Entry]:
     if extra:
         raise WeightError(f"unexpected tensor {extra[0]} in the checkpoint in {ckpt.folder}"
                           + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-    src_shapes = {} if is_converted(ckpt) else _source_shapes(cfg)
-    for name, shape in src_shapes.items():
-        got = ckpt.info(name)[1]
+    src_shapes = expected_shapes(cfg) if is_converted(ckpt) else hf_shapes(cfg)
+    for name in sorted(needed):
+        shape, got = src_shapes[name], ckpt.info(name)[1]
         if got != shape:
             raise WeightError(f"tensor {name} has shape {list(got)}, the config implies {list(shape)}")
     return table

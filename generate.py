@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Chat with GLM-4.1V-9B-Thinking (MindSpore; Ascend when present, else CPU).
+
+  python generate.py --model_name DIR --image cat.jpg --prompt "Describe this image."
+  python generate.py --model_name DIR --video clip.mp4 --prompt "What happens?" --max_thinking_tokens 2048
+  python generate.py --model_name DIR --image a.png --image b.png --chat        # multi-turn, prompts from stdin
+  python generate.py --model_name demo-tiny --image cat.jpg --prompt "Hi"       # random tiny model, any machine
+
+Tokens stream to stdout as they are made (the thinking dimmed, or hidden with --hide_thinking); the last line on
+stderr gives prompt tokens, new tokens, prefill time and decode speed.
+"""
+import argparse
+import os
+import re
+import sys
+
+DEMOS = ("demo-tiny", "demo-150m")
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in TAGS) + ")")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        sys.stderr.write(f"generate.py: error: {message}\n")
+        sys.exit(2)
+
+
+def parse(argv):
+    p = Parser(description="Chat with GLM-4.1V-9B-Thinking in MindSpore.")
+    p.add_argument("--model_name", required=True, help="checkpoint folder (HF or converted), hub id, or demo-tiny")
+    p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    p.add_argument("--video", help="video path or URL")
+    p.add_argument("--prompt", help="the user's message (with --chat: the first one)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--chat", action="store_true", help="multi-turn: read further prompts from stdin")
+    p.add_argument("--max_new_tokens", type=int, default=8192)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top_p", type=float)
+    p.add_argument("--top_k", type=int)
+    p.add_argument("--repetition_penalty", type=float)
+    p.add_argument("--max_thinking_tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--greedy", action="store_true", help="no sampling, whatever generation_config.json says")
+    p.add_argument("--device", choices=["auto", "cpu", "ascend"], default=None)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    p.add_argument("--hide_thinking", action="store_true", help="show only the answer")
+    a = p.parse_args(argv)
+    if not a.chat and not a.prompt:
+        p.error("--prompt is required (or use --chat)")
+    if a.image and a.video:
+        p.error("give images or a video, not both (the model was not trained on the mix)")
+    return a
+
+
+def resolve_model(name):
+    from glm4v_ms import demo
+    if name in DEMOS:
+        folder = demo.cached(name)
+        print(f"[{name}: a random checkpoint in {folder}: its weights are random, its output is noise]", file=sys.stderr)
+        return folder
+    if os.path.isdir(name):
+        return name
+    if name.count("/") == 1 and not os.path.exists(name):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise SystemExit(f"error: {name} is not a local folder, and huggingface_hub is not installed to download it")
+        try:
+            return snapshot_download(name)
+        except Exception as e:  # network, auth, missing repo: one line whatever the cause
+            raise SystemExit(f"error: could not download {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    raise SystemExit(f"error: model folder not found: {name}")
+
+
+class Display:
+    """Streams the decoded text of row 0 with the tags replaced by headers: the thinking (dimmed on a terminal,
+    or hidden), then the answer."""
+
+    def __init__(self, tokenizer, hide_thinking, out=sys.stdout):
+        self.tok, self.hide, self.out = tokenizer, hide_thinking, out
+        self.dim = out.isatty()
+        self.ids, self.done, self.thinking = [], 0, False
+
+    def put(self, tokens):
+        self.ids.append(int(tokens[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        end = len(text.rstrip("\ufffd"))           # an incomplete UTF-8 sequence: wait for its next token
+        lt = text.rfind("<", self.done, end)
+        if lt >= 0 and any(t.startswith(text[lt:end]) and t != text[lt:end] for t in TAGS):
+            end = lt                                # maybe the start of a tag: wait too
+        self._show(text[self.done:end])
+        self.done = max(self.done, end)
+
+    def end(self):
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self._show(text[self.done:] + "\n")
+
+    def _show(self, chunk):
+        for part in TAG_RE.split(chunk):
+            if part in ("<think>", "</think>"):
+                self.thinking = part == "<think>"
+                self._write("Thinking: " if self.thinking else "\n", header=True)
+            elif part == "<answer>":
+                self._write("Answer: ", header=True)
+            elif part != "</answer>":
+                self._write(part)
+
+    def _write(self, s, header=False):
+        if not s or (self.hide and (self.thinking or s == "\n" and header)):
+            return
+        if self.thinking and self.dim and not header:
+            s = f"\033[2m{s}\033[0m"
+        self.out.write(s)
+        self.out.flush()
+
+
+def run(a):
+    from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor
+    from glm4v_ms.processing import strip_thinking
+
+    folder = resolve_model(a.model_name)
+    processor = Glm4vProcessor.from_pretrained(folder)
+    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=a.dtype, device=None if a.device in (None, "auto") else a.device)
+    gen = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+               repetition_penalty=a.repetition_penalty, max_thinking_tokens=a.max_thinking_tokens, seed=a.seed)
+    if a.greedy:
+        gen["do_sample"] = False
+    elif any(v is not None for v in (a.temperature, a.top_p, a.top_k)):
+        gen["do_sample"] = True
+    model.generation_config.updated(**gen)   # validates the flags before any work
+
+    media = [{"type": "image", "path": p} if "://" not in p else {"type": "image", "url": p} for p in a.image]
+    if a.video:
+        media.append({"type": "video", "url" if "://" in a.video else "path": a.video})
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    prompt = a.prompt
+    first = True
+    while True:
+        if prompt is None:
+            if sys.stdin.isatty():
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                return 0
+            prompt = line.strip()
+        content = (media if first else []) + [{"type": "text", "text": prompt}]
+        messages.append({"role": "user", "content": content})
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        display = Display(processor.tokenizer, a.hide_thinking)
+        ids = model.generate(**inputs, streamer=display, **gen)
+        t = model.last_timings
+        tps = (t["new_tokens"] - 1) / t["decode_s"] if t["new_tokens"] > 1 and t["decode_s"] > 0 else 0.0
+        print(f"prompt tokens: {t['prompt_tokens']}, new tokens: {t['new_tokens']}, prefill: {t['prefill_s']:.2f} s, "
+              f"decode: {tps:.1f} tokens/s", file=sys.stderr)
+        reply = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        # earlier assistant turns keep only their answer, as the official CLI does; media stay in the first turn
+        messages.append({"role": "assistant", "content": strip_thinking(reply)})
+        first, prompt = False, None
+        if not a.chat:
+            return 0
+
+
+def main(argv=None):
+    a = parse(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("GLOG_v", "3")   # MindSpore's own log: errors only
+    try:
+        return run(a)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:   # our errors (config, weights, processor, generation) are ValueErrors
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
