@@ -1,0 +1,119 @@
+"""generate.py end to end on the demo-tiny checkpoint, as a user runs it: a subprocess, real files."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    e = dict(os.environ, GLM4V_MS_CACHE=str(cache), GLM4V_MS_DEVICE="cpu", PYTHONPATH=ROOT)
+    return e
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 130, 3), dtype=np.uint8)).save(d / "cat.png")
+    import av
+    with av.open(str(d / "clip.mp4"), "w") as out:
+        s = out.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(8):
+            frame = np.full((48, 64, 3), i * 30, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return d
+
+
+def cli(env, *args, stdin=None):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], env=env, input=stdin,
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return p.returncode, p.stdout, p.stderr
+
+
+def stats_line(err):
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("prompt tokens: ") and "tokens/s" in last, err
+    return last
+
+
+def test_image(env, media):
+    rc, out, err = cli(env, "--model_name", "demo-tiny", "--image", str(media / "cat.png"), "--prompt",
+                       "Describe this image.", "--max_new_tokens", "8", "--greedy")
+    assert rc == 0, err
+    assert "random" in err            # says plainly that the weights are random
+    assert "new tokens: 8" in stats_line(err)
+
+
+def test_video_and_thinking_budget(env, media):
+    rc, out, err = cli(env, "--model_name", "demo-tiny", "--video", str(media / "clip.mp4"), "--prompt",
+                       "What happens?", "--max_new_tokens", "10", "--max_thinking_tokens", "3", "--seed", "0")
+    assert rc == 0, err
+    stats_line(err)
+    assert "Answer:" in out           # the budget closed the thinking and opened the answer
+
+
+def test_text_only_with_system(env):
+    rc, out, err = cli(env, "--model_name", "demo-tiny", "--system", "Be brief.", "--prompt", "你好, hello",
+                       "--max_new_tokens", "5", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "20", "--seed", "1")
+    assert rc == 0, err
+    stats_line(err)
+
+
+def test_chat_through_stdin(env, media):
+    rc, out, err = cli(env, "--model_name", "demo-tiny", "--image", str(media / "cat.png"), "--chat",
+                       "--max_new_tokens", "4", "--greedy", stdin="first question\nsecond question\n\n")
+    assert rc == 0, err
+    lines = [l for l in err.splitlines() if l.startswith("prompt tokens: ")]
+    assert len(lines) == 2
+    first, second = (int(l.split(",")[0].split(": ")[1]) for l in lines)
+    assert second > first            # the second turn carries the history (and the image stays in turn one)
+
+
+@pytest.mark.parametrize("case", ["missing_image", "corrupt_image", "corrupt_video", "not_a_checkpoint",
+                                  "bad_flag_value", "over_context", "missing_model", "image_and_video"])
+def test_bad_input(env, media, tmp_path, case):
+    base = ["--model_name", "demo-tiny", "--prompt", "hi", "--max_new_tokens", "2"]
+    if case == "missing_image":
+        args = base + ["--image", str(tmp_path / "nope.png")]
+    elif case == "corrupt_image":
+        args = base + ["--image", str(media / "broken.png")]
+    elif case == "corrupt_video":
+        args = base + ["--video", str(media / "broken.mp4")]
+    elif case == "not_a_checkpoint":
+        (tmp_path / "notes.txt").write_text("hello")
+        args = ["--model_name", str(tmp_path), "--prompt", "hi"]
+    elif case == "bad_flag_value":
+        args = base + ["--dtype", "float8"]
+    elif case == "missing_model":
+        args = ["--model_name", str(tmp_path / "absent"), "--prompt", "hi"]
+    elif case == "image_and_video":
+        args = base + ["--image", str(media / "cat.png"), "--video", str(media / "clip.mp4")]
+    else:  # a copy of the demo checkpoint whose context is shorter than the prompt
+        rc, _, err = cli(env, *base, "--greedy")          # makes sure the demo exists
+        assert rc == 0, err
+        small = tmp_path / "small"
+        shutil.copytree(os.path.join(env["GLM4V_MS_CACHE"], "demo-tiny"), small)
+        cfg = json.load(open(small / "config.json"))
+        cfg["text_config"]["max_position_embeddings"] = cfg["max_position_embeddings"] = 16
+        json.dump(cfg, open(small / "config.json", "w"))
+        args = ["--model_name", str(small), "--image", str(media / "cat.png"), "--prompt", "hi"]
+    rc, out, err = cli(env, *args)
+    assert rc != 0
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if not l.startswith("[demo-tiny")]
+    assert len(lines) == 1 and "error" in lines[0], err
