@@ -1,19 +1,51 @@
-"""Attention and the small numeric kernels shared by the vision tower and the decoder.
+"""Attention and the small numeric kernels shared by the vision tower and the decoder: one dispatch.
 
-One place decides how attention runs. The plain path (CPU) is written with matmul + softmax in float32.
+Three modes, fixed per process before the first graph is compiled (model.select_device sets it):
+- "plain"    (CPU): matmul + softmax in float32, norms and rotary written out.
+- "ascend"   (NPU): the fused kernels: fused_infer_attention_score over the static cache (prompt and incremental
+             branches), flash_attention_score in TND layout for the vision tower's per-image attention,
+             rms_norm, rotary_position_embedding.
+- "emulated" (CPU, tests): the Ascend code path, calling emulations of those four kernels (ascend_emulation.py)
+             that implement and check their documented contracts; argument mistakes show up without hardware.
 """
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import ops
 
+from . import ascend_emulation as emu
+
 NEG = -1e30  # additive mask: finite, so a fully masked row (a padding query) softmaxes to uniform, not NaN
+MODES = ("plain", "ascend", "emulated")
+_MODE = "plain"
 
 _bmm_nt = ops.BatchMatMul(transpose_b=True)   # q @ k^T without materialising k^T
 
 
+def set_mode(mode: str):
+    global _MODE
+    if mode not in MODES:
+        raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
+    _MODE = mode
+
+
+def mode() -> str:
+    return _MODE
+
+
+def _kernels():
+    """The fused kernels, real or emulated (the emulations take the same arguments)."""
+    if _MODE == "ascend":
+        return ops.fused_infer_attention_score, ops.flash_attention_score, ops.rms_norm, ops.rotary_position_embedding
+    return (emu.fused_infer_attention_score, emu.flash_attention_score, emu.rms_norm,
+            emu.rotary_position_embedding)
+
+
 def rms_norm(x, weight, eps):
-    """Statistics in float32, cast back, then scale by the weight (the reference's order)."""
+    """Statistics in float32, cast back, then scale by the weight (the reference's order). The fused kernel
+    multiplies before its single rounding: identical in fp32, within one bf16 rounding otherwise."""
+    if _MODE != "plain":
+        return _kernels()[2](x, weight, eps)[0]
     x32 = x.astype(ms.float32)
     y = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps)
     return y.astype(x.dtype) * weight
@@ -27,22 +59,32 @@ def layer_norm(x, weight, bias, eps):
     return y.astype(x.dtype) * weight + bias
 
 
-def rotate_half_rope(x, cos, sin):
-    """x * cos + rotate_half(x) * sin over the last dim, rotate_half = cat(-x2, x1)."""
+def rope(x, cos, sin):
+    """Rotate-half rotary over the last dim of x (B, S, N, D), cos/sin broadcastable as (B|1, S, 1, D)."""
+    if _MODE != "plain":
+        return _kernels()[3](x, cos, sin, 0)
     h = x.shape[-1] // 2
     return x * cos + ops.cat([-x[..., h:], x[..., :h]], -1) * sin
 
 
-def decoder_attention(q, k_cache, v_cache, bias, scale):
+def decoder_attention(q, k_cache, v_cache, seen, scale):
     """Grouped-query attention of new queries over the whole static cache.
 
-    q (B, L, H, D); caches (B, Hkv, S, D); bias (B, 1, 1, L, S) additive. Query heads sharing a KV head are
-    stacked along the length axis so one batched matmul serves the group without repeating K/V."""
+    q (B, L, H, D); caches (B, Hkv, S, D); seen (B, L, S) bool, True where a query may attend. Returns (B, L, H*D)."""
     B, L, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if _MODE != "plain":
+        # BNSD; the mask marks what to *discard*; a left-padding query row is all discarded, so the prompt branch
+        # asks for row-wise invalidity correction (inner_precise 2), which the incremental branch does not take.
+        out, _ = _kernels()[0](q.transpose(0, 2, 1, 3), k_cache, v_cache, atten_mask=~seen[:, None],
+                               num_heads=H, num_key_value_heads=Hkv, scale=scale, input_layout="BNSD",
+                               sparse_mode=0, inner_precise=2 if L > 1 else 0)
+        return out.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    # query heads sharing a KV head are stacked along the length axis: one batched matmul, no repeated K/V
     g = H // Hkv
     qg = q.reshape(B, L, Hkv, g, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, g * L, D)
     s = _bmm_nt(qg, k_cache).astype(ms.float32) * scale                   # (B, Hkv, g*L, S)
+    bias = ((1.0 - seen.astype(ms.float32)) * NEG)[:, None, None]
     p = ops.softmax(s.reshape(B, Hkv, g, L, S) + bias, -1).astype(q.dtype)
     o = ops.matmul(p.reshape(B, Hkv, g * L, S), v_cache)                  # (B, Hkv, g*L, D)
     return o.reshape(B, Hkv, g, L, D).transpose(0, 3, 1, 2, 4).reshape(B, L, H * D)
@@ -51,8 +93,14 @@ def decoder_attention(q, k_cache, v_cache, bias, scale):
 def vision_attention(q, k, v, seg_lens, scale):
     """Non-causal attention isolated per segment (one image, or one temporal patch of a video).
 
-    q, k, v (N, H, D); seg_lens a list of Python ints summing to N. Runs segment by segment: a block-diagonal
-    mask over all N patches would cost N^2 memory (a 4K image alone is ~6000 merged tokens, 24000 patches)."""
+    q, k, v (N, H, D); seg_lens a list of Python ints summing to N."""
+    if _MODE != "plain":
+        # TND with cumulative lengths, no mask: the varlen kernel keeps segments apart (vllm-mindspore's call)
+        cu = [int(sum(seg_lens[:i + 1])) for i in range(len(seg_lens))]
+        o = _kernels()[1](q, k, v, q.shape[1], actual_seq_qlen=cu, actual_seq_kvlen=cu, scalar_value=scale,
+                          input_layout="TND", sparse_mode=0)
+        return o.reshape(o.shape[0], -1)
+    # Segment by segment: a block-diagonal mask over all N patches would cost N^2 memory (a 4K image is ~24000).
     out, start = [], 0
     for n in seg_lens:
         qs, ks, vs = (t[start:start + n].transpose(1, 0, 2) for t in (q, k, v))   # (H, n, D)

@@ -19,7 +19,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from . import rope
+from . import attention, rope
 from .config import Glm4vConfig
 from .text import CachedDecoder, Linear, TextModel
 from .vision import VisionModel
@@ -45,6 +45,10 @@ def select_device(device: str | None = None) -> str:
         ms.set_device(want)
         if want == "CPU":
             ms.device_context.cpu.op_tuning.threads_num(os.cpu_count() or 1)
+            # GLM4V_MS_KERNELS=emulated runs the Ascend code path on CPU through emulations of the fused kernels
+            attention.set_mode("emulated" if os.environ.get("GLM4V_MS_KERNELS") == "emulated" else "plain")
+        else:
+            attention.set_mode("ascend")
         _device = want
     elif want != _device:
         raise ValueError(f"this process already runs on {_device}; MindSpore cannot switch to {want}")

@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .attention import layer_norm, rms_norm, rotate_half_rope, vision_attention
+from .attention import layer_norm, rms_norm, rope, vision_attention
 from .config import VisionConfig
 from .rope import vision_cos_sin, vision_patch_hw
 from .text import MLP, Linear, Norm, _param
@@ -69,9 +69,9 @@ class VisionAttention(nn.Cell):
         N = x.shape[0]
         qkv = self.qkv(x).reshape(N, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        # rotary in float32 whatever the weights' dtype, as the reference does
-        q = rotate_half_rope(q.astype(ms.float32), cos, sin).astype(x.dtype)
-        k = rotate_half_rope(k.astype(ms.float32), cos, sin).astype(x.dtype)
+        # rotary in float32 whatever the weights' dtype, as the reference does; (1, N, heads, D) is BSND
+        q = rope(q.astype(ms.float32)[None], cos, sin)[0].astype(x.dtype)
+        k = rope(k.astype(ms.float32)[None], cos, sin)[0].astype(x.dtype)
         return self.proj(vision_attention(q, k, v, seg_lens, self.head_dim ** -0.5))
 
 
@@ -144,7 +144,7 @@ class VisionModel(nn.Cell):
         patch_hw = vision_patch_hw(grid_rows, c.spatial_merge_size)
         if patch_hw.shape[0] != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} patch rows in the pixel values, the grids describe {patch_hw.shape[0]}")
-        cos, sin = (Tensor(a)[:, None, :] for a in vision_cos_sin(patch_hw, c.head_dim, c.rope_theta))
+        cos, sin = (Tensor(a)[None, :, None, :] for a in vision_cos_sin(patch_hw, c.head_dim, c.rope_theta))
         seg_lens = [int(h * w) for t, h, w in grid_rows for _ in range(t)]
 
         x = self.patch_embed(pixels.astype(self.pos_embed.dtype))

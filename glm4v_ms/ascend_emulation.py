@@ -1,0 +1,122 @@
+"""EMULATIONS of four Ascend kernels, for CPU tests of the Ascend code path. Not used on an NPU.
+
+Each function takes the same arguments as the MindSpore 2.10 op of the same name, checks them against the op's
+documented contract (layouts, head counts, head size, mask shape and meaning, sequence-length arguments) and
+computes the documented result with plain ops. Deliberate difference: float32 inputs are accepted (the real
+kernels take float16/bfloat16 only for attention), because CPU has no bfloat16 kernels.
+Only hardware can confirm speed, the kernels' own rounding, and contract details the documentation leaves open.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import ops
+
+_ATTN_DTYPES = (ms.float16, ms.bfloat16, ms.float32)   # float32: emulation only
+_bmm_nt = ops.BatchMatMul(transpose_b=True)
+
+
+def _check(cond, msg):
+    """An argument the real kernel would reject or misread. (A plain ValueError: graph mode raises only the
+    standard exception types.)"""
+    if not cond:
+        raise ValueError("Ascend kernel contract: " + msg)
+
+
+def _softmax_attend(q, k, v, discard, scale):
+    """q (..., Sq, D), k/v (..., Skv, D), discard broadcastable to (..., Sq, Skv) or None."""
+    s = _bmm_nt(q, k).astype(ms.float32) * scale
+    if discard is not None:
+        s = s + discard.astype(ms.float32) * -1e30
+    return ops.matmul(ops.softmax(s, -1).astype(q.dtype), v)
+
+
+def fused_infer_attention_score(query, key, value, *, atten_mask=None, num_heads=1, scale=1.0,
+                                input_layout="BSH", num_key_value_heads=0, sparse_mode=0, inner_precise=1, **unused):
+    """PromptFlashAttention (Q_S > 1) / IncreFlashAttention (Q_S == 1) in one op; BNSD layout only here.
+    Returns (attention_out, softmax_lse placeholder of shape (1,))."""
+    _check(input_layout == "BNSD", f"emulation covers input_layout BNSD, got {input_layout}")
+    _check(query.ndim == 4 and key.ndim == 4 and value.shape == key.shape, "BNSD needs 4D query/key/value, key == value shape")
+    B, N, Sq, D = query.shape
+    Bk, Nkv, Skv, Dk = key.shape
+    _check(query.dtype in _ATTN_DTYPES and key.dtype == query.dtype, f"dtype {query.dtype} / {key.dtype}")
+    _check(N == num_heads, f"num_heads={num_heads} but query has N={N}")
+    nkv = num_key_value_heads or N
+    _check(nkv == Nkv, f"num_key_value_heads={num_key_value_heads} but key has N={Nkv} (BNSD requires equality)")
+    _check(N % nkv == 0 and N // nkv <= 64, f"num_heads {N} / kv heads {nkv}: must divide, ratio <= 64")
+    _check(Bk == B and Dk == D and D <= 512, f"key {key.shape} does not fit query {query.shape}")
+    _check(sparse_mode in (0, 1), f"sparse_mode {sparse_mode}: only 0/1 take a full user mask")
+    if Sq == 1:
+        _check(inner_precise in (0, 1), f"inner_precise {inner_precise} is not allowed when Q_S is 1")
+    else:
+        _check(inner_precise in (0, 1, 2, 3), f"inner_precise {inner_precise}")
+    g = N // nkv
+    qg = query.reshape(B, nkv, g * Sq, D)           # heads h = kv * g + j share kv head `kv`
+    discard = None
+    if atten_mask is not None:
+        _check(atten_mask.dtype in (ms.bool_, ms.uint8, ms.int8), f"atten_mask dtype {atten_mask.dtype}")
+        ok = ((B, 1, 1, Skv), (B, 1, Skv), (B, Skv)) if Sq == 1 else ((Sq, Skv), (B, Sq, Skv), (1, Sq, Skv),
+                                                                     (B, 1, Sq, Skv), (1, 1, Sq, Skv))
+        _check(tuple(atten_mask.shape) in ok, f"atten_mask shape {atten_mask.shape} not among {ok} for Q_S={Sq}")
+        m4 = atten_mask.reshape((-1, 1, Sq, Skv))                     # every allowed shape, as (B|1, 1, Sq, Skv)
+        discard = m4[:, :, None].broadcast_to((B, 1, g, Sq, Skv)).reshape(B, 1, g * Sq, Skv)
+    out = _softmax_attend(qg, key, value, discard, scale).reshape(B, N, Sq, D)
+    return out, ops.zeros((1,), ms.float32)
+
+
+def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mask=None, padding_mask=None,
+                          attn_mask=None, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, keep_prob=1.0,
+                          scalar_value=1.0, pre_tokens=2147483647, next_tokens=2147483647, inner_precise=0,
+                          input_layout="BSH", sparse_mode=0):
+    """Self-attention; this emulation covers the TND layout with cumulative sequence lengths and no mask (the
+    vision tower's call)."""
+    _check(input_layout == "TND", f"emulation covers input_layout TND, got {input_layout}")
+    _check(query.ndim == 3 and key.ndim == 3 and value.shape == key.shape, "TND needs (T, N, D) query/key/value")
+    T1, N1, D = query.shape
+    T2, N2, _ = key.shape
+    _check(query.dtype in _ATTN_DTYPES and key.dtype == query.dtype, f"dtype {query.dtype}")
+    _check(head_num == N1, f"head_num={head_num} but query has N={N1}")
+    _check(N1 % N2 == 0, "key heads must divide query heads")
+    _check(D % 16 == 0 and D <= 512, f"head size {D}: must be a multiple of 16, <= 512")
+    _check(keep_prob == 1.0 and drop_mask is None and real_shift is None and prefix is None, "inference: no dropout/pse/prefix")
+    _check(attn_mask is None and sparse_mode == 0, "non-causal TND: no mask, sparse_mode 0")
+    for name, cu, T in (("actual_seq_qlen", actual_seq_qlen, T1), ("actual_seq_kvlen", actual_seq_kvlen, T2)):
+        _check(cu is not None, f"TND requires {name}")
+        cu = [int(c) for c in cu]
+        _check(all(b > a for a, b in zip([0] + cu, cu)), f"{name} must be cumulative lengths, no empty segment: {cu[:8]}")
+        _check(cu[-1] == T, f"{name} ends at {cu[-1]}, the tensor has T={T}")
+        _check(len(cu) <= 1024, f"{name}: at most 1024 segments")
+    _check(list(actual_seq_qlen) == list(actual_seq_kvlen), "self-attention: q and kv segments coincide")
+    outs, start = [], 0
+    for end in [int(c) for c in actual_seq_qlen]:
+        q, k, v = (t[start:end].transpose(1, 0, 2) for t in (query, key, value))
+        if N2 != N1:
+            k, v = (ops.repeat_interleave(t, N1 // N2, 0) for t in (k, v))
+        outs.append(_softmax_attend(q, k, v, None, scalar_value).transpose(1, 0, 2))
+        start = end
+    return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
+
+
+def rms_norm(x, gamma, epsilon=1e-6):
+    """y = x / sqrt(mean(x^2) + eps) * gamma, statistics in float32; returns (y, rstd)."""
+    _check(x.dtype in (ms.float16, ms.float32, ms.bfloat16) and gamma.dtype == x.dtype, f"dtypes {x.dtype}/{gamma.dtype}")
+    _check(0 < epsilon <= 1, f"epsilon {epsilon}")
+    _check(gamma.ndim <= x.ndim and tuple(gamma.shape) == tuple(x.shape[x.ndim - gamma.ndim:]), "gamma shape")
+    x32 = x.astype(ms.float32)
+    rstd = ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + epsilon)
+    return (x32 * rstd * gamma.astype(ms.float32)).astype(x.dtype), rstd
+
+
+def rotary_position_embedding(x, cos, sin, mode=0):
+    """mode 0: x * cos + rotate_half(x) * sin (NeoX); mode 1: interleaved pairs (GPT-J). x is 4D."""
+    _check(x.ndim == 4 and cos.ndim == 4 and sin.shape == cos.shape, "x, cos, sin must be 4D, cos == sin shape")
+    _check(cos.dtype == x.dtype, f"cos dtype {cos.dtype} != x dtype {x.dtype}")
+    D = x.shape[-1]
+    _check(D % 2 == 0 and D < 896 and cos.shape[-1] == D, f"head size {D} (even, < 896, == cos's)")
+    _check(all(c in (1, s) for c, s in zip(cos.shape, x.shape)), f"cos {cos.shape} does not broadcast to x {x.shape}")
+    _check(mode in (0, 1), f"mode {mode}")
+    if mode == 0:
+        h = D // 2
+        return x * cos + ops.cat([-x[..., h:], x[..., :h]], -1) * sin
+    pairs = x.reshape(x.shape[:-1] + (D // 2, 2))
+    rot = ops.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)
+    return x * cos + rot * sin
