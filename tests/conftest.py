@@ -6,3 +6,14 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("GLM4V_MS_DEVICE", "cpu")
 os.environ.setdefault("GLOG_v", "3")   # MindSpore: errors only
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI every test must run: the parity tests compare against transformers, which CI installs, so a skip
+    there means a missing reference, and that is a failure."""
+    if os.environ.get("CI"):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+        if skipped:
+            reporter.write_line(f"CI: {skipped} test(s) skipped; every test must run in CI", red=True)
+            session.exitstatus = 1
