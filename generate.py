@@ -33,7 +33,7 @@ def parse(argv):
     p.add_argument("--prompt", help="the user's message (with --chat: the first one)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--chat", action="store_true", help="multi-turn: read further prompts from stdin")
-    p.add_argument("--max_new_tokens", type=int, default=8192)
+    p.add_argument("--max_new_tokens", type=int, help="default: generation_config.json's, else 8192")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top_p", type=float)
     p.add_argument("--top_k", type=int)
@@ -128,6 +128,7 @@ def run(a):
     elif any(v is not None for v in (a.temperature, a.top_p, a.top_k)):
         gen["do_sample"] = True
     model.generation_config.updated(**gen)   # validates the flags before any work
+    print(f"[memory: {model.memory_plan()}]", file=sys.stderr)
 
     media = [{"type": "image", "path": p} if "://" not in p else {"type": "image", "url": p} for p in a.image]
     if a.video:

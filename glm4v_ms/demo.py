@@ -64,7 +64,8 @@ def random_weights(cfg: Glm4vConfig, seed=0) -> dict:
 
 
 def build(dst: str, size: str = "demo-tiny", seed: int = 0) -> str:
-    """Write a random checkpoint (config, weights, tokenizer, template, processor and generation configs)."""
+    """Write a random checkpoint (config, weights, tokenizer, template, processor and generation configs) into
+    dst, which must not exist yet (a finished one is never replaced: a running process may be reading it)."""
     from safetensors.numpy import save_file
     spec = SIZES[size]
     parent = os.path.dirname(os.path.abspath(dst))
@@ -80,12 +81,17 @@ def build(dst: str, size: str = "demo-tiny", seed: int = 0) -> str:
         tiny.write_all(tmp, image_size={"shortest_edge": 12544, "longest_edge": 28 * 28 * 2 * 256},
                        video_size={"shortest_edge": 12544, "longest_edge": 28 * 28 * 2 * 1024})
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"eos_token_id": tiny.EOS_TOKEN_IDS, "pad_token_id": tiny.PAD_TOKEN_ID, "do_sample": False}, f, indent=2)
+            json.dump({"eos_token_id": tiny.EOS_TOKEN_IDS, "pad_token_id": tiny.PAD_TOKEN_ID, "do_sample": False,
+                       "max_new_tokens": 128}, f, indent=2)
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(f"{size}: random weights (seed {seed}) made by glm4v_ms.demo; its output is noise.\n")
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            # another process finished first: keep its folder (it may be memory-mapped by now), drop ours
+            if not os.path.isfile(os.path.join(dst, MARKER)):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 from mindspore import Tensor
 
-from .model import _np
+from .model import _np, cache_bucket
 
 
 class GenerationError(ValueError):
@@ -24,7 +24,7 @@ class GenerationError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 512
+    max_new_tokens: int = 8192   # the official demo's: a thinking model needs room
     min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
@@ -193,7 +193,7 @@ def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None 
             raise GenerationError("max_thinking_tokens needs the </think> token id (not in the tokenizer)")
         force = [think_ids["</think>"]] + ([think_ids["<answer>"]] if "<answer>" in think_ids else [])
     new = min(cfg.max_new_tokens, ctx - L)
-    max_len = -(-(L + new) // 128) * 128   # bucketed: nearby lengths share the compiled graphs
+    max_len = cache_bucket(L + new)
     rng = np.random.default_rng(cfg.seed)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
     eos = np.array(cfg.eos_token_id or [-1])

@@ -42,9 +42,16 @@ def select_device(device: str | None = None) -> str:
     if _device is None:
         if want == "Ascend" and not ms.hal.is_available("Ascend"):
             raise ValueError("device Ascend requested but no Ascend NPU / CANN runtime is available")
-        ms.set_device(want)
+        try:
+            ms.set_device(want)
+            if want == "CPU":
+                ms.device_context.cpu.op_tuning.threads_num(os.cpu_count() or 1)
+        except RuntimeError:
+            # ops already ran (MindSpore's default device is CPU): keep it if that is what was asked for
+            if ms.get_context("device_target") != want:
+                raise ValueError(f"MindSpore already runs on {ms.get_context('device_target')}; "
+                                 f"select the device before running any op") from None
         if want == "CPU":
-            ms.device_context.cpu.op_tuning.threads_num(os.cpu_count() or 1)
             # GLM4V_MS_KERNELS=emulated runs the Ascend code path on CPU through emulations of the fused kernels
             attention.set_mode("emulated" if os.environ.get("GLM4V_MS_KERNELS") == "emulated" else "plain")
         else:
@@ -70,6 +77,12 @@ def _np(x, dtype=None):
         return None
     a = x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
     return a.astype(dtype) if dtype is not None else a
+
+
+def cache_bucket(n: int) -> int:
+    """Cache length for n tokens: the next power of two (>= 256), so prompts of different lengths share one
+    compiled decode graph (a new cache size costs a compile of ~2.5 s on the 150M CPU benchmark)."""
+    return max(256, 1 << (int(n) - 1).bit_length())
 
 
 @dataclass
@@ -127,6 +140,19 @@ class Glm4vForConditionalGeneration(nn.Cell):
                 p.set_data(Tensor(np.ascontiguousarray(arr)))
             else:  # bf16 bits or a dtype change: through float32, exact for bf16 -> bf16
                 p.set_data(Tensor(to_float32(arr, st)).astype(p.dtype))
+
+    def memory_plan(self, max_model_len: int | None = None) -> str:
+        """Weights + static KV cache for a context of max_model_len tokens (default: the model's context)."""
+        t = self.config.text
+        n = max_model_len or t.max_position_embeddings
+        item = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}[self.dtype]
+        params = sum(int(np.prod(p.shape)) for _, p in self.parameters_and_names())
+        per_tok = t.num_hidden_layers * 2 * t.kv_size * item
+        gb = 1e9
+        dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
+        return (f"weights {params / 1e6:,.1f} M parameters = {params * item / gb:.2f} GB in {dt}; "
+                f"KV cache {per_tok / 1024:.0f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
+                f"total {(params * item + per_tok * n) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation
     def decoder(self, batch: int, max_len: int) -> CachedDecoder:
@@ -217,7 +243,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         mask = np.ones((B, L), bool) if attention_mask is None else _np(attention_mask).astype(bool).reshape(B, L)
         h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states)
         pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
-        S = -(-L // 64) * 64  # bucket the cache length so that nearby prompt lengths share a decoder
+        S = cache_bucket(L)
         dec = self.decoder(B, S)
         kv_valid = np.zeros((B, S), bool)
         kv_valid[:, :L] = mask

@@ -12,13 +12,15 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.common.initializer import initializer
 
 from .attention import decoder_attention, rms_norm, rope
 from .config import TextConfig
 
 
 def _param(shape, dtype, name=None):
-    return Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=name, requires_grad=False)
+    # lazily initialised: no memory until loaded (or first used), so loading never holds two copies
+    return Parameter(initializer("zeros", shape, dtype), name=name, requires_grad=False)
 
 
 class Norm(nn.Cell):

@@ -8,6 +8,12 @@ os.environ.setdefault("GLM4V_MS_DEVICE", "cpu")
 os.environ.setdefault("GLOG_v", "3")   # MindSpore: errors only
 
 
+def pytest_sessionstart(session):
+    """Pick MindSpore's device (and its thread count) before any test runs an op."""
+    from glm4v_ms.model import select_device
+    select_device()
+
+
 def pytest_sessionfinish(session, exitstatus):
     """In CI every test must run: the parity tests compare against transformers, which CI installs, so a skip
     there means a missing reference, and that is a failure."""

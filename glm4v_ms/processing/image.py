@@ -3,7 +3,8 @@
 Matches transformers' PIL image processor (`Glm4vImageProcessorPil`) bit for bit. It is faster because rescale +
 normalise is one 256-entry lookup table per channel (each entry rounded as the reference rounds it), applied while
 gathering the uint8 pixels into patch order, instead of a float64 rescale, a float32 normalise and a float32
-transpose; the gather runs on a few threads, and PIL images skip the reference's numpy round trip before resize.
+transpose; the gather and PIL's resize (see resize_parallel) run on a few threads, and PIL images skip the
+reference's numpy round trip before resize.
 
 Deviations: a 2-D (H, W) array is taken as grayscale (the reference rejects it); a float array with values in
 [0, 1] is scaled by 255 once (the reference scales it down twice).
@@ -113,6 +114,53 @@ def _pool():
     return _POOL
 
 
+def resize_parallel(image, width, height, resample=Image.BICUBIC, workers=None):
+    """`image.resize((width, height), resample)`, bit for bit, on a few threads (PIL releases the GIL).
+
+    PIL resizes in two separable passes, each rounded to uint8. A horizontal pass computes every output row
+    from the same source row only, a vertical pass every output column from the same source column only, with
+    coefficients that depend on the full input/output lengths of that axis. So the horizontal pass is run on
+    bands of whole rows and the vertical pass on bands of whole columns, each band a one-axis resize of a crop
+    (integer crop bounds, no float box: the coefficients are exactly those of the full resize), and the bands
+    are pasted back. The pass order copies Pillow's own rule (Resample.c since Pillow 13: vertical first when the
+    height shrinks by more than twice as many pixels as the width; before that always horizontal first), since
+    each pass rounds to uint8 and the order changes the result. Small images take the single call.
+    """
+    src_w, src_h = image.size
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers < 2 or src_w * src_h + width * height < _RESIZE_MIN_PIXELS or image.mode not in ("RGB", "L"):
+        return image.resize((width, height), resample)
+    vertical_first = _PIL_VERTICAL_FIRST and 0 < src_h - height and src_h - height > 2 * (src_w - width)
+
+    def one_pass(img, w, h, rows):  # rows: horizontal pass (width img.width -> w) on bands of rows
+        n = img.height if rows else img.width
+        k = min(workers, n)  # no empty bands
+        cuts = [n * i // k for i in range(k + 1)]
+
+        def band(i):
+            a, b = cuts[i], cuts[i + 1]
+            if rows:
+                return img.crop((0, a, img.width, b)).resize((w, b - a), resample), (0, a)
+            return img.crop((a, 0, b, img.height)).resize((b - a, h), resample), (a, 0)
+
+        out = Image.new(img.mode, (w, h))
+        for part, at in _pool().map(band, range(k)):
+            out.paste(part, at)
+        return out
+
+    if vertical_first:
+        if height != src_h:
+            image = one_pass(image, src_w, height, rows=False)
+        return image if width == src_w else one_pass(image, width, height, rows=True)
+    if width != src_w:
+        image = one_pass(image, width, src_h, rows=True)
+    return image if height == src_h else one_pass(image, width, height, rows=False)
+
+
+_RESIZE_MIN_PIXELS = 1 << 20  # input + output pixels; below this the thread and paste overhead wins
+_PIL_VERTICAL_FIRST = int(Image.__version__.split(".")[0]) >= 13
+
+
 def to_rgb(image):
     """A PIL image or uint8 array as an RGB PIL image, the way the reference converts it.
 
@@ -212,7 +260,7 @@ class ImageProcessor:
     def resize(self, image, height, width):
         """PIL RGB image -> (height, width, 3) uint8, resized as PIL does it (no reducing_gap)."""
         if image.size != (width, height):
-            image = image.resize((width, height), resample=self.resample)
+            image = resize_parallel(image, width, height, self.resample)
         return np.asarray(image)
 
     def resized(self, image):
