@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 from mindspore import Tensor
 
-from .model import _np, cache_bucket
+from .model import _np, cache_bucket, prompt_bucket
 
 
 class GenerationError(ValueError):
@@ -132,16 +132,10 @@ class State:
 def prefill(model, inputs: dict, max_len: int, chunk: int | None = None):
     """Run the prompt (vision tower once) into a fresh cache of max_len slots. Returns (last logits (B, V), State).
     `chunk` splits the prompt into pieces of that many tokens (same result; bounds prefill memory)."""
-    ids = _np(inputs["input_ids"], np.int64)
-    if ids.ndim == 1:
-        ids = ids[None]
-    B, L = ids.shape
-    mask = inputs.get("attention_mask")
-    mask = np.ones((B, L), bool) if mask is None else _np(mask).astype(bool).reshape(B, L)
     t0 = time.perf_counter()
-    h = model.embed(ids, inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                    inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"))
-    pos3, deltas = model.positions(ids, mask, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
+    h, pos3, mask, deltas, _ = model.prompt(**{k: inputs.get(k) for k in (
+        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")})
+    B, L = mask.shape
     dec = model.decoder(B, max_len)
     kv_valid = np.zeros((B, max_len), bool)
     kv_valid[:, :L] = mask
@@ -193,7 +187,7 @@ def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None 
             raise GenerationError("max_thinking_tokens needs the </think> token id (not in the tokenizer)")
         force = [think_ids["</think>"]] + ([think_ids["<answer>"]] if "<answer>" in think_ids else [])
     new = min(cfg.max_new_tokens, ctx - L)
-    max_len = cache_bucket(L + new)
+    max_len = cache_bucket(prompt_bucket(L) + new)   # the prompt sits left-padded to its bucket
     rng = np.random.default_rng(cfg.seed)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
     eos = np.array(cfg.eos_token_id or [-1])

@@ -85,6 +85,12 @@ def cache_bucket(n: int) -> int:
     return max(256, 1 << (int(n) - 1).bit_length())
 
 
+def prompt_bucket(n: int) -> int:
+    """Prompt length rounded up to a multiple of 64, or of 1/16 of its power of two when longer (<= ~6% waste)."""
+    step = max(64, 1 << max(0, int(n).bit_length() - 5))
+    return -(-int(n) // step) * step
+
+
 @dataclass
 class Output:
     logits: Tensor               # (B, L, vocab)
@@ -236,6 +242,22 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     def _forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                  states=None):
+        h, pos3, mask, deltas, pad = self.prompt(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                 pixel_values_videos, video_grid_thw, states)
+        B, L = mask.shape
+        S = cache_bucket(L)
+        dec = self.decoder(B, S)
+        kv_valid = np.zeros((B, S), bool)
+        kv_valid[:, :L] = mask
+        logits = self.run(dec, h, pos3, 0, kv_valid, states=states)
+        return Output(logits=logits[:, pad:] if pad else logits, rope_deltas=deltas)
+
+    def prompt(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+               video_grid_thw=None, states=None):
+        """Embeddings (B, L', D), 3D positions (3, B, L'), mask (B, L'), rope deltas (B,) and the padding added.
+
+        The prompt is left-padded to its length bucket with masked slots (the rule that serves batch padding),
+        so that nearby prompt lengths share one compiled prefill graph. Not when tracing states."""
         ids = _np(input_ids, np.int64)
         if ids.ndim == 1:
             ids = ids[None]
@@ -243,8 +265,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         mask = np.ones((B, L), bool) if attention_mask is None else _np(attention_mask).astype(bool).reshape(B, L)
         h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states)
         pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
-        S = cache_bucket(L)
-        dec = self.decoder(B, S)
-        kv_valid = np.zeros((B, S), bool)
-        kv_valid[:, :L] = mask
-        return Output(logits=self.run(dec, h, pos3, 0, kv_valid, states=states), rope_deltas=deltas)
+        pad = 0 if states is not None else prompt_bucket(L) - L
+        if pad:
+            h = ops.cat([ops.zeros((B, pad, h.shape[-1]), h.dtype), h], 1)
+            pos3 = np.pad(pos3, ((0, 0), (0, 0), (pad, 0)))
+            mask = np.pad(mask, ((0, 0), (pad, 0)))
+        return h, pos3, mask, deltas, pad

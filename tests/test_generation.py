@@ -122,3 +122,16 @@ def test_prompt_over_context(pair):
     n = m.config.text.max_position_embeddings
     with pytest.raises(GenerationError, match="context"):
         m.generate(input_ids=np.ones((1, n), np.int64), max_new_tokens=2)
+
+
+def test_graphs_compile_per_bucket_not_per_token_or_length(pair):
+    """Prompts of different lengths in one bucket share the prefill graph; decoding compiles nothing per token
+    (MindSpore's own compile cache holds one entry per compiled graph)."""
+    from mindspore.graph import api
+    _, m = pair
+    a = tinyref.Prompt(12).text(3).image(4, 4).text(5).inputs()       # 12 tokens
+    b = tinyref.Prompt(13).text(20).image(6, 4).text(9).inputs()      # 37 tokens: the same bucket of 64
+    m.generate(**a, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    before = len(api.ms_compile_cache)
+    m.generate(**b, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert len(api.ms_compile_cache) == before
