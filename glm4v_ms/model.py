@@ -1,7 +1,8 @@
 """Glm4vForConditionalGeneration: the vision tower's features merged into the text, over a static KV cache.
 
 Host side (NumPy): token types, 3D positions and rope deltas, cos/sin tables, cache slots and write indices.
-Device side (MindSpore): the vision tower, then `CachedDecoder` (one jit graph per input length).
+Device side (MindSpore): the vision tower, then `CachedDecoder`: one jit graph per (batch, cache-length bucket)
+and prompt-length bucket, reused for every decoded token.
 
 Deliberate deviations from the reference:
 - positions always come from the attention mask (real tokens only), also for text-only prompts; the reference
