@@ -1,0 +1,574 @@
+"""python -m glm4v_ms.convert: a Hugging Face GLM-4.1V checkpoint -> this port's layout, once.
+
+    python -m glm4v_ms.convert --src GLM-4.1V-9B-Thinking --dst glm41v-ms [--dtype bfloat16|float16|float32]
+                               [--overwrite] [--verify]
+
+Built on weights.py's table (`plan`): the names, fusions and permutations are the ones the loader applies, so
+`from_pretrained` on the output reads our names directly (`converted_table`) and transforms nothing.
+
+How it streams. Source shards are processed in order, one at a time; a table entry is written while its last
+source shard is processed (a fused q/k/v split over two shards reads its first part back then). Entries the table
+passes through unchanged (embeddings, MLPs: nearly all bytes) are copied file to file inside the kernel
+(copy_file_range) when the dtype is kept, else cast in 4 MB pieces; the other entries (fused gate/up and q/k/v,
+conv -> dense) are built one at a time in memory (the largest, the vision merger's gate_up, is 224 MB in the 9B
+model, 448 MB with its two sources). A background thread reads the source shards again to hash them for the
+manifest (SHA-256, ~2 GB/s a core, is the main CPU cost; hashlib releases the GIL), overlapping the copy and the
+fsync. The float32 -> bfloat16 cast rounds to nearest even, as torch does.
+
+Atomic: everything goes into `.<dst>.glm4v_ms-tmp-<pid>` beside --dst, fsync'ed, then renamed onto --dst at the
+very end (an existing --dst, with --overwrite, is replaced only then). A killed run leaves that temporary folder and
+nothing at --dst; the next run for the same --dst removes it. SIGTERM and Ctrl-C remove it at once.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__
+from .config import ConfigError, Glm4vConfig
+from .weights import ST_DTYPES, Checkpoint, Entry, WeightError, expected_shapes, plan, to_float32
+
+CONVERTER_VERSION = 1
+MANIFEST = "glm4v_ms_manifest.json"
+DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_FLOATS = {"BF16", "F16", "F32"}
+_IDENTITY = Entry("", ()).fn          # the table's default transform: bytes pass through unchanged
+_COPIED = (".json", ".jinja", ".txt", ".model", ".tiktoken")
+CHUNK = 4 << 20
+
+
+# ----------------------------------------------------------------------------------------------- low-level I/O
+def _pread(fd: int, n: int, off: int, what: str) -> bytearray:
+    buf = bytearray(n)
+    mv, got = memoryview(buf), 0
+    while got < n:   # one read returns at most ~2 GB on Linux
+        k = os.preadv(fd, [mv[got:]], off + got)
+        if k <= 0:
+            raise WeightError(f"{what}: truncated (read past the end of the file)")
+        got += k
+    return buf
+
+
+def _write_all(fd: int, buf) -> None:
+    mv = memoryview(buf).cast("B")
+    while len(mv):
+        mv = mv[os.write(fd, mv):]
+
+
+_kernel_copy = hasattr(os, "copy_file_range")
+
+
+def _copy_range(fd_in: int, off: int, fd_out: int, n: int, what: str) -> None:
+    """n bytes from fd_in at off to fd_out's position; in the kernel where it can (no user-space buffer)."""
+    global _kernel_copy
+    while n and _kernel_copy:
+        try:
+            k = os.copy_file_range(fd_in, fd_out, n, off)
+        except OSError:          # another filesystem, old kernel: fall back to read + write
+            _kernel_copy = False
+            break
+        if k <= 0:
+            raise WeightError(f"{what}: truncated (read past the end of the file)")
+        off, n = off + k, n - k
+    while n:
+        k = min(n, CHUNK)
+        _write_all(fd_out, _pread(fd_in, k, off, what))
+        off, n = off + k, n - k
+
+
+class SafetensorsWriter:
+    """Streaming safetensors writer: the header (names, dtypes, shapes, offsets) first, then the tensors' bytes in
+    that order, so that no tensor is held longer than it takes to write it."""
+
+    def __init__(self, path: str, specs: list, metadata: dict | None = None):
+        self.path, self.specs, self.at = path, specs, 0
+        header, end = {"__metadata__": metadata or {}}, 0
+        for name, dtype, shape in specs:
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(ST_DTYPES[dtype]).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [end, end + n]}
+            end += n
+        self.ends = [header[name]["data_offsets"][1] for name, _, _ in specs]
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)   # the format pads the header to 8 bytes so that tensors stay aligned
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _write_all(self.fd, struct.pack("<Q", len(h)) + h)
+        self.pos = 0
+
+    def write(self, pieces, progress=None) -> None:
+        """The next tensor, as an iterable of buffers and `_Range`s (bytes still in a source file)."""
+        for p in pieces:
+            if isinstance(p, _Range):
+                for off in range(0, p.n, 1 << 30):   # big steps: much faster than 256 MB ones here
+                    k = min(1 << 30, p.n - off)
+                    _copy_range(p.fd, p.off + off, self.fd, k, p.what)
+                    self.pos += k
+                    progress and progress.add(k)
+            else:
+                mv = memoryview(p).cast("B")
+                _write_all(self.fd, mv)
+                self.pos += len(mv)
+                progress and progress.add(len(mv))
+        name = self.specs[self.at][0]
+        if self.pos != self.ends[self.at]:
+            raise WeightError(f"{self.path}: wrote {self.pos} bytes up to {name}, expected {self.ends[self.at]}")
+        self.at += 1
+
+    def close(self) -> None:
+        if self.at != len(self.specs):
+            self.abort()
+            raise WeightError(f"{self.path}: closed after {self.at} of {len(self.specs)} tensors")
+        self.abort()   # fsync'ed later, all at once, while the source is still being hashed
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------------------------- dtypes
+def to_bfloat16(f: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits, rounding to nearest even (as torch does; NaN -> 0x7FC0)."""
+    b = np.ascontiguousarray(f, np.float32).view(np.uint32)
+    out = ((b + (np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    out[np.isnan(f)] = 0x7FC0
+    return out
+
+
+def _cast(raw: np.ndarray, src: str, dst: str, name: str) -> np.ndarray:
+    if src == dst:
+        return np.ascontiguousarray(raw)
+    f = to_float32(raw, src)
+    if dst == "F32":
+        return np.ascontiguousarray(f)
+    if dst == "BF16":
+        return to_bfloat16(f)
+    with np.errstate(over="ignore"):
+        out = f.astype(np.float16)
+    bad = np.count_nonzero(np.isinf(out) & np.isfinite(f))
+    if bad:   # a silently broken model is worse than no model
+        raise WeightError(f"tensor {name}: {bad} values exceed the float16 range (use bfloat16 or float32)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the schedule
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: a table entry, its source and output dtypes, its shape."""
+    entry: Entry
+    src_dtype: str
+    dtype: str
+    shape: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(ST_DTYPES[self.dtype]).itemsize
+
+
+@dataclass(frozen=True)
+class _Range:
+    fd: int
+    off: int
+    n: int
+    what: str
+
+
+def _check_index(ckpt: Checkpoint) -> None:
+    """Checkpoint checks that the index's tensors are in the shards; a tensor in a shard must also be indexed."""
+    p = os.path.join(ckpt.folder, "model.safetensors.index.json")
+    if os.path.isfile(p):
+        with open(p, encoding="utf-8") as f:
+            wmap = json.load(f)["weight_map"]
+        for k, fn in ckpt.where.items():
+            if k not in wmap:
+                raise WeightError(f"tensor {k} in {fn} is missing from the index {p}")
+
+
+def schedule(cfg: Glm4vConfig, ckpt: Checkpoint, dtype: str | None) -> list[list[Job]]:
+    """The table's entries grouped by the source shard in which their last source lies, in file order; within a
+    shard, in the order their last source appears, so that each shard is read front to back."""
+    shapes, files = expected_shapes(cfg), list(ckpt.files)
+    rank = {fn: i for i, fn in enumerate(files)}
+    groups = [[] for _ in files]
+    for e in plan(cfg, ckpt):
+        dts = {ckpt.info(s)[0] for s in e.sources}
+        if len(dts) != 1:
+            raise WeightError(f"tensors {', '.join(e.sources)} mix dtypes {sorted(dts)}")
+        src = dts.pop()
+        if src not in ST_DTYPES:
+            raise WeightError(f"tensor {e.sources[0]} has unsupported dtype {src}")
+        out = dtype or src
+        if out != src and src not in _FLOATS:
+            raise WeightError(f"tensor {e.sources[0]} has dtype {src}, which cannot be cast to {out}")
+        last = max(rank[ckpt.where[s]] for s in e.sources)
+        key = max(ckpt.files[files[last]].tensors[s]["data_offsets"][0] for s in e.sources
+                  if rank[ckpt.where[s]] == last)
+        groups[last].append((key, Job(e, src, out, shapes[e.ours])))
+    return [[j for _, j in sorted(g, key=lambda kj: kj[0])] for g in groups]
+
+
+def _pieces(cfg, ckpt: Checkpoint, fds: dict, job: Job, fast: bool):
+    """The output bytes of one job, in order: `_Range`s of a source file (fast, dtype kept) or arrays."""
+    e = job.entry
+
+    def where(s):
+        fn = ckpt.where[s]
+        st = ckpt.files[fn]
+        a, b = st.tensors[s]["data_offsets"]
+        return fds[fn], st.base + a, b - a, st.path
+
+    if e.fn is _IDENTITY and len(e.sources) == 1:   # elementwise at most: stream it in pieces
+        fd, off, n, path = where(e.sources[0])
+        if fast and job.src_dtype == job.dtype:
+            yield _Range(fd, off, n, path)
+            return
+        item = np.dtype(ST_DTYPES[job.src_dtype]).itemsize
+        step = CHUNK - CHUNK % item
+        for a in range(0, n, step):
+            raw = np.frombuffer(_pread(fd, min(step, n - a), off + a, path), ST_DTYPES[job.src_dtype])
+            yield _cast(raw, job.src_dtype, job.dtype, e.ours)
+        return
+    arrays = []
+    for s in e.sources:
+        fd, off, n, path = where(s)
+        arrays.append(np.frombuffer(_pread(fd, n, off, path), ST_DTYPES[job.src_dtype]).reshape(ckpt.info(s)[1]))
+    try:
+        arr = e.fn(cfg, *arrays)
+    except ValueError as err:
+        raise WeightError(f"tensor {e.sources[0]}: cannot map to {e.ours} ({err})") from None
+    arrays.clear()   # the sources, unless the transform returned a view of one
+    if tuple(arr.shape) != job.shape:
+        raise WeightError(f"tensors {', '.join(e.sources)} map to shape {list(arr.shape)} for {e.ours}, the config "
+                          f"implies {list(job.shape)}")
+    yield _cast(arr, job.src_dtype, job.dtype, e.ours)
+
+
+def _open_all(ckpt: Checkpoint) -> dict:
+    return {fn: os.open(st.path, os.O_RDONLY) for fn, st in ckpt.files.items()}
+
+
+def _load_source(src: str, dtype: str | None):
+    if not os.path.isdir(src):
+        raise WeightError(f"{src}: no such folder")
+    cfg = Glm4vConfig.from_pretrained(src)
+    ckpt = Checkpoint(src)
+    _check_index(ckpt)
+    return cfg, ckpt, schedule(cfg, ckpt, dtype)
+
+
+# ----------------------------------------------------------------------------------------------- progress, hashing
+class Progress:
+    """One self-overwriting line on stderr (shards, bytes, rate) when stderr is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, shards: int, label: str, stream=sys.stderr):
+        self.total, self.shards, self.label, self.stream = total, shards, label, stream
+        self.on = stream.isatty()
+        self.done, self.shard, self.t0, self.shown = 0, 0, time.time(), 0.0
+
+    def next_shard(self):
+        self.shard += 1
+        self.draw(force=True)
+
+    def add(self, n: int):
+        self.done += n
+        self.draw()
+
+    def draw(self, force=False):
+        now = time.time()
+        if not self.on or (not force and now - self.shown < 0.2):
+            return
+        self.shown = now
+        rate = self.done / max(now - self.t0, 1e-9) / 1e9
+        pct = 100 * self.done / max(self.total, 1)
+        bar = "#" * int(pct / 5)
+        self.stream.write(f"\r{self.label} shard {self.shard}/{self.shards} [{bar:<20}] {pct:3.0f}% "
+                          f"{self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB {rate:.2f} GB/s ")
+        self.stream.flush()
+
+    def close(self):
+        if self.on:
+            self.draw(force=True)
+            self.stream.write("\n")
+
+
+class _Hasher:
+    """SHA-256 of files, read apart from the conversion by background threads (hashlib drops the GIL). Hashing is
+    the converter's main CPU cost (~2 GB/s a core), so it runs beside the copy. One thread by default: it follows
+    the copy through the shards, so that a cold source is read from disk about once (more threads: more seeks)."""
+
+    def __init__(self, paths: list, threads: int = 1):
+        self.paths, self.digests, self.errors, self.stop = paths, [None] * len(paths), [], False
+        self.todo = iter(range(len(paths)))
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self):
+        buf = bytearray(8 << 20)
+        mv = memoryview(buf)
+        while not self.stop:
+            with self.lock:
+                i = next(self.todo, None)
+            if i is None:
+                return
+            try:
+                h = hashlib.sha256()
+                with open(self.paths[i], "rb", buffering=0) as f:
+                    while (k := f.readinto(buf)) and not self.stop:
+                        h.update(mv[:k])
+                self.digests[i] = h.hexdigest()
+            except OSError as e:
+                self.errors.append(e)
+
+    def result(self) -> list:
+        for t in self.threads:
+            t.join()
+        if self.errors:
+            raise self.errors[0]
+        return self.digests
+
+
+def _file_record(path: str, digest: str | None = None) -> dict:
+    digest = digest or _Hasher([path]).result()[0]
+    return {"name": os.path.basename(path), "size": os.path.getsize(path), "sha256": digest}
+
+
+def _aux_files(src: str) -> list[str]:
+    """Config, tokenizer, template, processor and generation files: everything beside the weights."""
+    out = []
+    for fn in sorted(os.listdir(src)):
+        p = os.path.join(src, fn)
+        if not os.path.isfile(p) or fn == MANIFEST or fn.endswith(".index.json"):
+            continue
+        if fn.endswith(_COPIED) or fn.upper().startswith(("LICENSE", "NOTICE")):
+            out.append(fn)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- convert, verify
+def _tmp_name(dst: str, kind: str, pid: int) -> str:
+    return os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.glm4v_ms-{kind}-{pid}")
+
+
+def _remove_stale(dst: str) -> None:
+    """Temporary folders of earlier runs for this --dst whose process is gone (killed runs)."""
+    parent, prefix = os.path.dirname(dst), f".{os.path.basename(dst)}.glm4v_ms-"
+    for fn in os.listdir(parent):
+        if not fn.startswith(prefix):
+            continue
+        try:
+            pid = int(fn.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+            continue                    # still running
+        except (ValueError, IndexError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(parent, fn), ignore_errors=True)
+
+
+def _pause_for_tests(k: int) -> None:
+    # Tests kill the converter here to prove that an interrupted run leaves nothing at --dst.
+    pause = float(os.environ.get("GLM4V_MS_CONVERT_TEST_PAUSE", 0) or 0)
+    if pause:
+        print(f"glm4v_ms.convert: paused after shard {k} (test hook)", file=sys.stderr, flush=True)
+        time.sleep(pause)
+
+
+def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, verify: bool = False) -> dict:
+    """Convert src into dst (see the module docstring); dtype is a safetensors name (BF16, F16, F32) or None to
+    keep each tensor's. Returns a summary. Raises WeightError / ConfigError / OSError, leaving dst untouched."""
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    rs, rd = os.path.realpath(src), os.path.realpath(dst)
+    if rs == rd or rs.startswith(rd + os.sep):   # --overwrite would delete the source
+        raise WeightError(f"{dst}: is or contains the source folder")
+    if os.path.lexists(dst) and not overwrite:
+        raise WeightError(f"{dst}: already exists (use --overwrite to replace it)")
+    cfg, ckpt, groups = _load_source(src, dtype)
+    jobs = [j for g in groups for j in g]
+    total = sum(j.nbytes for j in jobs)
+
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    _remove_stale(dst)
+    tmp = _tmp_name(dst, "tmp", os.getpid())
+    os.mkdir(tmp)
+    t0, fds = time.time(), _open_all(ckpt)
+    try:
+        names, weight_map, records = _write_weights(tmp, cfg, ckpt, groups, fds, Progress(total, len(groups), "converting"))
+        for fn in _aux_files(src):
+            shutil.copyfile(os.path.join(src, fn), os.path.join(tmp, fn))
+            records.append(_file_record(os.path.join(src, fn)))
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total, "format": "glm4v_ms"}, "weight_map": weight_map}, f, indent=2)
+        shown_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, "as the source")
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"converter": "glm4v_ms.convert", "converter_version": CONVERTER_VERSION,
+                       "glm4v_ms_version": __version__, "source": src, "dtype": shown_dtype,
+                       "tensor_dtypes": sorted({j.dtype for j in jobs}), "tensors": len(jobs), "total_size": total,
+                       "source_files": records, "files": names}, f, indent=2)
+        if verify:
+            verify_folder(src, tmp, dtype, _loaded=(cfg, ckpt, groups, fds))
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return {"src": src, "dst": dst, "shards": len(names), "tensors": len(jobs), "bytes": total, "dtype": shown_dtype,
+            "seconds": time.time() - t0, "verified": verify, "peak_rss": peak_rss()}
+
+
+def _write_weights(tmp: str, cfg, ckpt: Checkpoint, groups: list, fds: dict, progress: Progress):
+    """One output shard per source shard that completes an entry, while a second thread hashes the source shards.
+    Returns the shard names, the weight map and the source files' records (name, size, SHA-256)."""
+    n = sum(map(bool, groups))
+    names, weight_map = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)], {}
+    paths = [st.path for st in ckpt.files.values()]
+    hasher, out_names = _Hasher(paths), iter(names)
+    try:
+        for k, group in enumerate(groups):
+            progress.next_shard()
+            if group:
+                name = next(out_names)
+                w = SafetensorsWriter(os.path.join(tmp, name), [(j.entry.ours, j.dtype, j.shape) for j in group],
+                                      {"format": "glm4v_ms", "converter_version": str(CONVERTER_VERSION)})
+                try:
+                    for j in group:
+                        w.write(_pieces(cfg, ckpt, fds, j, fast=True), progress)
+                        weight_map[j.entry.ours] = name
+                except BaseException:
+                    w.abort()
+                    raise
+                w.close()
+            _pause_for_tests(k + 1)
+        progress.close()
+        for name in names:   # durable before visible (see _publish); meanwhile the hashing goes on
+            _fsync(os.path.join(tmp, name))
+    except BaseException:
+        hasher.stop = True
+        raise
+    records = [_file_record(p, d) for p, d in zip(paths, hasher.result())]
+    index = os.path.join(ckpt.folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        records.append(_file_record(index))
+    return names, weight_map, records
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM, not ru_maxrss: the latter keeps the parent's size
+    across fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: str, dst: str) -> None:
+    # durable before visible: a crash after the rename must not leave dst with files still in the page cache only
+    for fn in [*os.listdir(tmp), "."]:
+        _fsync(os.path.join(tmp, fn))
+    old = None
+    if os.path.lexists(dst):   # --overwrite: the old folder goes only now that the new one is complete
+        old = _tmp_name(dst, "old", os.getpid())
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    if old:
+        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+
+
+def verify_folder(src: str, out: str, dtype: str | None = None, _loaded=None) -> int:
+    """Check every tensor of a converted folder against the source: the same names, dtypes and shapes, and the same
+    bytes as the table's transform of the source tensors followed by the dtype cast. Returns the tensor count."""
+    cfg, ckpt, groups, fds = _loaded or (*_load_source(src, dtype), None)
+    own = fds is None
+    fds = fds or _open_all(ckpt)
+    got = Checkpoint(out)
+    try:
+        jobs = [j for g in groups for j in g]
+        want = {j.entry.ours for j in jobs}
+        for k in sorted(want ^ set(got.keys())):
+            raise WeightError(f"verify: tensor {k} is {'missing from' if k in want else 'unexpected in'} {out}")
+        progress = Progress(sum(j.nbytes for j in jobs), len(groups), "verifying")
+        out_fds = _open_all(got)
+        try:
+            for group in groups:
+                progress.next_shard()
+                for j in group:
+                    name = j.entry.ours
+                    st = got.files[got.where[name]]
+                    if got.info(name) != (j.dtype, j.shape):
+                        raise WeightError(f"verify: tensor {name} in {st.path} is {got.info(name)}, "
+                                          f"expected {(j.dtype, j.shape)}")
+                    off = st.base + st.tensors[name]["data_offsets"][0]
+                    for p in _pieces(cfg, ckpt, fds, j, fast=False):
+                        mv = memoryview(p).cast("B")
+                        if _pread(out_fds[got.where[name]], len(mv), off, st.path) != mv:
+                            raise WeightError(f"verify: tensor {name} in {st.path} differs from the source "
+                                              f"({', '.join(j.entry.sources)})")
+                        off += len(mv)
+                        progress.add(len(mv))
+            progress.close()
+        finally:
+            for fd in out_fds.values():
+                os.close(fd)
+    finally:
+        if own:
+            for fd in fds.values():
+                os.close(fd)
+    return len(jobs)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m glm4v_ms.convert",
+                                 description="Convert a Hugging Face GLM-4.1V checkpoint to the glm4v_ms layout.")
+    ap.add_argument("--src", required=True, help="Hugging Face checkpoint folder (config.json + safetensors)")
+    ap.add_argument("--dst", required=True, help="output folder (must not exist, unless --overwrite)")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the source's)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --dst (at the very end)")
+    ap.add_argument("--verify", action="store_true", help="re-read the output and compare it with the source")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)   # clean up the temporary folder as on Ctrl-C
+    try:
+        s = convert(args.src, args.dst, DTYPES.get(args.dtype), args.overwrite, args.verify)
+    except (WeightError, ConfigError, OSError) as e:
+        print(f"glm4v_ms.convert: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"glm4v_ms.convert: interrupted; nothing was written to {args.dst}", file=sys.stderr)
+        return 130
+    size = f"{s['bytes'] / 1e9:.2f} GB" if s["bytes"] >= 1e9 else f"{s['bytes'] / 1e6:.1f} MB"
+    print(f"glm4v_ms.convert: {s['tensors']} tensors in {s['shards']} shards, {size} "
+          f"({s['dtype']}) -> {s['dst']} in {s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} "
+          f"GB/s), peak memory {s['peak_rss'] / 2**20:.0f} MiB{', verified' if s['verified'] else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
