@@ -63,8 +63,8 @@ def rope(x, cos, sin):
     """Rotate-half rotary over the last dim of x (B, S, N, D), cos/sin broadcastable as (B|1, S, 1, D)."""
     if _MODE != "plain":
         return _kernels()[3](x, cos, sin, 0)
-    h = x.shape[-1] // 2
-    return x * cos + ops.cat([-x[..., h:], x[..., :h]], -1) * sin
+    x1, x2 = ops.split(x, x.shape[-1] // 2, -1)
+    return x * cos + ops.cat([-x2, x1], -1) * sin
 
 
 def decoder_attention(q, k_cache, v_cache, seen, scale):
@@ -101,12 +101,9 @@ def vision_attention(q, k, v, seg_lens, scale):
                           input_layout="TND", sparse_mode=0)
         return o.reshape(o.shape[0], -1)
     # Segment by segment: a block-diagonal mask over all N patches would cost N^2 memory (a 4K image is ~24000).
-    out, start = [], 0
-    for n in seg_lens:
-        qs, ks, vs = (t[start:start + n].transpose(1, 0, 2) for t in (q, k, v))   # (H, n, D)
+    out = []
+    for qs, ks, vs in zip(*(ops.split(t.transpose(1, 0, 2), list(seg_lens), 1) for t in (q, k, v))):  # (H, n, D)
         s = _bmm_nt(qs, ks).astype(ms.float32) * scale
-        p = ops.softmax(s, -1).astype(q.dtype)
-        out.append(ops.matmul(p, vs).transpose(1, 0, 2))
-        start += n
-    o = out[0] if len(out) == 1 else ops.cat(out, 0)
+        out.append(ops.matmul(ops.softmax(s, -1).astype(q.dtype), vs))
+    o = (out[0] if len(out) == 1 else ops.cat(out, 1)).transpose(1, 0, 2)
     return o.reshape(o.shape[0], -1)

@@ -83,8 +83,8 @@ class MLP(nn.Cell):
         self.down = Linear(hidden, dim, dtype)
 
     def construct(self, x):
-        gu = self.gate_up(x)
-        return self.down(ops.silu(gu[..., :self.hidden]) * gu[..., self.hidden:])
+        gate, up = ops.split(self.gate_up(x), self.hidden, -1)
+        return self.down(ops.silu(gate) * up)
 
 
 class DecoderLayer(nn.Cell):

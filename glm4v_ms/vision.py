@@ -67,11 +67,13 @@ class VisionAttention(nn.Cell):
 
     def construct(self, x, cos, sin, seg_lens):
         N = x.shape[0]
-        qkv = self.qkv(x).reshape(N, 3, self.heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        # rotary in float32 whatever the weights' dtype, as the reference does; (1, N, heads, D) is BSND
-        q = rope(q.astype(ms.float32)[None], cos, sin)[0].astype(x.dtype)
-        k = rope(k.astype(ms.float32)[None], cos, sin)[0].astype(x.dtype)
+        # ops.split, not slicing: in eager mode each Tensor slice costs milliseconds of Python index work
+        shape = (1, N, self.heads, self.head_dim)   # BSND for the rotary kernel
+        q, k, v = (t.reshape(shape) for t in ops.split(self.qkv(x), self.heads * self.head_dim, -1))
+        # rotary in float32 whatever the weights' dtype, as the reference does
+        q = rope(q.astype(ms.float32), cos, sin).astype(x.dtype).reshape(shape[1:])
+        k = rope(k.astype(ms.float32), cos, sin).astype(x.dtype).reshape(shape[1:])
+        v = v.reshape(shape[1:])
         return self.proj(vision_attention(q, k, v, seg_lens, self.head_dim ** -0.5))
 
 
@@ -102,8 +104,8 @@ class Merger(nn.Cell):
     def construct(self, x):
         h = self.proj(x)
         h = ops.gelu(layer_norm(h, self.norm.weight, self.norm.bias, 1e-5), approximate="none")
-        gu = self.gate_up(h)
-        return self.down(ops.silu(gu[..., :self.mlp_hidden]) * gu[..., self.mlp_hidden:])
+        gate, up = ops.split(self.gate_up(h), self.mlp_hidden, -1)
+        return self.down(ops.silu(gate) * up)
 
 
 class VisionModel(nn.Cell):
