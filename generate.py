@@ -151,9 +151,10 @@ def run(a):
         display = Display(processor.tokenizer, a.hide_thinking)
         ids = model.generate(**inputs, streamer=display, **gen)
         t = model.last_timings
-        tps = (t["new_tokens"] - 1) / t["decode_s"] if t["new_tokens"] > 1 and t["decode_s"] > 0 else 0.0
+        tps = t["decode_steps"] / t["decode_s"] if t["decode_s"] > 0 else 0.0
+        first = f" (first step {t['first_step_s']:.2f} s)" if "first_step_s" in t else ""
         print(f"prompt tokens: {t['prompt_tokens']}, new tokens: {t['new_tokens']}, prefill: {t['prefill_s']:.2f} s, "
-              f"decode: {tps:.1f} tokens/s", file=sys.stderr)
+              f"decode: {tps:.1f} tokens/s{first}", file=sys.stderr)
         reply = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         # earlier assistant turns keep only their answer, as the official CLI does; media stay in the first turn
         messages.append({"role": "assistant", "content": strip_thinking(reply)})

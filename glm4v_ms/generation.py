@@ -201,7 +201,7 @@ def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None 
     closed = np.zeros(B, bool)
     forced = np.zeros(B, bool)
     queued = [[] for _ in range(B)]            # forced tokens waiting, per row
-    t0 = time.perf_counter()
+    t0 = t1 = time.perf_counter()
     n = 0
     for step in range(new):
         tok = sample(logits, history, step, cfg, rng)
@@ -222,8 +222,13 @@ def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None 
         if done.all() or step == new - 1:
             break
         logits = decode_one(model, st, tok)
+        if step == 0:   # the first step may compile the decode graph: timed apart from the steady state
+            t1 = time.perf_counter()
+            st.timings["first_step_s"] = t1 - t0
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
-    st.timings.update(decode_s=time.perf_counter() - t0, new_tokens=n, prompt_tokens=L)
+    end = time.perf_counter()
+    # decode_s: the steps after the first (n - 2 of them produce tokens 3..n); 0 when there were none
+    st.timings.update(decode_s=end - t1 if n > 2 else 0.0, decode_steps=max(n - 2, 0), new_tokens=n, prompt_tokens=L)
     model.last_timings = st.timings
     return np.concatenate([ids, out[:, :n]], 1)
