@@ -48,19 +48,8 @@ def peak_mb():
 
 
 def drawn_image(width, height, seed=0):
-    """A busy picture: a gradient, noise and a few shapes."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) % 256], -1)
-    im = Image.fromarray(np.clip(base + rng.integers(0, 64, (height, width, 3)) - 32, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    for _ in range(4):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        d.rectangle([x0, y0, x0 + width // 4, y0 + height // 4], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    d.ellipse([width // 3, height // 3, 2 * width // 3, 2 * height // 3], outline=(255, 255, 0), width=2)
-    return im
+    from glm4v_ms.parity.cases import picture   # numpy + Pillow only
+    return picture(width, height, seed)
 
 
 def make_inputs(model_dir, path):

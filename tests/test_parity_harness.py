@@ -164,7 +164,7 @@ def test_bf16_dump_compares_to_fp32_with_the_bf16_tolerance(hf_dir, work):
     """The user's own cases file; torch in bfloat16 vs MindSpore in float32."""
     media = work / "media"
     media.mkdir()
-    cases._picture(100, 150, seed=7).save(media / "mine.png")
+    cases.picture(100, 150, seed=7).save(media / "mine.png")
     cases._clip(str(media / "mine.mp4"), seconds=1.0, fps=4, seed=8)
     (media / "cases.json").write_text(json.dumps([
         {"name": "my_image", "messages": [{"role": "user", "content": [

@@ -33,8 +33,9 @@ class Case:
     videos: list = field(default_factory=list)
 
 
-def _picture(width, height, seed):
-    """Gradient + noise + a few shapes: busy enough that a wrong resize or patch order shows."""
+def picture(width, height, seed=0):
+    """Gradient + noise + a few shapes: busy enough that a wrong resize or patch order shows (also the benchmarks'
+    picture)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -58,7 +59,7 @@ def _clip(path, seconds=2.0, fps=4, size=(112, 84), seed=0):
         stream = out.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(int(seconds * fps)):
-            im = _picture(w, h, seed)
+            im = picture(w, h, seed)
             x = (i * 12) % (w - 16)
             ImageDraw.Draw(im).rectangle([x, 10, x + 16, 26], fill=(255, 0, 0))
             for packet in stream.encode(av.VideoFrame.from_image(im)):
@@ -90,13 +91,13 @@ def builtin(workdir, names=BUILTIN):
                         _user(_text("Why is it blue? 请简单回答。"))]
         elif name == "one_image":
             path = os.path.join(workdir, "one_image.png")
-            _picture(140, 112, seed=1).save(path)
+            picture(140, 112, seed=1).save(path)
             messages = [_user({"type": "image", "path": path}, _text("Describe this image."))]
         elif name == "several_images":
             paths = []
             for k, (w, h) in enumerate(((84, 168), (196, 112), (60, 60))):
                 paths.append(os.path.join(workdir, f"several_images_{k}.png"))
-                _picture(w, h, seed=10 + k).save(paths[-1])
+                picture(w, h, seed=10 + k).save(paths[-1])
             messages = [_user(*[{"type": "image", "path": p} for p in paths],
                               _text("What differs between these pictures?"))]
         else:
