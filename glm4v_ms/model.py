@@ -31,17 +31,24 @@ _DTYPES = {"float32": ms.float32, "fp32": ms.float32, "bfloat16": ms.bfloat16, "
 _device = None
 
 
+def _ascend_present() -> bool:
+    # probe MindSpore only where a CANN runtime is installed: on a CPU host its probe prints a library error
+    if not (os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME") or os.path.isdir("/usr/local/Ascend")):
+        return False
+    return ms.hal.is_available("Ascend")
+
+
 def select_device(device: str | None = None) -> str:
     """Ascend when present, else CPU; `device=` or GLM4V_MS_DEVICE overrides. Fixed for the process."""
     global _device
     want = (device or os.environ.get("GLM4V_MS_DEVICE") or "auto").strip()
     if want.lower() == "auto":
-        want = "Ascend" if ms.hal.is_available("Ascend") else "CPU"
+        want = "Ascend" if _ascend_present() else "CPU"
     want = {"cpu": "CPU", "ascend": "Ascend", "npu": "Ascend"}.get(want.lower())
     if want is None:
         raise ValueError(f"unknown device {device or os.environ.get('GLM4V_MS_DEVICE')!r} (use cpu, ascend or auto)")
     if _device is None:
-        if want == "Ascend" and not ms.hal.is_available("Ascend"):
+        if want == "Ascend" and not _ascend_present():
             raise ValueError("device Ascend requested but no Ascend NPU / CANN runtime is available")
         try:
             ms.set_device(want)
