@@ -171,7 +171,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:   # our errors (config, weights, processor, generation) are ValueErrors
+    except (ValueError, OSError, RuntimeError) as e:   # ours are ValueErrors; RuntimeError: MindSpore's own
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1

@@ -76,7 +76,9 @@ def resolve_dtype(dtype, device: str):
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-        return _DTYPES[dtype.lower()]
+        dtype = _DTYPES[dtype.lower()]
+    if dtype == ms.bfloat16 and device == "CPU":
+        raise ValueError("bfloat16 has no CPU kernels in MindSpore; on CPU use float32 (the default) or float16")
     return dtype
 
 
@@ -165,7 +167,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         gb = 1e9
         dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
         return (f"weights {params / 1e6:,.1f} M parameters = {params * item / gb:.2f} GB in {dt}; "
-                f"KV cache {per_tok / 1024:.0f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
+                f"KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
                 f"total {(params * item + per_tok * n) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation

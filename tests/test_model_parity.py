@@ -109,3 +109,13 @@ def test_image_and_video_in_one_prompt(pair):
     mixed = ours(**p.video(1, 4, 4).text(2).inputs()).logits.asnumpy()
     n = img_only.shape[1]
     assert np.abs(mixed[:, :n] - img_only).max() <= TOL * np.abs(img_only).max()
+
+
+def test_mindspore_tensor_inputs(pair):
+    """The same inputs as MindSpore tensors give the same logits as numpy arrays (extra keys ignored)."""
+    from mindspore import Tensor
+    ref, ours, _ = pair
+    inputs = tinyref.Prompt(12).text(3).image(6, 4).text(2).inputs()
+    as_tensors = {k: Tensor(v) for k, v in inputs.items()}
+    np.testing.assert_array_equal(ours(**as_tensors).logits.asnumpy(), ours(**inputs).logits.asnumpy())
+    check(ref, ours, inputs)
