@@ -63,35 +63,36 @@ def fused_infer_attention_score(query, key, value, *, atten_mask=None, num_heads
     return out, ops.zeros((1,), ms.float32)
 
 
-def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mask=None, padding_mask=None,
-                          attn_mask=None, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, keep_prob=1.0,
-                          scalar_value=1.0, pre_tokens=2147483647, next_tokens=2147483647, inner_precise=0,
-                          input_layout="BSH", sparse_mode=0):
-    """Self-attention; this emulation covers the TND layout with cumulative sequence lengths and no mask (the
-    vision tower's call)."""
-    _check(input_layout == "TND", f"emulation covers input_layout TND, got {input_layout}")
-    _check(query.ndim == 3 and key.ndim == 3 and value.shape == key.shape, "TND needs (T, N, D) query/key/value")
-    T1, N1, D = query.shape
-    T2, N2, _ = key.shape
+def flash_attention_score_th(query, key, value, head_num, scale_value=1.0, input_layout="TH", sparse_mode=0,
+                             attn_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None):
+    """The FlashAttentionScore primitive (its construction arguments, then its inputs) in the varlen "TH" layout:
+    query/key/value (T, N*D), segments given by cumulative lengths, no mask: non-causal attention inside each
+    segment (the vision tower's call). Returns attention_out (T, N*D), the primitive's fourth output."""
+    _check(input_layout == "TH", f"emulation covers input_layout TH, got {input_layout}")
+    _check(query.ndim == 2 and key.ndim == 2 and value.shape == key.shape, "TH needs (T, H) query/key/value")
+    T1, H1 = query.shape
+    T2, H2 = key.shape
     _check(query.dtype in _ATTN_DTYPES and key.dtype == query.dtype, f"dtype {query.dtype}")
-    _check(head_num == N1, f"head_num={head_num} but query has N={N1}")
-    _check(N1 % N2 == 0, "key heads must divide query heads")
+    _check(H1 % head_num == 0, f"hidden {H1} is not a multiple of head_num {head_num}")
+    D = H1 // head_num
+    _check(H2 % D == 0 and head_num % (H2 // D) == 0, "key heads must divide query heads")
     _check(D % 16 == 0 and D <= 512, f"head size {D}: must be a multiple of 16, <= 512")
-    _check(keep_prob == 1.0 and drop_mask is None and real_shift is None and prefix is None, "inference: no dropout/pse/prefix")
-    _check(attn_mask is None and sparse_mode == 0, "non-causal TND: no mask, sparse_mode 0")
+    _check(attn_mask is None and sparse_mode == 0, "non-causal varlen: no mask, sparse_mode 0")
     for name, cu, T in (("actual_seq_qlen", actual_seq_qlen, T1), ("actual_seq_kvlen", actual_seq_kvlen, T2)):
-        _check(cu is not None, f"TND requires {name}")
+        _check(cu is not None, f"TH requires {name}")
         cu = [int(c) for c in cu]
         _check(all(b > a for a, b in zip([0] + cu, cu)), f"{name} must be cumulative lengths, no empty segment: {cu[:8]}")
         _check(cu[-1] == T, f"{name} ends at {cu[-1]}, the tensor has T={T}")
         _check(len(cu) <= 1024, f"{name}: at most 1024 segments")
     _check(list(actual_seq_qlen) == list(actual_seq_kvlen), "self-attention: q and kv segments coincide")
+    N2 = H2 // D
     outs, start = [], 0
     for end in [int(c) for c in actual_seq_qlen]:
-        q, k, v = (t[start:end].transpose(1, 0, 2) for t in (query, key, value))
-        if N2 != N1:
-            k, v = (ops.repeat_interleave(t, N1 // N2, 0) for t in (k, v))
-        outs.append(_softmax_attend(q, k, v, None, scalar_value).transpose(1, 0, 2))
+        q = query[start:end].reshape(end - start, head_num, D).transpose(1, 0, 2)
+        k, v = (t[start:end].reshape(end - start, N2, D).transpose(1, 0, 2) for t in (key, value))
+        if N2 != head_num:
+            k, v = (ops.repeat_interleave(t, head_num // N2, 0) for t in (k, v))
+        outs.append(_softmax_attend(q, k, v, None, scale_value).transpose(1, 0, 2).reshape(end - start, H1))
         start = end
     return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
 

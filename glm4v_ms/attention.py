@@ -3,15 +3,17 @@
 Three modes, fixed per process before the first graph is compiled (model.select_device sets it):
 - "plain"    (CPU): matmul + softmax in float32, norms and rotary written out.
 - "ascend"   (NPU): the fused kernels: fused_infer_attention_score over the static cache (prompt and incremental
-             branches), flash_attention_score in TND layout for the vision tower's per-image attention,
-             rms_norm, rotary_position_embedding.
+             branches), the FlashAttentionScore primitive in varlen "TH" layout for the vision tower's
+             per-image attention, rms_norm, rotary_position_embedding.
 - "emulated" (CPU, tests): the Ascend code path, calling emulations of those four kernels (ascend_emulation.py)
              that implement and check their documented contracts; argument mistakes show up without hardware.
 """
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import ops
+import numpy as np
+from mindspore import nn, ops
+from mindspore.ops.operations.nn_ops import FlashAttentionScore
 
 from . import ascend_emulation as emu
 
@@ -33,11 +35,19 @@ def mode() -> str:
     return _MODE
 
 
+def _flash_attention_score_th(query, key, value, head_num, scale_value=1.0, input_layout="TH", sparse_mode=0,
+                              attn_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None):
+    """The FlashAttentionScore primitive, called as its emulation is (construction arguments, then inputs)."""
+    fa = FlashAttentionScore(head_num=head_num, scale_value=scale_value, input_layout=input_layout,
+                             sparse_mode=sparse_mode)
+    return fa(query, key, value, None, None, None, attn_mask, None, actual_seq_qlen, actual_seq_kvlen)[3]
+
+
 def _kernels():
     """The fused kernels, real or emulated (the emulations take the same arguments)."""
     if _MODE == "ascend":
-        return ops.fused_infer_attention_score, ops.flash_attention_score, ops.rms_norm, ops.rotary_position_embedding
-    return (emu.fused_infer_attention_score, emu.flash_attention_score, emu.rms_norm,
+        return ops.fused_infer_attention_score, _flash_attention_score_th, ops.rms_norm, ops.rotary_position_embedding
+    return (emu.fused_infer_attention_score, emu.flash_attention_score_th, emu.rms_norm,
             emu.rotary_position_embedding)
 
 
@@ -95,11 +105,13 @@ def vision_attention(q, k, v, seg_lens, scale):
 
     q, k, v (N, H, D); seg_lens a list of Python ints summing to N."""
     if _MODE != "plain":
-        # TND with cumulative lengths, no mask: the varlen kernel keeps segments apart (vllm-mindspore's call)
-        cu = [int(sum(seg_lens[:i + 1])) for i in range(len(seg_lens))]
-        o = _kernels()[1](q, k, v, q.shape[1], actual_seq_qlen=cu, actual_seq_kvlen=cu, scalar_value=scale,
-                          input_layout="TND", sparse_mode=0)
-        return o.reshape(o.shape[0], -1)
+        T, H, D = q.shape
+        cu = tuple(int(c) for c in np.cumsum(seg_lens))
+        key = (H, float(scale), cu)
+        if key not in _VARLEN:
+            _VARLEN.clear()   # one image layout at a time: the graphs are small, compiling one is cheap
+            _VARLEN[key] = _VarlenAttention(*key)
+        return _VARLEN[key](q.reshape(T, H * D), k.reshape(T, H * D), v.reshape(T, H * D))
     # Segment by segment: a block-diagonal mask over all N patches would cost N^2 memory (a 4K image is ~24000).
     out = []
     for qs, ks, vs in zip(*(ops.split(t.transpose(1, 0, 2), list(seg_lens), 1) for t in (q, k, v))):  # (H, n, D)
@@ -107,3 +119,23 @@ def vision_attention(q, k, v, seg_lens, scale):
         out.append(ops.matmul(ops.softmax(s, -1).astype(q.dtype), vs))
     o = (out[0] if len(out) == 1 else ops.cat(out, 1)).transpose(1, 0, 2)
     return o.reshape(o.shape[0], -1)
+
+
+_VARLEN = {}
+
+
+class _VarlenAttention(nn.Cell):
+    """Flash attention over concatenated segments (one per image / temporal patch) in the varlen "TH" layout,
+    without a mask: non-causal within each segment, nothing across. TH rather than TND: the documentation ties TND
+    to causal masks (sparse_mode 2/3, next_tokens 0), and TH is what vllm-mindspore runs for GLM-4.1V's vision
+    tower. Compiled, because vllm-mindspore reports that TH does not run in PyNative; the segment lengths are
+    constants of the graph, so all blocks of one image share it."""
+
+    def __init__(self, heads, scale, cu):
+        super().__init__()
+        self.heads, self.scale, self.cu = heads, scale, cu
+
+    @ms.jit
+    def construct(self, q, k, v):
+        return _kernels()[1](q, k, v, self.heads, scale_value=self.scale, input_layout="TH", sparse_mode=0,
+                             actual_seq_qlen=self.cu, actual_seq_kvlen=self.cu)

@@ -76,12 +76,16 @@ def test_emulated_norm_and_rotary_equal_plain():
     lambda: emu.fused_infer_attention_score(t(1, 4, 3, 32), t(1, 2, 8, 32), t(1, 2, 8, 32), num_heads=4,
                                             num_key_value_heads=2, input_layout="BNSD",
                                             atten_mask=Tensor(np.zeros((1, 1, 3, 8), np.float32))),  # float mask
-    lambda: emu.flash_attention_score(t(10, 2, 32), t(10, 2, 32), t(10, 2, 32), 2, input_layout="TND",
-                                      actual_seq_qlen=[4, 6], actual_seq_kvlen=[4, 6]),           # lengths, not cumulative
-    lambda: emu.flash_attention_score(t(10, 2, 32), t(10, 2, 32), t(10, 2, 32), 2, input_layout="TND",
-                                      actual_seq_qlen=[4, 8], actual_seq_kvlen=[4, 8]),           # does not end at T
-    lambda: emu.flash_attention_score(t(10, 2, 24), t(10, 2, 24), t(10, 2, 24), 2, input_layout="TND",
-                                      actual_seq_qlen=[10], actual_seq_kvlen=[10]),               # D not a multiple of 16
+    lambda: emu.flash_attention_score_th(t(10, 64), t(10, 64), t(10, 64), 2, actual_seq_qlen=[4, 6],
+                                         actual_seq_kvlen=[4, 6]),                                 # lengths, not cumulative
+    lambda: emu.flash_attention_score_th(t(10, 64), t(10, 64), t(10, 64), 2, actual_seq_qlen=[4, 8],
+                                         actual_seq_kvlen=[4, 8]),                                 # does not end at T
+    lambda: emu.flash_attention_score_th(t(10, 48), t(10, 48), t(10, 48), 2, actual_seq_qlen=[10],
+                                         actual_seq_kvlen=[10]),                                   # D=24, not a multiple of 16
+    lambda: emu.flash_attention_score_th(t(10, 2, 32), t(10, 2, 32), t(10, 2, 32), 2, actual_seq_qlen=[10],
+                                         actual_seq_kvlen=[10]),                                   # TND shapes given as TH
+    lambda: emu.flash_attention_score_th(t(10, 64), t(10, 64), t(10, 64), 2, input_layout="TND",
+                                         actual_seq_qlen=[10], actual_seq_kvlen=[10]),             # layout
     lambda: emu.rotary_position_embedding(t(2, 5, 3, 16), t(2, 5, 1, 8), t(2, 5, 1, 8), 0),     # cos width
     lambda: emu.rms_norm(t(2, 8), t(4), 1e-5),                                                   # gamma shape
 ])

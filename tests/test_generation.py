@@ -131,7 +131,10 @@ def test_graphs_compile_per_bucket_not_per_token_or_length(pair):
     _, m = pair
     a = tinyref.Prompt(12).text(3).image(4, 4).text(5).inputs()       # 12 tokens
     b = tinyref.Prompt(13).text(20).image(6, 4).text(9).inputs()      # 37 tokens: the same bucket of 64
+    def decoder_graphs():   # (the Ascend path also compiles a small varlen-attention graph per image layout)
+        return {p for p in api.ms_compile_cache if "text.py" in p}
     m.generate(**a, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-    before = len(api.ms_compile_cache)
+    before = decoder_graphs()
+    assert before
     m.generate(**b, max_new_tokens=30, min_new_tokens=30, do_sample=False)
-    assert len(api.ms_compile_cache) == before
+    assert decoder_graphs() == before
