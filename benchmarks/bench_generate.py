@@ -173,7 +173,6 @@ def side_reference(a, inputs):
 
 def side_kernels(a, inputs):
     """Kernels in the decode graph: one short prefill + one decode step with the IR dump on (set by the parent)."""
-    import numpy as np
     from glm4v_ms import Glm4vForConditionalGeneration
     from glm4v_ms.generation import decode_one, prefill
     model = Glm4vForConditionalGeneration.from_pretrained(a.model)

@@ -4,7 +4,6 @@ Criterion (issue 2): over every real position, max |ours - ref| <= 1e-4 * max |r
 """
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
