@@ -30,8 +30,9 @@ def _softmax_attend(q, k, v, discard, scale):
     return ops.matmul(ops.softmax(s, -1).astype(q.dtype), v)
 
 
-def fused_infer_attention_score(query, key, value, *, atten_mask=None, num_heads=1, scale=1.0,
-                                input_layout="BSH", num_key_value_heads=0, sparse_mode=0, inner_precise=1, **unused):
+def fused_infer_attention_score(query, key, value, *, atten_mask=None, actual_seq_lengths_kv=None, num_heads=1,
+                                scale=1.0, input_layout="BSH", num_key_value_heads=0, sparse_mode=0, inner_precise=1,
+                                **unused):
     """PromptFlashAttention (Q_S > 1) / IncreFlashAttention (Q_S == 1) in one op; BNSD layout only here.
     Returns (attention_out, softmax_lse placeholder of shape (1,))."""
     _check(input_layout == "BNSD", f"emulation covers input_layout BNSD, got {input_layout}")
@@ -59,6 +60,12 @@ def fused_infer_attention_score(query, key, value, *, atten_mask=None, num_heads
         _check(tuple(atten_mask.shape) in ok, f"atten_mask shape {atten_mask.shape} not among {ok} for Q_S={Sq}")
         m4 = atten_mask.reshape((-1, 1, Sq, Skv))                     # every allowed shape, as (B|1, 1, Sq, Skv)
         discard = m4[:, :, None].broadcast_to((B, 1, g, Sq, Skv)).reshape(B, 1, g * Sq, Skv)
+    if actual_seq_lengths_kv is not None:   # per batch row: key/value slots at or past it are not read
+        _check(actual_seq_lengths_kv.dtype == ms.int64 and tuple(actual_seq_lengths_kv.shape) == (B,),
+               f"actual_seq_lengths_kv: int64 of shape ({B},), got {actual_seq_lengths_kv.dtype} {actual_seq_lengths_kv.shape}")
+        beyond = ops.arange(0, Skv, 1, dtype=ms.int64)[None, :] >= actual_seq_lengths_kv[:, None]     # (B, Skv)
+        beyond = beyond[:, None, None, :]
+        discard = beyond if discard is None else discard | beyond
     out = _softmax_attend(qg, key, value, discard, scale).reshape(B, N, Sq, D)
     return out, ops.zeros((1,), ms.float32)
 

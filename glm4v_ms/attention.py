@@ -77,17 +77,20 @@ def rope(x, cos, sin):
     return x * cos + ops.cat([-x2, x1], -1) * sin
 
 
-def decoder_attention(q, k_cache, v_cache, seen, scale):
-    """Grouped-query attention of new queries over the whole static cache.
+def decoder_attention(q, k_cache, v_cache, seen, kv_len, scale):
+    """Grouped-query attention of new queries over the static cache.
 
-    q (B, L, H, D); caches (B, Hkv, S, D); seen (B, L, S) bool, True where a query may attend. Returns (B, L, H*D)."""
+    q (B, L, H, D); caches (B, Hkv, S, D); seen (B, L, S) bool, True where a query may attend; kv_len (B,) int64,
+    the slots filled so far (the fused kernel stops there; the mask alone is enough for the maths).
+    Returns (B, L, H*D)."""
     B, L, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if _MODE != "plain":
         # BNSD; the mask marks what to *discard*; a left-padding query row is all discarded, so the prompt branch
         # asks for row-wise invalidity correction (inner_precise 2), which the incremental branch does not take.
         out, _ = _kernels()[0](q.transpose(0, 2, 1, 3), k_cache, v_cache, atten_mask=~seen[:, None],
-                               num_heads=H, num_key_value_heads=Hkv, scale=scale, input_layout="BNSD",
+                               actual_seq_lengths_kv=kv_len, num_heads=H, num_key_value_heads=Hkv, scale=scale,
+                               input_layout="BNSD",
                                sparse_mode=0, inner_precise=2 if L > 1 else 0)
         return out.transpose(0, 2, 1, 3).reshape(B, L, H * D)
     # query heads sharing a KV head are stacked along the length axis: one batched matmul, no repeated K/V

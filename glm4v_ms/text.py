@@ -57,7 +57,7 @@ class Attention(nn.Cell):
         self.qkv = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, dtype, bias=True)
         self.o = Linear(cfg.q_size, cfg.hidden_size, dtype)
 
-    def construct(self, x, cos, sin, seen, write_idx, k_cache, v_cache):
+    def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache):
         c = self.cfg
         B, L, _ = x.shape
         qkv = self.qkv(x)
@@ -71,7 +71,7 @@ class Attention(nn.Cell):
         # write this step's keys/values at their explicit cache slots, then attend over the whole cache
         ops.scatter_nd_update(k_cache, write_idx, k.transpose(0, 2, 1, 3))
         ops.scatter_nd_update(v_cache, write_idx, v.transpose(0, 2, 1, 3))
-        o = decoder_attention(q, k_cache, v_cache, seen, c.head_dim ** -0.5)
+        o = decoder_attention(q, k_cache, v_cache, seen, kv_len, c.head_dim ** -0.5)
         return self.o(o)
 
 
@@ -98,9 +98,9 @@ class DecoderLayer(nn.Cell):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
         self.post_mlp_norm = Norm(cfg.hidden_size, dtype)
 
-    def construct(self, x, cos, sin, seen, write_idx, k_cache, v_cache):
+    def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache):
         e = self.eps
-        a = self.attn(rms_norm(x, self.input_norm.weight, e), cos, sin, seen, write_idx, k_cache, v_cache)
+        a = self.attn(rms_norm(x, self.input_norm.weight, e), cos, sin, seen, kv_len, write_idx, k_cache, v_cache)
         x = x + rms_norm(a, self.post_attn_norm.weight, e)
         m = self.mlp(rms_norm(x, self.pre_mlp_norm.weight, e))
         return x + rms_norm(m, self.post_mlp_norm.weight, e)
@@ -142,9 +142,10 @@ class CachedDecoder(nn.Cell):
         """The graph's body; called eagerly with a `states` list, it also records each layer's output and the
         final norm's (the parity harness)."""
         seen = (self.slots[None, None, :] <= q_slot[:, :, None]) & kv_valid[:, None, :]      # (B, L, S)
+        kv_len = (q_slot[:, -1] + 1).astype(ms.int64)   # slots written so far: the fused kernel reads no further
         cos, sin = cos.astype(h.dtype), sin.astype(h.dtype)   # the reference rotates in the activation dtype
         for i in range(len(self.text.layers)):
-            h = self.text.layers[i](h, cos, sin, seen, write_idx, self.k[i], self.v[i])
+            h = self.text.layers[i](h, cos, sin, seen, kv_len, write_idx, self.k[i], self.v[i])
             if states is not None:
                 states.append((f"text.layers.{i}", h))
         if last_only:

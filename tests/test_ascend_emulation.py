@@ -32,7 +32,10 @@ def test_emulated_decoder_attention_equals_plain():
     for mode in ("plain", "emulated"):
         attention.set_mode(mode)
         try:
-            outs.append(attention.decoder_attention(q, k, v, Tensor(seen), D ** -0.5).asnumpy())
+            kv_len = Tensor(np.full((B,), S - 3, np.int64))   # the last 3 slots unwritten, so unseen as well
+            seen_written = seen.copy()
+            seen_written[:, :, S - 3:] = False
+            outs.append(attention.decoder_attention(q, k, v, Tensor(seen_written), kv_len, D ** -0.5).asnumpy())
         finally:
             attention.set_mode("plain")
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
@@ -86,6 +89,9 @@ def test_emulated_norm_and_rotary_equal_plain():
                                          actual_seq_kvlen=[10]),                                   # TND shapes given as TH
     lambda: emu.flash_attention_score_th(t(10, 64), t(10, 64), t(10, 64), 2, input_layout="TND",
                                          actual_seq_qlen=[10], actual_seq_kvlen=[10]),             # layout
+    lambda: emu.fused_infer_attention_score(t(2, 4, 1, 32), t(2, 2, 8, 32), t(2, 2, 8, 32), num_heads=4,
+                                            num_key_value_heads=2, input_layout="BNSD",
+                                            actual_seq_lengths_kv=Tensor(np.array([8, 8], np.int32))),  # not int64
     lambda: emu.rotary_position_embedding(t(2, 5, 3, 16), t(2, 5, 1, 8), t(2, 5, 1, 8), 0),     # cos width
     lambda: emu.rms_norm(t(2, 8), t(4), 1e-5),                                                   # gamma shape
 ])
