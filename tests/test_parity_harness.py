@@ -135,10 +135,17 @@ def test_sabotaged_checkpoint_names_the_layer(hf_dir, work):
         assert not r["text.layers.2"]["ok"] and not r["logits"]["ok"]
 
 
-def test_dump_then_compare_in_separate_processes_agrees_with_run(hf_dir, work, run_fp32):
+@pytest.fixture(scope="module")
+def fp32_dump(hf_dir, work):
+    """The torch side, in its own process (which must never import MindSpore)."""
     dump = work / "ref_fp32.npz"
     p = subprocess_cli("mindspore", "dump", "--model", hf_dir, "--out", dump, "--device", "cpu")
     assert p.returncode == 0, p.stdout + p.stderr
+    return dump
+
+
+def test_dump_then_compare_in_separate_processes_agrees_with_run(hf_dir, work, run_fp32, fp32_dump):
+    dump = fp32_dump
     meta, ref_cases = dumpfile.load(str(dump))
     assert meta["dtype"] == "float32" and meta["device"] == "cpu"
     assert meta["versions"]["torch"] == torch.__version__ and "transformers" in meta["versions"]
@@ -253,3 +260,19 @@ def test_metrics_on_known_values():
     case = report.compare_case("c", {"logits": ref, "text.layers.0": ref[..., :2]},
                                {"logits": ours, "text.layers.0": ref[..., :2]}, report.TOLERANCES["float32"], mask)
     assert [r["state"] for r in case["rows"]] == ["text.layers.0", "logits"] and case["first_failure"] == "logits"
+
+
+def test_converted_folder_compares_like_the_source(hf_dir, work, fp32_dump):
+    """The user's path: convert, then check the converted folder against a dump of the original. The converted
+    weights are the same bits, so every state's difference is the same as for the source folder."""
+    from glm4v_ms.convert import convert
+    converted = work / "converted"
+    convert(hf_dir, str(converted))
+    reports = []
+    for model in (converted, hf_dir):
+        path = work / f"compare_{os.path.basename(str(model))}.json"
+        rc, out, err = run_cli("compare", "--model", model, "--reference", fp32_dump, "--report", path)
+        assert rc == 0, out + err
+        reports.append(json.loads(path.read_text()))
+    for a, b in zip(*(r["cases"] for r in reports)):
+        assert [(r["state"], r["max_abs"]) for r in a["rows"]] == [(r["state"], r["max_abs"]) for r in b["rows"]]
