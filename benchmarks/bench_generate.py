@@ -139,15 +139,8 @@ def side_ours(a, inputs):
 
 
 def side_reference(a, inputs):
+    import glm4v_ms.parity.reference  # noqa: F401  (imports torchvision where its wheel mismatches CPU torch)
     import torch
-    # torchvision is installed --no-deps next to a CPU torch: define its two op schemas before it is imported
-    try:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    except RuntimeError:
-        pass
-    import torchvision  # noqa: F401
     from transformers import Glm4vForConditionalGeneration
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
