@@ -62,6 +62,9 @@ class Tokenizer:
         self.eos_token = _content(self.config.get("eos_token")) or "<|endoftext|>"
         self.pad_token = _content(self.config.get("pad_token")) or self.eos_token
         self.padding_side = self.config.get("padding_side", "left")
+        self.truncation_side = self.config.get("truncation_side", "right")
+        self.model_max_length = int(self.config.get("model_max_length") or 10**30)   # transformers' "no limit"
+        self.bos_token = _content(self.config.get("bos_token"))
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.pad_token_id = self.token_to_id(self.pad_token)
         self.chat_template = self.config.get("chat_template")
@@ -93,10 +96,13 @@ class Tokenizer:
     def batch_decode(self, sequences, skip_special_tokens=False):
         return [self.decode(s, skip_special_tokens) for s in sequences]
 
-    def pad(self, sequences, padding_side=None):
-        """Lists of ids -> (input_ids, attention_mask) int64 arrays, padded with the pad id."""
+    def pad(self, sequences, padding_side=None, length=None):
+        """Lists of ids -> (input_ids, attention_mask) int64 arrays, padded with the pad id to `length`
+        (default: the longest)."""
         side = padding_side or self.padding_side
-        n = max(len(s) for s in sequences)
+        if side not in ("left", "right"):
+            raise ProcessorError(f"padding_side must be 'left' or 'right', got {side!r}")
+        n = max([len(s) for s in sequences] + [length or 0])
         ids = np.full((len(sequences), n), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(sequences), n), dtype=np.int64)
         for row, s in enumerate(sequences):
