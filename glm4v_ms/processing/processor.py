@@ -140,7 +140,8 @@ class Glm4vProcessor:
             image_processor = self.image_processor.updated(**image_args)
             loaded = [open_image(im, fetch=self._fetch) for im in images]
             out.update(image_processor(loaded))
-            merge = image_processor.merge_size ** 2
+            # the model merges by its own (the configured) merge_size, whatever a call patchified with
+            merge = self.image_processor.merge_size ** 2
             replacements[IMAGE_TOKEN] = [IMAGE_TOKEN * int(np.prod(g) // merge) for g in out["image_grid_thw"]]
         if video_list:
             metadata = _batch_metadata(video_args.pop("video_metadata", None), len(video_list))
@@ -153,7 +154,7 @@ class Glm4vProcessor:
                 patches.append(p)
                 grids.append(grid)
                 metas.append(meta)
-                per_frame = IMAGE_TOKEN * (grid[1] * grid[2] // video_processor.merge_size ** 2)
+                per_frame = IMAGE_TOKEN * (grid[1] * grid[2] // self.video_processor.merge_size ** 2)
                 replacements[VIDEO_TOKEN].append("".join(
                     f"{BEGIN_IMAGE}{per_frame}{END_IMAGE}{s}" for s in frame_timestamps(meta, grid[0])))
             out["pixel_values_videos"] = np.concatenate(patches, 0)
