@@ -281,6 +281,11 @@ def test_from_pretrained_refuses_unknown_names(model_dir):
 def test_do_convert_rgb_off_refuses_what_is_not_rgb(ours):
     with pytest.raises(ProcessorError, match="do_convert_rgb"):
         ours(text="<|image|>", images=[drawn_image(56, 56, mode="L")], do_convert_rgb=False)
+    with pytest.raises(ProcessorError, match="do_convert_rgb"):
+        ours(text=VIDEO, videos=[frames(4)[..., :1]], do_convert_rgb=False, do_sample_frames=False)
+    gray = ours(text=VIDEO, videos=[frames(4)[..., :1]], do_sample_frames=False)   # converted when on
+    rgb = ours(text=VIDEO, videos=[np.repeat(frames(4)[..., :1], 3, -1)], do_sample_frames=False)
+    np.testing.assert_array_equal(gray["pixel_values_videos"], rgb["pixel_values_videos"])
 
 
 def test_do_resize_off_needs_tiling_sides(ours):

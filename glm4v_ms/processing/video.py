@@ -223,6 +223,8 @@ class VideoProcessor(MediaSettings):
                 raise ProcessorError(SAMPLE_FROM_FRAMES)
             from .image import open_image
             video = [open_image(f, fetch=fetch) for f in video]
+        if not self.do_convert_rgb:
+            _check_rgb_frames(video)
         frames = frames_to_array(video)
         meta = VideoMetadata.of(metadata) if metadata is not None else VideoMetadata(
             len(frames), height=frames.shape[1], width=frames.shape[2])
@@ -261,6 +263,19 @@ class VideoProcessor(MediaSettings):
         patches, grids = zip(*(self.process_one(v) for v in videos))
         return {"pixel_values_videos": np.concatenate(patches, 0),
                 "video_grid_thw": np.array(grids, dtype=np.int64)}
+
+
+def _check_rgb_frames(video):
+    """do_convert_rgb=False is the identity on RGB frames; others are refused (the vision tower takes RGB)."""
+    if isinstance(video, np.ndarray):
+        channels = video.shape[1] if video.ndim == 4 and video.shape[1] in (1, 3) else video.shape[-1]
+        ok = channels == 3
+    else:
+        ok = all(f.mode == "RGB" if isinstance(f, Image.Image) else 3 in (np.shape(f)[0], np.shape(f)[-1])
+                 for f in video)
+    if not ok:
+        raise ProcessorError("do_convert_rgb=False with frames that are not RGB: the vision tower takes RGB; "
+                             "leave do_convert_rgb on")
 
 
 def frame_timestamps(meta, grid_t):
