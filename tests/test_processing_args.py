@@ -299,3 +299,12 @@ def test_unsupported_url_scheme_is_named(ours):
         chat = [{"role": "user", "content": [item, {"type": "text", "text": "hi"}]}]
         with pytest.raises(ProcessorError, match="unsupported URL scheme 'ftp'"):
             ours.apply_chat_template(chat, tokenize=True)
+
+
+def test_positional_order_is_transformers(ours, ref):
+    """images first, then text, as transformers' processor takes them; a prompt given first still reads as text."""
+    images = [drawn_image(56, 84, 6)]
+    same(ours(images, "look: <|image|>"), ref(images, "look: <|image|>", return_tensors="np"))
+    v = frames(4)
+    same(ours("see " + VIDEO, videos=[v], do_sample_frames=False),
+         ref(text="see " + VIDEO, videos=[v], do_sample_frames=False, return_tensors="np"))

@@ -121,11 +121,12 @@ class Glm4vProcessor:
         pad_to_multiple_of, return_attention_mask, add_special_tokens, ...), the image and video processors'
         settings (size, patch_size, merge_size, do_resize, do_normalize, image_mean, ...: flat for both, or in
         images_kwargs / videos_kwargs), and for videos fps, do_sample_frames, video_metadata, return_metadata.
-        As in transformers, a string as the first argument is the text.
+        The first positional argument is `images`, as in transformers; prompt strings holding a placeholder there
+        (with no `text`) are taken as the text.
         """
-        if isinstance(images, str) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], str)
-                                       and text is None and _has_placeholder(images)):
-            images, text = text, images   # processor("prompt", images=...) as older code calls it
+        prompts = [images] if isinstance(images, str) else images if isinstance(images, (list, tuple)) else []
+        if text is None and prompts and all(isinstance(t, str) for t in prompts) and _has_placeholder(prompts):
+            images, text = None, images   # processor("<|image|> ...", images=...): the prompt came first
         text_args, image_args, video_args = self._split_args(kwargs)
         texts = [text] if isinstance(text, str) else list(text or [])
         images = [] if images is None else _flatten(images)
