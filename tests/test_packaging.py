@@ -38,8 +38,8 @@ def _requirement_lines(name):
 def test_pyproject_agrees_with_requirements_files():
     project = _pyproject()["project"]
     assert [d.replace(" ", "") for d in project["dependencies"]] == _requirement_lines("requirements.txt")
-    dev = set(_requirement_lines("requirements-dev.txt")) - {"setuptools>=64"}   # setuptools: to build in place
-    assert dev == set(project["optional-dependencies"]["dev"])
+    assert set(_requirement_lines("requirements-dev.txt")) == set(project["optional-dependencies"]["dev"])
+    dev = set(project["optional-dependencies"]["dev"])
     assert set(project["optional-dependencies"]["reference"]) <= dev
     assert set(project["scripts"]) == set(SCRIPTS)
     assert not any("torch" in d or "transformers" in d for d in project["dependencies"])  # reference only
@@ -97,6 +97,14 @@ def test_install_imports_from_another_folder(installed, tmp_path):
     with open(generate_cli, encoding="utf-8") as a, open(os.path.join(ROOT, "generate.py"), encoding="utf-8") as b:
         assert a.read() == b.read()
     assert version == _pyproject_version()
+    # every file of the package reaches the install (data files such as the server's page included)
+    site = os.path.dirname(os.path.dirname(package))
+    for folder, dirs, files in os.walk(os.path.join(ROOT, "glm4v_ms")):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), ROOT)
+            if not name.endswith(".pyc"):
+                assert os.path.isfile(os.path.join(site, rel)), f"{rel} is not installed"
     meta = _run([python, "-c", "import importlib.metadata as m; print('\\n'.join(m.requires('glm4v-ms')))"],
                 cwd=tmp_path)
     requires = meta.stdout.splitlines()

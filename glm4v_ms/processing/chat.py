@@ -63,7 +63,7 @@ class Tokenizer:
         self.pad_token = _content(self.config.get("pad_token")) or self.eos_token
         self.padding_side = self.config.get("padding_side", "left")
         self.truncation_side = self.config.get("truncation_side", "right")
-        self.model_max_length = int(self.config.get("model_max_length") or 10**30)   # transformers' "no limit"
+        self.model_max_length = int(self.config.get("model_max_length") or 10**30)   # as transformers: no limit
         self.bos_token = _content(self.config.get("bos_token"))
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.pad_token_id = self.token_to_id(self.pad_token)

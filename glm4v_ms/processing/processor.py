@@ -204,9 +204,8 @@ class Glm4vProcessor:
             keep = (lambda s: s[:limit]) if tok.truncation_side == "right" else (lambda s: s[len(s) - limit:])
             cut = [keep(s) if len(s) > limit else s for s in sequences]
             # truncating inside an image or a video would leave the model fewer placeholders than features
-            want = sum(len(r) for r in replacements[IMAGE_TOKEN] + replacements[VIDEO_TOKEN]) and [
-                s.count(self.image_token_id) for s in sequences]
-            if want and [s.count(self.image_token_id) for s in cut] != want:
+            count = lambda seqs: [s.count(self.image_token_id) for s in seqs]  # noqa: E731
+            if any(replacements.values()) and count(cut) != count(sequences):
                 raise ProcessorError(f"truncation to max_length={limit} cuts into an image or video's tokens; "
                                      "disable truncation or raise max_length")
             sequences = cut
@@ -214,6 +213,8 @@ class Glm4vProcessor:
             length = None
         elif padding == "max_length":
             length = max_length if max_length is not None else tok.model_max_length
+            if length >= 10**9:   # the tokenizer config sets no model_max_length
+                raise ProcessorError("padding='max_length' needs max_length (the tokenizer sets no model_max_length)")
         elif padding in (False, "do_not_pad"):
             if len({len(s) for s in sequences}) > 1:
                 raise ProcessorError(f"padding={padding!r} with prompts of different lengths "
@@ -222,7 +223,7 @@ class Glm4vProcessor:
         else:
             raise ProcessorError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
                                  f"got {padding!r}")
-        if pad_to_multiple_of:
+        if pad_to_multiple_of and padding not in (False, "do_not_pad"):
             longest = max([len(s) for s in sequences] + [length or 0])
             length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
         if padding == "max_length" and any(len(s) > length for s in sequences):
