@@ -119,6 +119,8 @@ def test_video_file_sampling_arguments(ours, ref, tmp_path):
         for k in ("input_ids", "mm_token_type_ids", "video_grid_thw"):
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} {kw}")
         assert np.abs(got["pixel_values_videos"] - want["pixel_values_videos"]).max() <= 0.1   # codec frames
+    with pytest.raises(ProcessorError, match="video_metadata is for videos given as frames"):
+        ours(text=prompt, videos=clip, video_metadata={"total_num_frames": 3, "fps": 1})
 
 
 def test_chat_template_videos_and_fps(ours, ref, tmp_path):

@@ -217,7 +217,10 @@ class VideoProcessor(MediaSettings):
         arrays or PIL images are sampled the same way from their metadata, which then needs `fps`; a list of
         frame files is one video that cannot be sampled."""
         if isinstance(video, (str, os.PathLike, bytes, bytearray)):
-            return self.load(video, fetch)   # the file's own metadata, as the reference decodes it
+            if metadata is not None:   # the reference silently replaces it with the file's own
+                raise ProcessorError("video_metadata is for videos given as frames; a file's is read from the file "
+                                     "(pass None for its entry)")
+            return self.load(video, fetch)
         if isinstance(video, (list, tuple)) and video and isinstance(video[0], (str, os.PathLike)):
             if self.do_sample_frames:
                 raise ProcessorError(SAMPLE_FROM_FRAMES)
