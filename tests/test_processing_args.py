@@ -310,3 +310,15 @@ def test_positional_order_is_transformers(ours, ref):
     v = frames(4)
     same(ours("see " + VIDEO, videos=[v], do_sample_frames=False),
          ref(text="see " + VIDEO, videos=[v], do_sample_frames=False, return_tensors="np"))
+
+
+def test_decode_arguments(ours, ref):
+    ids = ours(text=["Hi , there . It 's <|image|> fine !"], images=[drawn_image(56, 56)])["input_ids"]
+    for kw in ({}, {"skip_special_tokens": True}, {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}):
+        assert ours.batch_decode(ids, **kw) == ref.batch_decode(ids, **kw), kw
+        assert ours.decode(ids[0], **kw) == ref.decode(ids[0], **kw), kw
+        assert ours.post_process_image_text_to_text(ids, **kw) == ref.post_process_image_text_to_text(ids, **kw)
+    # transformers 5 skips the clean-up for a BPE tokenizer (with a warning): so do we, and we say so too
+    with pytest.warns(UserWarning, match="ignored for this BPE tokenizer"):
+        got = ours.decode(ids[0], clean_up_tokenization_spaces=True)
+    assert got == ref.decode(ids[0], clean_up_tokenization_spaces=True) and " ." in got

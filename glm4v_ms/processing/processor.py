@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import lru_cache
 
 import numpy as np
 
@@ -295,20 +296,22 @@ class Glm4vProcessor:
         out = self(text=prompts, images=images or None, videos=_Videos(videos) if videos else None, **call_args)
         return out if return_dict else out["input_ids"]
 
-    def decode(self, ids, skip_special_tokens=False):
-        return self.tokenizer.decode(ids, skip_special_tokens)
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        return self.tokenizer.decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
 
-    def batch_decode(self, sequences, skip_special_tokens=False):
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens)
+    def batch_decode(self, sequences, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
 
-    def post_process_image_text_to_text(self, generated, skip_special_tokens=True):
-        return self.batch_decode(generated, skip_special_tokens)
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False):
+        return self.batch_decode(generated_outputs, skip_special_tokens, clean_up_tokenization_spaces)
 
 
 def _has_placeholder(items):
     return any(IMAGE_TOKEN in t or VIDEO_TOKEN in t for t in items if isinstance(t, str))
 
 
+@lru_cache(maxsize=8)
 def _template_variables(template):
     from jinja2 import Environment, meta
 
