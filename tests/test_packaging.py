@@ -7,6 +7,7 @@ environment too. What the install must bring is then exactly the package itself.
 """
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -135,7 +136,24 @@ def test_generate_script_reports_bad_input_in_one_line(installed, tmp_path):
     assert p.stderr.strip() == f"error: model folder not found: {tmp_path / 'nope'}"
 
 
-def test_readme_python_example_runs_as_written(installed, checkout, tmp_path):
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("demo_cache"))
+
+
+def test_readme_install_command_runs(installed, checkout, demo_cache):
+    """The README's `glm4v-ms-generate` line, as the installed command, from the checkout (its image path)."""
+    venv, _ = installed
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    line = re.search(r"^pip install \. && (glm4v-ms-generate .*)$", readme, re.M).group(1)
+    argv = shlex.split(line)
+    env = dict(os.environ, GLM4V_MS_CACHE=demo_cache, GLM4V_MS_DEVICE="cpu")
+    p = _run([os.path.join(venv, "bin", argv[0]), *argv[1:], "--max_new_tokens", "4"], cwd=checkout, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("prompt tokens: ")
+
+
+def test_readme_python_example_runs_as_written(installed, checkout, tmp_path, demo_cache):
     """The README's first Python block, run from the checkout (its image path is relative to it) with the
     installed package."""
     _, python = installed
@@ -143,7 +161,7 @@ def test_readme_python_example_runs_as_written(installed, checkout, tmp_path):
     example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     script = tmp_path / "example.py"   # outside the checkout: the checkout's glm4v_ms is not on sys.path
     script.write_text(example + "\nimport glm4v_ms; print(glm4v_ms.__file__)\n", encoding="utf-8")
-    env = dict(os.environ, GLM4V_MS_CACHE=str(tmp_path / "cache"), GLM4V_MS_DEVICE="cpu")
+    env = dict(os.environ, GLM4V_MS_CACHE=demo_cache, GLM4V_MS_DEVICE="cpu")
     p = _run([python, str(script)], cwd=checkout, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
