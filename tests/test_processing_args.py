@@ -278,6 +278,8 @@ def test_chat_template_refuses_what_neither_template_nor_processor_takes(ours):
 def test_from_pretrained_refuses_unknown_names(model_dir):
     with pytest.raises(ProcessorError, match="use_fats"):
         Glm4vProcessor.from_pretrained(model_dir, use_fats=False)
+    # what ported code passes and changes nothing here is taken
+    assert Glm4vProcessor.from_pretrained(model_dir, use_fast=True, trust_remote_code=True).image_processor.size
 
 
 def test_do_convert_rgb_off_refuses_what_is_not_rgb(ours):

@@ -74,9 +74,13 @@ class Glm4vProcessor:
         (official), or processor_config.json (transformers 5). Missing configs fall back to the class defaults.
 
         Image/video settings given here (size, patch_size, do_normalize, fps, ...) override both configs, as in
-        transformers; fetch_timeout and max_download_bytes bound URL downloads."""
+        transformers; fetch_timeout and max_download_bytes bound URL downloads. `use_fast` and
+        `trust_remote_code` are taken for code ported from transformers and change nothing: there is one image
+        processor (equal to transformers' PIL one, which use_fast=False picks) and no remote code."""
         if not os.path.isdir(path):
             raise ProcessorError(f"model folder not found: {path}")
+        for name in ("use_fast", "trust_remote_code"):
+            kwargs.pop(name, None)
         own = {k: kwargs.pop(k) for k in ("fetch_timeout", "max_download_bytes") if k in kwargs}
         unknown = [k for k in kwargs if k not in SETTINGS + VIDEO_SETTINGS]
         if unknown:
