@@ -275,6 +275,16 @@ def test_chat_template_refuses_what_neither_template_nor_processor_takes(ours):
     assert ours.apply_chat_template(chat, tokenize=True, padding_side="right", max_length=50, truncation=True).ndim == 2
 
 
+def test_chat_template_variables_reach_the_template(ours, ref):
+    template = "{% for m in messages %}{{ greeting }} {{ m['content'] }}{% endfor %}{% if tools %}{{ tools[0].name }}{% endif %}"
+    chat = [{"role": "user", "content": "hi"}]
+    tools = [{"name": "t"}]
+    got = ours.apply_chat_template(chat, chat_template=template, greeting="hello", tools=tools)
+    assert got == ref.apply_chat_template(chat, chat_template=template, greeting="hello", tools=tools) == "hello hit"
+    with pytest.raises(ProcessorError, match="does not use tools"):
+        ours.apply_chat_template(chat, tools=[{"name": "t"}])   # the checkpoint's template has no tools
+
+
 def test_from_pretrained_refuses_unknown_names(model_dir):
     with pytest.raises(ProcessorError, match="use_fats"):
         Glm4vProcessor.from_pretrained(model_dir, use_fats=False)

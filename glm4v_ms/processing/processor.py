@@ -277,10 +277,11 @@ class Glm4vProcessor:
         if return_tensors not in (None, "auto"):
             call_args["return_tensors"] = return_tensors
         variables = {**self.tokenizer.template_variables, **kwargs}
-        if tools is not None:
-            variables["tools"] = tools
-        if documents is not None:
-            variables["documents"] = documents
+        for name, value in (("tools", tools), ("documents", documents)):
+            if value is not None:
+                if name not in used:
+                    raise ProcessorError(f"{name} given, but the chat template does not use {name}")
+                variables[name] = value
         prompts = [render_chat(template, chat, add_generation_prompt, **variables) for chat in chats]
         if not tokenize:
             self._split_args(call_args)   # still refuse what would have been ignored
