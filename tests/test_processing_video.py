@@ -83,10 +83,10 @@ def test_long_video_is_spread_over_300_s(ref):
 
 
 def test_frames_as_arrays_without_metadata(ours, ref):
-    """Pre-sampled frames without timing: 24 fps timestamps, as the reference assumes."""
+    """Pre-sampled frames without timing (do_sample_frames=False): 24 fps timestamps, as the reference assumes."""
     frames = np.stack([np.full((56, 56, 3), 10 * i, np.uint8) for i in range(50)])
     text = "<|begin_of_video|><|video|><|end_of_video|>"
-    got = ours(text=text, videos=[frames])
+    got = ours(text=text, videos=[frames], do_sample_frames=False)
     want = ref(text=text, videos=[frames], do_sample_frames=False, return_tensors="np")
     for key in ("input_ids", "video_grid_thw", "mm_token_type_ids"):
         np.testing.assert_array_equal(got[key], want[key])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from datetime import datetime
 from functools import lru_cache
 
@@ -62,6 +63,9 @@ class Tokenizer:
         self.eos_token = _content(self.config.get("eos_token")) or "<|endoftext|>"
         self.pad_token = _content(self.config.get("pad_token")) or self.eos_token
         self.padding_side = self.config.get("padding_side", "left")
+        self.truncation_side = self.config.get("truncation_side", "right")
+        self.model_max_length = int(self.config.get("model_max_length") or 10**30)   # as transformers: no limit
+        self.bos_token = _content(self.config.get("bos_token"))
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.pad_token_id = self.token_to_id(self.pad_token)
         self.chat_template = self.config.get("chat_template")
@@ -87,22 +91,47 @@ class Tokenizer:
     def encode_batch(self, texts, add_special_tokens=True):
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
-    def decode(self, ids, skip_special_tokens=False):
-        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        text = self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.config.get("clean_up_tokenization_spaces", False)
+        if not clean_up_tokenization_spaces:
+            return text
+        if type(self._tok.model).__name__ == "BPE" and not self.config.get(
+                "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"):
+            # as transformers 5: the clean-up was made for WordPiece and deletes real spaces from BPE output
+            warnings.warn("clean_up_tokenization_spaces=True is ignored for this BPE tokenizer (as transformers "
+                          "does): it would strip real spaces before punctuation", stacklevel=3)
+            return text
+        return _clean_up(text)
 
-    def batch_decode(self, sequences, skip_special_tokens=False):
-        return [self.decode(s, skip_special_tokens) for s in sequences]
+    def batch_decode(self, sequences, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
 
-    def pad(self, sequences, padding_side=None):
-        """Lists of ids -> (input_ids, attention_mask) int64 arrays, padded with the pad id."""
+    def pad(self, sequences, padding_side=None, length=None):
+        """Lists of ids -> (input_ids, attention_mask) int64 arrays, padded with the pad id to `length`
+        (default: the longest)."""
         side = padding_side or self.padding_side
-        n = max(len(s) for s in sequences)
+        if side not in ("left", "right"):
+            raise ProcessorError(f"padding_side must be 'left' or 'right', got {side!r}")
+        n = max([len(s) for s in sequences] + [length or 0])
         ids = np.full((len(sequences), n), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(sequences), n), dtype=np.int64)
         for row, s in enumerate(sequences):
             sl = slice(n - len(s), n) if side == "left" else slice(0, len(s))
             ids[row, sl], mask[row, sl] = s, 1
         return ids, mask
+
+
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def _clean_up(text):
+    """transformers' clean_up_tokenization_spaces: drop the space a word-level tokenizer left before punctuation."""
+    for a, b in _CLEAN_UP:
+        text = text.replace(a, b)
+    return text
 
 
 def _content(token):

@@ -1,6 +1,7 @@
 """http(s) downloads for images and videos: a timeout and a size cap, nothing else (standard library only)."""
 from __future__ import annotations
 
+import re
 import urllib.error
 import urllib.request
 
@@ -8,6 +9,18 @@ from .errors import ProcessorError
 
 TIMEOUT_S = 30.0
 MAX_BYTES = 512 * 1024 * 1024  # a 5-minute video at a high bitrate fits; a runaway stream does not
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def check_scheme(source, kind):
+    """Refuse a URL whose scheme we cannot fetch (ftp://, s3://, ...) with that reason, rather than let it be
+    looked up as a file name and reported missing."""
+    match = _SCHEME.match(source)
+    if match and match.group(1).lower() not in ("http", "https", "file"):
+        raise ProcessorError(f"unsupported URL scheme '{match.group(1)}' for {kind} {source}: "
+                             "use http(s)://, file:// or a local path")
 
 
 def fetch_bytes(url, timeout=TIMEOUT_S, max_bytes=MAX_BYTES):

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ProcessorError
+from .fetch import check_scheme
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -187,6 +188,13 @@ def _array_to_rgb(a):
         a = np.moveaxis(a, 0, -1)
     elif a.shape[-1] not in (1, 3, 4):
         raise ProcessorError(f"image array must have 1, 3 or 4 channels, got shape {a.shape}")
+    return hwc_to_rgb(a)
+
+
+def hwc_to_rgb(a):
+    """(..., C) pixels with C in 1, 3, 4, uint8 or float (0..255 or 0..1) -> (..., 3) uint8."""
+    if a.shape[-1] not in (1, 3, 4):
+        raise ProcessorError(f"pixels must have 1, 3 or 4 channels, got shape {a.shape}")
     if a.dtype != np.uint8:
         a = a.astype(np.float64)
         if np.all(a == np.round(a)) and a.min() >= 0 and a.max() <= 255:
@@ -218,6 +226,7 @@ def open_image(source, fetch=None):
             image = Image.open(io.BytesIO(source))
         elif isinstance(source, (str, os.PathLike)):
             source = os.fspath(source)
+            check_scheme(source, "image")
             if source.startswith(("http://", "https://")):
                 if fetch is None:
                     from .fetch import fetch_bytes as fetch
@@ -238,24 +247,76 @@ def open_image(source, fetch=None):
         raise ProcessorError(f"cannot read image {name}: {e}") from None
 
 
-class ImageProcessor:
-    """GLM-4.1V image preprocessing with the checkpoint's settings (preprocessor_config.json)."""
+# The settings an image or video processor takes (transformers' names), from the checkpoint's config, as
+# from_pretrained overrides, or per call. Anything else is refused by name.
+SETTINGS = ("size", "patch_size", "temporal_patch_size", "merge_size", "do_resize", "resample", "do_rescale",
+            "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
-    def __init__(self, size=None, patch_size=14, temporal_patch_size=2, merge_size=2, image_mean=CLIP_MEAN,
-                 image_std=CLIP_STD, rescale_factor=1 / 255, resample=Image.BICUBIC, **_ignored):
-        size = size or {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 15000}
-        self.min_pixels, self.max_pixels = size["shortest_edge"], size["longest_edge"]
+
+def _channels(value, name):
+    """A float or three floats -> a 3-tuple (transformers broadcasts a single mean/std over the channels)."""
+    values = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
+    if len(values) != 3:
+        raise ProcessorError(f"{name} must be one number or three, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+class MediaSettings:
+    """What image and video preprocessing share: the pixel budget, the patch geometry and the pixel maths."""
+
+    DEFAULT_SIZE = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 15000}
+
+    def __init__(self, size=None, patch_size=14, temporal_patch_size=2, merge_size=2, do_resize=True,
+                 resample=Image.BICUBIC, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                 image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True):
+        size = dict(size or self.DEFAULT_SIZE)
+        if not size.get("shortest_edge") or not size.get("longest_edge"):
+            raise ProcessorError(f"size must have 'shortest_edge' and 'longest_edge' (pixel counts), got {size}")
+        if int(resample) != int(Image.BICUBIC):
+            raise ProcessorError(f"resample={resample!r} is not supported: only bicubic (3)")
+        for name, v in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
+                        ("merge_size", merge_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ProcessorError(f"{name} must be a positive integer, got {v!r}")
+        self.size = {"shortest_edge": int(size["shortest_edge"]), "longest_edge": int(size["longest_edge"])}
+        self.min_pixels, self.max_pixels = self.size["shortest_edge"], self.size["longest_edge"]
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
-        self.resample = resample
-        self.table = normalize_table(image_mean, image_std, rescale_factor)
+        self.do_resize, self.resample, self.do_convert_rgb = bool(do_resize), Image.BICUBIC, bool(do_convert_rgb)
+        self.do_rescale, self.rescale_factor = bool(do_rescale), float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean, self.image_std = _channels(image_mean, "image_mean"), _channels(image_std, "image_std")
+        # skipping a step is the identity in the lookup table: rescale by 1, normalise with mean 0 and std 1
+        self.table = normalize_table(self.image_mean if do_normalize else (0.0, 0.0, 0.0),
+                                     self.image_std if do_normalize else (1.0, 1.0, 1.0),
+                                     self.rescale_factor if do_rescale else 1.0)
 
     @property
     def factor(self):
         return self.patch_size * self.merge_size
 
+    def settings(self):
+        return {k: getattr(self, k) for k in SETTINGS}
+
+    def updated(self, **overrides):
+        """A copy with some settings changed (per-call arguments); unknown names are refused."""
+        unknown = [k for k in overrides if k not in self.settings()]
+        if unknown:
+            raise ProcessorError(f"unknown {type(self).__name__} argument(s): {', '.join(unknown)}")
+        return type(self)(**{**self.settings(), **overrides}) if overrides else self
+
     def target_size(self, height, width, num_frames=None):
+        """(height, width) after smart_resize, or the input size when do_resize is off (then it must tile)."""
+        if not self.do_resize:
+            if height % self.factor or width % self.factor:
+                raise ProcessorError(f"do_resize=False needs sides that are multiples of {self.factor} "
+                                     f"(patch_size * merge_size), got {height}x{width}")
+            return height, width
         return smart_resize(num_frames or self.temporal_patch_size, height, width, self.temporal_patch_size,
                             self.factor, self.min_pixels, self.max_pixels)
+
+
+class ImageProcessor(MediaSettings):
+    """GLM-4.1V image preprocessing with the checkpoint's settings (preprocessor_config.json)."""
 
     def resize(self, image, height, width):
         """PIL RGB image -> (height, width, 3) uint8, resized as PIL does it (no reducing_gap)."""
@@ -265,6 +326,8 @@ class ImageProcessor:
 
     def resized(self, image):
         """One image (PIL or array) -> its resized uint8 (H', W', 3) pixels."""
+        if not self.do_convert_rgb:
+            _check_rgb(image)
         image = to_rgb(image)
         width, height = image.size
         return self.resize(image, *self.target_size(height, width))
@@ -282,3 +345,16 @@ class ImageProcessor:
             patchify(a[None], self.table, p, self.merge_size, self.temporal_patch_size, out=out[start:start + n])
             start += n
         return {"pixel_values": out, "image_grid_thw": grids}
+
+
+def _check_rgb(image):
+    """do_convert_rgb=False is the identity on RGB input; anything else would reach the 3-channel vision tower
+    with the wrong channel count, so it is refused rather than converted behind the user's back."""
+    if isinstance(image, Image.Image):
+        ok = image.mode == "RGB"
+    else:
+        a = np.asarray(image)
+        ok = a.ndim == 3 and (a.shape[-1] == 3 or a.shape[0] == 3)
+    if not ok:
+        what = f"a {image.mode} image" if isinstance(image, Image.Image) else f"an array of shape {np.shape(image)}"
+        raise ProcessorError(f"do_convert_rgb=False with {what}: the vision tower takes RGB; leave do_convert_rgb on")

@@ -6,7 +6,9 @@ torchvision's pass order, the same filter with different fixed-point rounding, s
 some pixels (measured in tests/test_processing_video.py, documented in the README).
 
 Deviations: a container that does not report its frame count gets one estimated from its duration (the reference
-fails); a sampled index past the last decodable frame takes the last decoded frame (the reference fails).
+fails); a sampled index past the last decodable frame takes the last decoded frame (the reference fails); frames
+given with metadata that lacks `fps` or `frames_indices` and not sampled are taken as frames 0..T-1 at 24 fps (the
+reference fails computing their timestamps).
 """
 from __future__ import annotations
 
@@ -19,22 +21,44 @@ import numpy as np
 from PIL import Image
 
 from .errors import ProcessorError
-from .image import CLIP_MEAN, CLIP_STD, normalize_table, patchify, smart_resize
+from .fetch import check_scheme
+from .image import MediaSettings, hwc_to_rgb, patchify, to_rgb
 
 
 @dataclass
 class VideoMetadata:
+    """transformers' VideoMetadata fields: the source's frame count, rate and size, and the indices kept."""
     total_num_frames: int
-    fps: float
-    duration: float
-    height: int
-    width: int
-    frames_indices: list = field(default_factory=list)
+    fps: float = None
+    duration: float = None
+    height: int = None
+    width: int = None
+    frames_indices: list = None
+    video_backend: str = None
 
     @property
     def timestamps(self):
         """Seconds of each sampled frame."""
         return [i / self.fps for i in self.frames_indices]
+
+    @classmethod
+    def of(cls, value):
+        """A dict, our VideoMetadata or any object with those attributes (transformers' own) -> VideoMetadata."""
+        names = [f for f in cls.__dataclass_fields__]
+        if isinstance(value, dict):
+            unknown = [k for k in value if k not in names]
+            if unknown:
+                raise ProcessorError(f"unknown video_metadata key(s): {', '.join(map(str, unknown))} "
+                                     f"(known: {', '.join(names)})")
+            fields = dict(value)
+        else:
+            fields = {k: getattr(value, k, None) for k in names}
+        if fields.get("total_num_frames") is None:
+            raise ProcessorError("video_metadata needs total_num_frames")
+        indices = fields.get("frames_indices")
+        if indices is not None:
+            fields["frames_indices"] = [int(i) for i in np.asarray(indices).reshape(-1)]
+        return cls(**fields)
 
 
 def sample_frame_indices(total_frames, video_fps, duration=None, fps=2.0, max_duration=300):
@@ -64,6 +88,7 @@ def _open(source, fetch=None):
         if isinstance(source, (bytes, bytearray)):
             return av.open(io.BytesIO(source)), name
         source = os.fspath(source)
+        check_scheme(source, "video")
         if source.startswith(("http://", "https://")):
             if fetch is None:
                 from .fetch import fetch_bytes as fetch
@@ -79,8 +104,9 @@ def _open(source, fetch=None):
         raise ProcessorError(f"cannot read video {name}: {e}") from None
 
 
-def load_video(source, fps=2.0, max_duration=300, fetch=None):
-    """Decode the sampled frames -> (uint8 (T, H, W, 3), VideoMetadata). Only sampled frames are converted to RGB."""
+def load_video(source, fps=2.0, max_duration=300, fetch=None, sample=True):
+    """Decode a video -> (uint8 (T, H, W, 3), VideoMetadata): the frames the reference's sampler picks at `fps`,
+    or every frame when `sample` is False. Only the frames kept are converted to RGB."""
     container, name = _open(source, fetch)
     try:
         if not container.streams.video:
@@ -98,8 +124,9 @@ def load_video(source, fps=2.0, max_duration=300, fetch=None):
             total = int(round(seconds * video_fps))
         if total <= 0:
             raise ProcessorError(f"video {name} has no frames")
-        meta = VideoMetadata(total, video_fps, total / video_fps, stream.height, stream.width)
-        meta.frames_indices = sample_frame_indices(total, video_fps, meta.duration, fps, max_duration)
+        meta = VideoMetadata(total, video_fps, total / video_fps, stream.height, stream.width, video_backend="pyav")
+        meta.frames_indices = (sample_frame_indices(total, video_fps, meta.duration, fps, max_duration) if sample
+                               else list(range(total)))
         wanted, last = set(meta.frames_indices), meta.frames_indices[-1]
         frames, decoded, previous = {}, 0, None
         try:
@@ -122,6 +149,32 @@ def load_video(source, fps=2.0, max_duration=300, fetch=None):
         container.close()
 
 
+def frames_to_array(video):
+    """One video given as frames -> uint8 (T, H, W, 3).
+
+    A 4-D array is (T, H, W, C) or (T, C, H, W) (channels first when dim 1 holds 1 or 3 channels, as the
+    reference infers it); a list holds PIL images or (H, W, C) / (C, H, W) arrays. Grayscale is repeated to RGB
+    and alpha composited onto white, as for images.
+    """
+    if isinstance(video, (list, tuple)) and video and all(isinstance(f, np.ndarray) for f in video):
+        video = np.stack(video)   # arrays are stacked first and the layout inferred once, as the reference does
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4:
+            raise ProcessorError(f"a video array must be 4-D (T, H, W, C) or (T, C, H, W), got shape {video.shape}")
+        if video.shape[1] in (1, 3):   # channels first wins when both dims could be channels, as in the reference
+            video = np.moveaxis(video, 1, -1)
+        if not len(video):
+            raise ProcessorError("a video has no frames")
+        return hwc_to_rgb(video)
+    if not video:
+        raise ProcessorError("a video has no frames")
+    out = [np.asarray(to_rgb(f)) for f in video]
+    shapes = {f.shape for f in out}
+    if len(shapes) > 1:
+        raise ProcessorError(f"the frames of one video differ in size: {sorted(shapes)}")
+    return np.stack(out)
+
+
 def resize_like_torchvision(frame, height, width):
     """Bicubic (antialiased) resize of a uint8 (H, W, 3) frame as two explicit PIL passes, width first.
 
@@ -137,31 +190,73 @@ def resize_like_torchvision(frame, height, width):
     return np.asarray(image)
 
 
-class VideoProcessor:
+VIDEO_SETTINGS = ("fps", "max_duration", "do_sample_frames")
+SAMPLE_FROM_FRAMES = "Sampling frames from a list of images is not supported! Set `do_sample_frames=False`."
+
+
+class VideoProcessor(MediaSettings):
     """GLM-4.1V video preprocessing with the checkpoint's settings (video_preprocessor_config.json)."""
 
-    def __init__(self, size=None, patch_size=14, temporal_patch_size=2, merge_size=2, image_mean=CLIP_MEAN,
-                 image_std=CLIP_STD, rescale_factor=1 / 255, fps=2, max_duration=300, **_ignored):
-        size = size or {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 2 * 30000}
-        self.min_pixels, self.max_pixels = size["shortest_edge"], size["longest_edge"]
-        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
-        self.fps, self.max_duration = fps, max_duration
-        self.table = normalize_table(image_mean, image_std, rescale_factor)
+    DEFAULT_SIZE = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 2 * 30000}
+
+    def __init__(self, fps=2, max_duration=300, do_sample_frames=True, **settings):
+        super().__init__(**settings)
+        if not fps or fps <= 0:
+            raise ProcessorError(f"fps must be a positive number, got {fps!r}")
+        self.fps, self.max_duration, self.do_sample_frames = fps, max_duration, bool(do_sample_frames)
+
+    def settings(self):
+        return {**super().settings(), **{k: getattr(self, k) for k in VIDEO_SETTINGS}}
 
     def load(self, source, fetch=None):
-        return load_video(source, self.fps, self.max_duration, fetch)
+        return load_video(source, self.fps, self.max_duration, fetch, sample=self.do_sample_frames)
+
+    def prepare(self, video, metadata=None, fetch=None):
+        """One video in any form the processor takes -> (uint8 (T, H, W, 3), VideoMetadata), sampled by the
+        reference's rules: a file or URL is decoded (and sampled at `fps` when do_sample_frames); frames given as
+        arrays or PIL images are sampled the same way from their metadata, which then needs `fps`; a list of
+        frame files is one video that cannot be sampled."""
+        if isinstance(video, (str, os.PathLike, bytes, bytearray)):
+            if metadata is not None:   # the reference silently replaces it with the file's own
+                raise ProcessorError("video_metadata is for videos given as frames; a file's is read from the file "
+                                     "(pass None for its entry)")
+            return self.load(video, fetch)
+        if isinstance(video, (list, tuple)) and video and isinstance(video[0], (str, os.PathLike)):
+            if self.do_sample_frames:
+                raise ProcessorError(SAMPLE_FROM_FRAMES)
+            from .image import open_image
+            video = [open_image(f, fetch=fetch) for f in video]
+        if not self.do_convert_rgb:
+            _check_rgb_frames(video)
+        frames = frames_to_array(video)
+        meta = VideoMetadata.of(metadata) if metadata is not None else VideoMetadata(
+            len(frames), height=frames.shape[1], width=frames.shape[2])
+        if self.do_sample_frames:
+            if not meta.fps:
+                raise ProcessorError("Asked to sample frames per second but no video metadata was provided which is "
+                                     "required when sampling in GLM4V. Please pass in `VideoMetadata` object or set "
+                                     "`do_sample_frames=False`")
+            indices = sample_frame_indices(meta.total_num_frames, meta.fps, meta.duration, self.fps,
+                                           self.max_duration)
+            if indices[-1] >= len(frames):
+                raise ProcessorError(f"video_metadata says {meta.total_num_frames} frames, but the video has "
+                                     f"{len(frames)}: sampling at {self.fps} fps needs frame {indices[-1]}")
+            frames, meta.frames_indices = frames[indices], indices
+        else:
+            if meta.frames_indices is None:
+                meta.frames_indices = list(range(len(frames)))
+            if not meta.fps:
+                meta.fps = 24.0   # frames without timing: 24 fps, as the reference assumes
+        return frames, meta
 
     def process_one(self, frames, meta=None):
         """uint8 frames (T, H, W, 3) -> (patches, grid [T/2, gh, gw]). All frames share one pixel budget."""
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ProcessorError(f"video frames must be (T, H, W, 3), got {frames.shape}")
         t, h, w, _ = frames.shape
-        th, tw = smart_resize(max(t, self.temporal_patch_size), h, w, self.temporal_patch_size,
-                              self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        th, tw = self.target_size(h, w, max(t, self.temporal_patch_size))
         if (th, tw) != (h, w):
             frames = np.stack([resize_like_torchvision(f, th, tw) for f in frames])
-        if t == 1:  # a one-frame video is padded to a pair like any odd count
-            frames = np.concatenate([frames, frames])
         patches = patchify(frames, self.table, self.patch_size, self.merge_size, self.temporal_patch_size)
         gt = -(-frames.shape[0] // self.temporal_patch_size)
         return patches, [gt, th // self.patch_size, tw // self.patch_size]
@@ -171,6 +266,19 @@ class VideoProcessor:
         patches, grids = zip(*(self.process_one(v) for v in videos))
         return {"pixel_values_videos": np.concatenate(patches, 0),
                 "video_grid_thw": np.array(grids, dtype=np.int64)}
+
+
+def _check_rgb_frames(video):
+    """do_convert_rgb=False is the identity on RGB frames; others are refused (the vision tower takes RGB)."""
+    if isinstance(video, np.ndarray):
+        channels = video.shape[1] if video.ndim == 4 and video.shape[1] in (1, 3) else video.shape[-1]
+        ok = channels == 3
+    else:
+        ok = all(f.mode == "RGB" if isinstance(f, Image.Image) else 3 in (np.shape(f)[0], np.shape(f)[-1])
+                 for f in video)
+    if not ok:
+        raise ProcessorError("do_convert_rgb=False with frames that are not RGB: the vision tower takes RGB; "
+                             "leave do_convert_rgb on")
 
 
 def frame_timestamps(meta, grid_t):
