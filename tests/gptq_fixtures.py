@@ -71,12 +71,10 @@ def resolve(qc, module):
     return base
 
 
-def build(dst, qc, seed=0, float_dir=None, rng_seed=0):
-    """A GPTQ folder at dst quantizing the tiny model's text linears per qc (a quantization_config); returns
-    (the reference model holding the dequantized weights, dst)."""
-    float_dir = float_dir or str(dst) + "-float"
-    ref = tinyref.build(float_dir, seed=seed)
-    os.makedirs(dst, exist_ok=True)
+def quantize_folder(float_dir, dst, qc, rng_seed=0):
+    """Copy a float checkpoint folder to dst with its text linears quantized per qc (a quantization_config);
+    returns {float weight name: dequantized array}."""
+    shutil.copytree(float_dir, dst, ignore=shutil.ignore_patterns("*.safetensors"))
     tensors = load_file(os.path.join(float_dir, "model.safetensors"))
     rng = np.random.default_rng(rng_seed)
     v2 = qc.get("checkpoint_format") == "gptq_v2"
@@ -92,11 +90,20 @@ def build(dst, qc, seed=0, float_dir=None, rng_seed=0):
         tensors.update({f"{m}.{k}": v for k, v in t.items()})
         deq[name] = d
     save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.load(open(os.path.join(float_dir, "config.json")))
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
     cfg["quantization_config"] = dict(qc, quant_method="gptq")
-    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"), indent=1)
-    if os.path.isfile(os.path.join(float_dir, "generation_config.json")):
-        shutil.copy(os.path.join(float_dir, "generation_config.json"), dst)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return deq
+
+
+def build(dst, qc, seed=0, rng_seed=0):
+    """A GPTQ folder at dst made from a tiny random transformers model; returns (the reference model holding the
+    dequantized weights, dst)."""
+    float_dir = str(dst) + "-float"
+    ref = tinyref.build(float_dir, seed=seed)
+    deq = quantize_folder(float_dir, str(dst), qc, rng_seed)
     with torch.no_grad():
         sd = ref.state_dict()
         for name, d in deq.items():
