@@ -370,8 +370,8 @@ class QuantView:
             return self.ckpt.info(name)
         if isinstance(v, GPTQModule):
             return "F32", (v.N, v.K)
-        parts = [self._ours_packed(p, b) for p, b in v]
-        return "F32", (sum(p.w.shape[1] for p in parts), parts[0].w.shape[0])
+        shapes = [(self.ckpt.info(f"{p}.qweight")[1], b) for p, b in v]
+        return "F32", (sum(s[1] * (2 if b == 4 else 1) for s, b in shapes), shapes[0][0][0])
 
     def read(self, name):
         v = self.virtual.get(name)
@@ -525,3 +525,82 @@ def weight_bytes(model) -> tuple:
         if name.endswith((".qweight", ".scales", ".offsets", ".perm")):
             quant += b
     return total, quant
+
+
+# ----------------------------------------------------------------------------------------------- converting
+TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                "mlp.down_proj")
+
+
+def quantize_rtn(W: np.ndarray, bits: int, group_size: int) -> dict:
+    """Round-to-nearest GPTQ tensors (symmetric, plain group order, v1 zero points) for a float weight (N, K):
+    per group, scale = 2 max|w| / (2^b - 1) and z = 2^(b-1), as GPTQ's symmetric quantizer sets them."""
+    N, K = W.shape
+    gs = K if group_size == -1 else group_size
+    maxq, half = (1 << bits) - 1, 1 << (bits - 1)
+    Wg = W.T.astype(np.float32).reshape(K // gs, gs, N)
+    amax = np.abs(Wg).max(1)                                      # (G, N)
+    scale = (2 * amax / maxq).astype(np.float16)
+    scale[scale == 0] = 1
+    q = np.clip(np.round(Wg / scale.astype(np.float32)[:, None]) + half, 0, maxq).astype(np.int32).reshape(K, N)
+    return {"qweight": pack_rows(q, bits), "qzeros": pack_cols(np.full((K // gs, N), half - 1, np.int32), bits),
+            "scales": scale, "g_idx": (np.arange(K) // gs).astype(np.int32)}
+
+
+def quantize_items(ckpt: Checkpoint, bits: int, group_size: int, keep_float=()):
+    """(name, safetensors dtype, array) for a GPTQ folder made from a float checkpoint: the text linears
+    quantized unless a keep_float regex matches their module name (re.match), everything else as stored."""
+    rules = []
+    for p in keep_float:
+        try:
+            rules.append(re.compile(p))
+        except re.error as e:
+            raise QuantError(f"--keep-float {p!r}: not a regular expression ({e})") from None
+    for name in sorted(ckpt.keys()):
+        arr, st = ckpt.read(name)
+        m = name[:-len(".weight")]
+        if (name.endswith(".weight") and ".language_model.layers." in name and m.endswith(TEXT_LINEARS)
+                and not any(r.match(m) for r in rules)):
+            N, K = arr.shape
+            if group_size != -1 and K % group_size:
+                raise QuantError(f"--group-size {group_size} does not divide the input width {K} of {m} "
+                                 f"(use a divisor of {K}, or -1 for one group per column)")
+            t = quantize_rtn(to_float32(arr, st), bits, group_size)
+            for k in ("qweight", "qzeros", "scales", "g_idx"):
+                yield f"{m}.{k}", {"qweight": "I32", "qzeros": "I32", "scales": "F16", "g_idx": "I32"}[k], t[k]
+        else:
+            yield name, st, np.asarray(arr)
+
+
+def gptq_config(bits: int, group_size: int, keep_float=()) -> dict:
+    """The quantization_config --quantize writes (what GPTQModel writes, so vLLM and transformers read it)."""
+    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": True,
+            "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False, "true_sequential": True,
+            "dynamic": {f"-:{p}": {} for p in keep_float}, "quantizer": ["glm4v_ms round-to-nearest"]}
+
+
+def repack_items(v: QuantView):
+    """(name, safetensors dtype, array) of this port's layout for a GPTQ folder, and the module list for config.json:
+    quantized entries as the kernel takes them, the rest through the weight table (as the float converter)."""
+    modules = {}
+
+    def items():
+        for e in v._table():
+            parts = v.packed(e) if (e.ours.endswith(".weight") and any(s in v.virtual for s in e.sources)) else None
+            if parts is not None:
+                path = e.ours[:-len(".weight")]
+                prefixes = [path] if len(parts) == 1 else [f"{path}.parts.{j}" for j in range(len(parts))]
+                modules[path] = []
+                for pre, p in zip(prefixes, parts):
+                    modules[path].append({"bits": p.bits, "group_size": p.group if p.scale.shape[0] > 1 else -1,
+                                          "act_order": p.perm is not None})
+                    for k, a in p.stored().items():
+                        yield f"{pre}.{k}", {"qweight": "I8", "scales": "F16", "offsets": "F16", "perm": "I32"}[k], a
+                continue
+            raws = [v.read(s) for s in e.sources]
+            dts = {d for _, d in raws}
+            if len(dts) != 1:
+                raise QuantError(f"tensors {', '.join(e.sources)} mix dtypes {sorted(dts)}")
+            st = dts.pop()
+            yield e.ours, st, e.fn(v.cfg, *[a for a, _ in raws])
+    return items(), modules

@@ -117,7 +117,10 @@ def dequantized_state(folder):
     cfg = json.load(open(os.path.join(folder, "config.json")))
     qc = cfg["quantization_config"]
     v2 = qc.get("checkpoint_format") == "gptq_v2"
-    t = load_file(os.path.join(folder, "model.safetensors"))
+    t = {}
+    for fn in sorted(os.listdir(folder)):
+        if fn.endswith(".safetensors"):
+            t.update(load_file(os.path.join(folder, fn)))
     out = {}
     for k in list(t):
         if not k.endswith(".qweight"):
