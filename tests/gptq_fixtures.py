@@ -21,15 +21,16 @@ TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.down_proj")
 
 
-def rtn(W, bits, gs, sym, act_order, v2, rng):
-    """W (out, in) float32 -> GPTQ tensors and the dequantized (out, in) weight."""
+def rtn(W, bits, gs, sym, act_order, v2, rng, perm=None):
+    """W (out, in) float32 -> GPTQ tensors and the dequantized (out, in) weight. perm: the act-order processing
+    order (random when not given)."""
     out_f, in_f = W.shape
     maxq = 2 ** bits - 1
     gs = in_f if gs == -1 else gs
     G = in_f // gs
     g_idx = np.arange(in_f) // gs
     if act_order:   # the i-th processed column goes to group i // gs
-        perm = rng.permutation(in_f)
+        perm = rng.permutation(in_f) if perm is None else perm
         g_idx = np.empty(in_f, np.int64)
         g_idx[perm] = np.arange(in_f) // gs
     Wt = W.T.astype(np.float32)
@@ -71,14 +72,15 @@ def resolve(qc, module):
     return base
 
 
-def quantize_folder(float_dir, dst, qc, rng_seed=0):
+def quantize_folder(float_dir, dst, qc, rng_seed=0, share_qkv_order=False):
     """Copy a float checkpoint folder to dst with its text linears quantized per qc (a quantization_config);
-    returns {float weight name: dequantized array}."""
+    returns {float weight name: dequantized array}. share_qkv_order: q/k/v of a layer get one act-order
+    permutation, as GPTQ gives them (they see the same inputs); otherwise each module draws its own."""
     shutil.copytree(float_dir, dst, ignore=shutil.ignore_patterns("*.safetensors"))
     tensors = load_file(os.path.join(float_dir, "model.safetensors"))
     rng = np.random.default_rng(rng_seed)
     v2 = qc.get("checkpoint_format") == "gptq_v2"
-    deq = {}
+    deq, shared = {}, {}
     for name in sorted(tensors):
         m = name[:-len(".weight")]
         if not (name.endswith(".weight") and ".language_model.layers." in name and m.endswith(TEXT_LINEARS)):
@@ -86,7 +88,11 @@ def quantize_folder(float_dir, dst, qc, rng_seed=0):
         spec = resolve(qc, m)
         if spec is None:
             continue
-        t, d = rtn(tensors.pop(name), spec["bits"], spec["group_size"], spec["sym"], spec["desc_act"], v2, rng)
+        W = tensors.pop(name)
+        perm = None
+        if share_qkv_order and re.search(r"self_attn\.[qkv]_proj$", m):
+            perm = shared.setdefault(m.rsplit(".", 1)[0], rng.permutation(W.shape[1]))
+        t, d = rtn(W, spec["bits"], spec["group_size"], spec["sym"], spec["desc_act"], v2, rng, perm)
         tensors.update({f"{m}.{k}": v for k, v in t.items()})
         deq[name] = d
     save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
@@ -98,12 +104,12 @@ def quantize_folder(float_dir, dst, qc, rng_seed=0):
     return deq
 
 
-def build(dst, qc, seed=0, rng_seed=0):
+def build(dst, qc, seed=0, rng_seed=0, share_qkv_order=False):
     """A GPTQ folder at dst made from a tiny random transformers model; returns (the reference model holding the
     dequantized weights, dst)."""
     float_dir = str(dst) + "-float"
     ref = tinyref.build(float_dir, seed=seed)
-    deq = quantize_folder(float_dir, str(dst), qc, rng_seed)
+    deq = quantize_folder(float_dir, str(dst), qc, rng_seed, share_qkv_order)
     with torch.no_grad():
         sd = ref.state_dict()
         for name, d in deq.items():

@@ -29,10 +29,17 @@ VARIANTS = {
 }
 
 
+SHARED_QKV_ORDER = {"mix_v1_sym_act_order"}   # q/k/v share their act-order permutation, as GPTQ makes them
+
+
+def build(name, folder, seed=3):
+    return gptq_fixtures.build(folder, VARIANTS[name], seed=seed, share_qkv_order=name in SHARED_QKV_ORDER)
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
-    ref, folder = gptq_fixtures.build(str(d / "gptq"), VARIANTS[request.param], seed=3)
+    ref, folder = build(request.param, str(d / "gptq"))
     return request.param, ref, folder
 
 
