@@ -30,6 +30,13 @@ import numpy as np
 from .weights import Checkpoint, WeightError, hf_table, is_converted, to_float32
 
 SUPPORTED_FORMATS = ("gptq", "gptq_v2")
+# the linears GPTQ quantizes (of model.language_model.layers.N); the vision tower and lm_head stay float
+TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                "mlp.down_proj")
+
+
+def is_text_linear(module: str) -> bool:
+    return ".language_model.layers." in module and module.endswith(TEXT_LINEARS)
 OURS = "glm4v_ms"          # quant_method of a converted folder
 
 
@@ -308,7 +315,8 @@ class QuantView:
         shapes = hf_shapes(self.cfg)
         have = set(self.ckpt.keys())
         for k in have:
-            if k.endswith(".qweight") and k[:-len(".qweight")] + ".weight" not in shapes:
+            if k.endswith(".qweight") and not (is_text_linear(k[:-len(".qweight")])
+                                               and k[:-len(".qweight")] + ".weight" in shapes):
                 raise QuantError(f"tensor {k}: quantized weights are supported for the text linears only")
         for e in table:
             mods = [s[:-len(".weight")] for s in e.sources if s.endswith(".weight")]
@@ -528,10 +536,6 @@ def weight_bytes(model) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------- converting
-TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_up_proj",
-                "mlp.down_proj")
-
-
 def quantize_rtn(W: np.ndarray, bits: int, group_size: int) -> dict:
     """Round-to-nearest GPTQ tensors (symmetric, plain group order, v1 zero points) for a float weight (N, K):
     per group, scale = 2 max|w| / (2^b - 1) and z = 2^(b-1), as GPTQ's symmetric quantizer sets them."""
@@ -559,8 +563,7 @@ def quantize_items(ckpt: Checkpoint, bits: int, group_size: int, keep_float=()):
     for name in sorted(ckpt.keys()):
         arr, st = ckpt.read(name)
         m = name[:-len(".weight")]
-        if (name.endswith(".weight") and ".language_model.layers." in name and m.endswith(TEXT_LINEARS)
-                and not any(r.match(m) for r in rules)):
+        if name.endswith(".weight") and is_text_linear(m) and not any(r.match(m) for r in rules):
             N, K = arr.shape
             if group_size != -1 and K % group_size:
                 raise QuantError(f"--group-size {group_size} does not divide the input width {K} of {m} "
@@ -604,3 +607,23 @@ def repack_items(v: QuantView):
             st = dts.pop()
             yield e.ours, st, e.fn(v.cfg, *[a for a, _ in raws])
     return items(), modules
+
+
+def estimate_bytes(cfg, qcfg: GPTQConfig, item: int = 2) -> tuple:
+    """(all weights, the quantized linears' share) in bytes on the Ascend path, for a config and a GPTQ
+    quantization_config, without the checkpoint: the memory plan of a model not at hand (the 9B Int4/Int8-mix).
+    Assumes every text linear is quantized unless a `-:` rule keeps it float, and q/k/v fused (shared order)."""
+    from .weights import hf_shapes
+    total = quant = 0
+    for name, shape in hf_shapes(cfg).items():
+        m = name[:-len(".weight")]
+        spec = qcfg.resolve(m)[0] if name.endswith(".weight") and is_text_linear(m) else None
+        N, K = shape if spec else (0, 0)
+        gs = K if spec and spec.group_size in (-1, K) else (spec.group_size if spec else 0)
+        if spec is None or K % gs or (gs != K and gs % 32):
+            total += int(np.prod(shape)) * item   # float (or dequantized: the kernel cannot take it)
+            continue
+        shared = m.endswith(("k_proj", "v_proj"))   # the fused q/k/v holds one act-order permutation
+        b = K * N * spec.bits // 8 + 2 * (K // gs) * N * item + (4 * K if spec.desc_act and not shared else 0)
+        total, quant = total + b, quant + b
+    return total, quant

@@ -62,6 +62,8 @@ CASES = {
     "missing_scales": (None, lambda t: t.pop(L0 + "mlp.down_proj.scales"), [L0 + "mlp.down_proj.scales", "missing"]),
     "wrong_bits_for_the_tensors": (lambda q: q.update(dynamic={r".*layers\.0\.mlp\.down_proj": {"bits": 8}}), None,
                                    [L0 + "mlp.down_proj.qweight", "shape"]),
+    "quantized_vision": (None, lambda t: t.update({"model.visual.blocks.0.attn.proj.qweight": t[L0 + "self_attn.o_proj.qweight"]}),
+                         ["model.visual.blocks.0.attn.proj.qweight", "text linears only"]),
 }
 
 

@@ -81,7 +81,8 @@ import conftest; conftest.pytest_sessionstart(None)
 import numpy as np, tempfile, torch, mindspore as ms
 import tinyref, test_gptq
 from glm4v_ms import Glm4vForConditionalGeneration, attention
-from glm4v_ms.quant import QuantLinear, SplitLinear, weight_bytes
+import json
+from glm4v_ms.quant import GPTQConfig, QuantLinear, SplitLinear, estimate_bytes, weight_bytes
 assert attention.mode() == "emulated", attention.mode()
 inp = tinyref.Prompt(11).text(4).image(6, 8).text(9).inputs()
 for name, qc in test_gptq.VARIANTS.items():
@@ -104,6 +105,9 @@ for name, qc in test_gptq.VARIANTS.items():
     assert len(cells) >= 7, kinds
     total, q = weight_bytes(m)
     assert 0 < q < total and "quantized linears" in m.memory_plan(64)
+    if name != "v1_asym_split_qkv":      # the estimate from the config alone (the 9B figure) is these bytes
+        qc = GPTQConfig.from_dict(json.load(open(folder + "/config.json"))["quantization_config"])
+        assert estimate_bytes(m.config, qc, item=4) == (total, q), (estimate_bytes(m.config, qc, item=4), total, q)
     err = test_gptq.check(ref, m, inp)
     if name == "mix_v1_sym_act_order":   # greedy decode through the compiled incremental graph
         got = m.generate(**inp, max_new_tokens=8, min_new_tokens=8, do_sample=False)
