@@ -98,3 +98,17 @@ def test_cli_runs_a_good_gptq_folder(good):
                         "--max_new_tokens", "3", "--greedy"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, GLM4V_MS_DEVICE="cpu"))
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_parity_harness_runs_on_a_gptq_folder(tmp_path):
+    """`parity run --model GPTQ_DIR`: the reference side dequantizes into transformers' float model (its own code,
+    torch only), ours loads the folder; fp32 tolerance."""
+    import test_parity_harness as h
+    d = tmp_path / "gptq"
+    h.build_checkpoint(str(tmp_path / "float"), seed=2)
+    gptq_fixtures.quantize_folder(str(tmp_path / "float"), str(d), dict(QC, bits=8, desc_act=True,
+                                                                        dynamic={r".*mlp\..*": {"bits": 4}}))
+    rc, out, err = h.run_cli("run", "--model", d, "--report", tmp_path / "r.json")
+    assert rc == 0, out[-3000:] + err
+    rep = json.load(open(tmp_path / "r.json"))
+    assert rep["pass"] and len(rep["cases"]) == 4
