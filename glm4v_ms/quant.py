@@ -275,8 +275,8 @@ class GPTQModule:
         if np.array_equal(perm, np.arange(self.K)):
             perm = None
         rows = q if perm is None else q[perm]
-        if s.dtype != np.float16 and not np.array_equal(s.astype(np.float16).astype(np.float32), s):
-            return None
+        if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
+            return None   # scales beyond float16 (a bf16/fp32-scaled writer): the float path takes them
         return Packed(self.spec.bits, (rows - half).astype(np.int8), s.astype(np.float16),
                       (half - z).astype(np.float16), None if perm is None else perm.astype(np.int32))
 
@@ -446,6 +446,11 @@ def _const(arr, dtype, name):
     return Parameter(Tensor(arr, dtype), name=name, requires_grad=False)
 
 
+def _floats(arr, dtype, name):
+    t = Tensor(np.asarray(arr, np.float32))
+    return Parameter(t if dtype == ms.float32 else t.astype(dtype), name=name, requires_grad=False)
+
+
 class QuantLinear(nn.Cell):
     """y = x @ dequant(W) + b through WeightQuantBatchMatmul, W kept quantized (see the module docstring).
     The bias is added apart: the kernel wants it in float32 when x is bfloat16."""
@@ -456,11 +461,9 @@ class QuantLinear(nn.Cell):
         self.group = 0 if p.scale.shape[0] == 1 else p.group   # one group: the per-channel form
         self.qweight = (_const(pack_int4(p.w), ms.qint4x2, "qweight") if p.bits == 4
                         else _const(p.w, ms.int8, "qweight"))
-        self.scales = _const(p.scale.astype(np.float32), ms.float32, "scales")
-        self.offsets = _const(p.offset.astype(np.float32), ms.float32, "offsets")
-        if dtype != ms.float32:   # fp16 scales are exact in float32; a bfloat16 compute dtype rounds them
-            self.scales.set_data(self.scales.astype(dtype))
-            self.offsets.set_data(self.offsets.astype(dtype))
+        # in x's dtype (the kernel's contract): fp16 scales are exact in float32 and float16; bfloat16 rounds them
+        self.scales = _floats(p.scale, dtype, "scales")
+        self.offsets = _floats(p.offset, dtype, "offsets")   # integers up to 2^8: exact in every float dtype
         self.perm = None if p.perm is None else _const(p.perm, ms.int32, "perm")
         self.bias = Parameter(ms.common.initializer.initializer("zeros", (self.n,), dtype), name="bias",
                               requires_grad=False) if bias else None

@@ -129,3 +129,16 @@ print("EMULATED-OK")
                        cwd=ROOT)
     assert p.returncode == 0 and "EMULATED-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
     print(p.stdout)
+
+
+@pytest.mark.parametrize("dtype", [ms.float32, ms.float16, ms.bfloat16])
+def test_quant_linear_parameters_follow_the_contract(dtype):
+    """Scale and offset in the compute dtype (x's), int4 packed as qint4x2 (k, n/2), one group -> per channel."""
+    w = rng.integers(-8, 8, (64, 32)).astype(np.int8)
+    p = quant.Packed(4, w, np.full((2, 32), 0.5, np.float16), np.ones((2, 32), np.float16), None)
+    c = quant.QuantLinear(p, dtype, True)
+    assert (c.scales.dtype, c.offsets.dtype, c.bias.dtype) == (dtype, dtype, dtype)
+    assert c.qweight.dtype == ms.qint4x2 and c.qweight.shape == (64, 16) and c.group == 32
+    one = quant.QuantLinear(quant.Packed(8, w, np.ones((1, 32), np.float16), np.zeros((1, 32), np.float16), None),
+                            dtype, False)
+    assert one.qweight.dtype == ms.int8 and one.group == 0 and one.scales.shape == (1, 32)
