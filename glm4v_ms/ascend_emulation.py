@@ -1,4 +1,4 @@
-"""EMULATIONS of four Ascend kernels, for CPU tests of the Ascend code path. Not used on an NPU.
+"""EMULATIONS of five Ascend kernels, for CPU tests of the Ascend code path. Not used on an NPU.
 
 Each function takes the same arguments as the MindSpore 2.10 op of the same name, checks them against the op's
 documented contract (layouts, head counts, head size, mask shape and meaning, sequence-length arguments) and
@@ -9,6 +9,7 @@ Only hardware can confirm speed, the kernels' own rounding, and contract details
 from __future__ import annotations
 
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 
 _ATTN_DTYPES = (ms.float16, ms.bfloat16, ms.float32)   # float32: emulation only
@@ -128,3 +129,57 @@ def rotary_position_embedding(x, cos, sin, mode=0):
     pairs = x.reshape(x.shape[:-1] + (D // 2, 2))
     rot = ops.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)
     return x * cos + rot * sin
+
+
+# ----------------------------------------------------------------------------------------------- weight-only quant
+def _int4_values_host(b):
+    # numpy, on the host: CPU has no kernel that reads qint4x2 (not even a cast), so its bytes come here
+    b = np.asarray(b).view(np.int8)
+    lo = (b << 4).astype(np.int8) >> 4
+    return np.stack([lo, b >> 4], -1).reshape(b.shape[0], -1).astype(np.int8)
+
+
+# qint4x2 (K, N/2) -> int8 (K, N): byte j holds column 2j in its low nibble and 2j+1 in its high one
+_int4_values = ops.Custom(_int4_values_host, out_shape=lambda s: [s[0], s[1] * 2], out_dtype=lambda d: ms.int8,
+                          func_type="pyfunc")
+
+
+def weight_quant_batch_matmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None, quant_offset=None,
+                              bias=None, transpose_x=False, transpose_weight=False, antiquant_group_size=0):
+    """WeightQuantBatchMatmul (aclnnWeightQuantBatchMatmulV2): y = x @ ((weight + offset) * scale) + bias, the
+    weight int8 (k, n) or qint4x2 (k, n/2), scale/offset per channel (n,)/(1, n) or per group (ceil(k/gs), n).
+    Emulation covers the non-transposed layout (the one the documentation recommends per group) and no output
+    quantization (quant_scale/quant_offset: W8A16/W4A16 only). float32 x is accepted (emulation only)."""
+    _check(x.ndim == 2 and weight.ndim == 2, f"x and weight must be 2-D, got {x.shape} and {weight.shape}")
+    _check(x.dtype in _ATTN_DTYPES, f"x dtype {x.dtype}")
+    _check(weight.dtype in (ms.int8, ms.qint4x2), f"weight dtype {weight.dtype} (int8 or qint4x2)")
+    _check(not transpose_x and not transpose_weight, "emulation covers transpose_x = transpose_weight = False")
+    _check(quant_scale is None and quant_offset is None, "weight-only: no quant_scale/quant_offset")
+    m, k = x.shape
+    int4 = weight.dtype == ms.qint4x2
+    n = weight.shape[1] * (2 if int4 else 1)
+    _check(weight.shape[0] == k, f"weight {weight.shape} does not fit x {x.shape} (k, n layout)")
+    _check(1 <= k <= 65535 and 1 <= n <= 65535, f"k={k}, n={n}: each must lie in [1, 65535]")
+    _check(antiquant_scale.dtype == x.dtype, f"antiquant_scale dtype {antiquant_scale.dtype} != x dtype {x.dtype}")
+    gs = antiquant_group_size
+    G = -(-k // gs) if gs else 1
+    if gs:
+        _check(gs % 32 == 0 and 32 <= gs <= k - 1, f"antiquant_group_size {gs}: a multiple of 32 in [32, k-1={k - 1}]")
+        _check(tuple(antiquant_scale.shape) == (G, n), f"per-group scale {antiquant_scale.shape}, expected ({G}, {n})")
+    else:
+        _check(tuple(antiquant_scale.shape) in ((n,), (1, n), (1,)), f"per-channel/tensor scale {antiquant_scale.shape}")
+    if antiquant_offset is not None:
+        _check(antiquant_offset.shape == antiquant_scale.shape and antiquant_offset.dtype == x.dtype,
+               f"antiquant_offset {antiquant_offset.shape} {antiquant_offset.dtype}: the scale's shape, x's dtype")
+    if bias is not None:
+        want = ms.float32 if x.dtype == ms.bfloat16 else x.dtype
+        _check(tuple(bias.shape) == (n,) and bias.dtype == want, f"bias {bias.shape} {bias.dtype}: ({n},) {want}")
+    w = (_int4_values(weight) if int4 else weight).astype(ms.float32)
+    s = antiquant_scale.astype(ms.float32).reshape(-1, n if antiquant_scale.shape[-1] == n else 1)
+    o = None if antiquant_offset is None else antiquant_offset.astype(ms.float32).reshape(s.shape)
+    if gs:   # one row of scales per group of gs input rows (the last group may be short)
+        s = s[:, None].broadcast_to((G, gs, n)).reshape(G * gs, n)[:k]
+        o = None if o is None else o[:, None].broadcast_to((G, gs, n)).reshape(G * gs, n)[:k]
+    dq = ((w if o is None else w + o) * s).astype(x.dtype)
+    y = ops.matmul(x, dq)
+    return y if bias is None else y + bias.astype(y.dtype)

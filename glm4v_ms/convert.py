@@ -38,7 +38,7 @@ import numpy as np
 
 from . import __version__
 from .config import ConfigError, Glm4vConfig
-from .weights import ST_DTYPES, Checkpoint, Entry, WeightError, expected_shapes, plan, to_float32
+from .weights import ST_DTYPES, Checkpoint, Entry, WeightError, expected_shapes, is_converted, plan, to_float32
 
 CONVERTER_VERSION = 1
 MANIFEST = "glm4v_ms_manifest.json"
@@ -387,15 +387,21 @@ def _pause_for_tests(k: int) -> None:
         time.sleep(pause)
 
 
-def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, verify: bool = False) -> dict:
+def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, verify: bool = False,
+            quantize: str | None = None, group_size: int = 128, keep_float=()) -> dict:
     """Convert src into dst (see the module docstring); dtype is a safetensors name (BF16, F16, F32) or None to
-    keep each tensor's. Returns a summary. Raises WeightError / ConfigError / OSError, leaving dst untouched."""
+    keep each tensor's. Returns a summary. Raises WeightError / ConfigError / OSError, leaving dst untouched.
+    A GPTQ source, or `quantize` ("int4"/"int8"), goes through convert_quantized."""
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     rs, rd = os.path.realpath(src), os.path.realpath(dst)
     if rs == rd or rs.startswith(rd + os.sep):   # --overwrite would delete the source
         raise WeightError(f"{dst}: is or contains the source folder")
     if os.path.lexists(dst) and not overwrite:
         raise WeightError(f"{dst}: already exists (use --overwrite to replace it)")
+    if not os.path.isdir(src):
+        raise WeightError(f"{src}: no such folder")
+    if quantize or _quantized(src):
+        return convert_quantized(src, dst, dtype, overwrite, verify, quantize, group_size, keep_float)
     cfg, ckpt, groups = _load_source(src, dtype)
     jobs = [j for g in groups for j in g]
     total = sum(j.nbytes for j in jobs)
@@ -540,6 +546,154 @@ def verify_folder(src: str, out: str, dtype: str | None = None, _loaded=None) ->
     return len(jobs)
 
 
+# ----------------------------------------------------------------------------------------------- quantized
+def convert_quantized(src, dst, dtype=None, overwrite=False, verify=False, quantize=None, group_size=128,
+                      keep_float=()) -> dict:
+    """Three conversions through quant.py, one entry at a time in memory (no byte-range copies: the tensors are
+    rebuilt), into shards of about 2 GB:
+    - a GPTQ folder, no dtype: repacked into the kernel's layout (quant.py), config.json listing the modules;
+    - a GPTQ folder with dtype: dequantized, a plain float checkpoint in this port's layout;
+    - a float folder with quantize int4/int8: the GPTQ on-disk format, Hugging Face names (readable by vLLM and
+      transformers), text linears quantized by round-to-nearest unless a keep_float regex matches them."""
+    from . import quant
+    t0 = time.time()
+    cfg = Glm4vConfig.from_pretrained(src)
+    ckpt = Checkpoint(src)
+    _check_index(ckpt)
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    qcfg = quant.read_quantization_config(src)
+    modules = None
+    if quantize:
+        if qcfg is not None:
+            raise WeightError(f"{src}: already quantized (quantization_config in config.json); --quantize takes a "
+                              f"float checkpoint")
+        if is_converted(ckpt):
+            raise WeightError(f"{src}: --quantize takes a Hugging Face checkpoint, not a converted folder")
+        if verify:
+            raise WeightError("--verify checks a conversion that keeps the values; --quantize changes them")
+        bits = {"int4": 4, "int8": 8}[quantize]
+        plan(cfg, ckpt)    # complete and of the right shapes before anything is written
+        items = quant.quantize_items(ckpt, bits, group_size, keep_float)
+        config["quantization_config"] = quant.gptq_config(bits, group_size, keep_float)
+        fmt, mode = "pt", f"GPTQ {quantize}"
+    else:
+        if keep_float or group_size != 128:
+            raise WeightError("--group-size and --keep-float go with --quantize")
+        v = quant.view(ckpt, cfg)
+        table = plan(cfg, v)
+        if dtype:
+            items = ((e.ours, dtype, _cast(e.fn(cfg, *[_one(v, s) for s in e.sources]), _dt(v, e), dtype, e.ours))
+                     for e in table)
+            config.pop("quantization_config", None)
+            mode = {b: a for a, b in DTYPES.items()}[dtype] + " (dequantized)"
+        else:
+            items, modules = quant.repack_items(v)
+            mode = "quantized (repacked)"
+        fmt = "glm4v_ms"
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    _remove_stale(dst)
+    tmp = _tmp_name(dst, "tmp", os.getpid())
+    os.mkdir(tmp)
+    try:
+        names, weight_map, total = _write_items(tmp, items, fmt)
+        if modules is not None:
+            config["quantization_config"] = {"quant_method": quant.OURS, "source_quant_method": "gptq",
+                                             "modules": modules}
+        records = []
+        for fn in _aux_files(src):
+            if fn != "config.json":
+                shutil.copyfile(os.path.join(src, fn), os.path.join(tmp, fn))
+            records.append(_file_record(os.path.join(src, fn)))
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total, "format": fmt}, "weight_map": weight_map}, f, indent=2)
+        records += [_file_record(st.path) for st in ckpt.files.values()]
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"converter": "glm4v_ms.convert", "converter_version": CONVERTER_VERSION,
+                       "glm4v_ms_version": __version__, "source": src, "dtype": mode, "tensors": len(weight_map),
+                       "total_size": total, "source_files": records, "files": names}, f, indent=2)
+        if verify:
+            _verify_dequantized(src, tmp, cfg, dtype)
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"src": src, "dst": dst, "shards": len(names), "tensors": len(weight_map), "bytes": total, "dtype": mode,
+            "seconds": time.time() - t0, "verified": verify, "peak_rss": peak_rss()}
+
+
+def _quantized(src: str) -> bool:
+    # read config.json here: quant.py imports MindSpore, which a float conversion does not need
+    try:
+        with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+            return "quantization_config" in json.load(f)
+    except (OSError, ValueError):
+        return False   # reported by the float path
+
+
+def _one(v, name):
+    return v.read(name)[0]
+
+
+def _dt(v, e):
+    dts = {v.info(s)[0] for s in e.sources}
+    if len(dts) != 1:
+        raise WeightError(f"tensors {', '.join(e.sources)} mix dtypes {sorted(dts)}")
+    return dts.pop()
+
+
+def _write_items(tmp, items, fmt, limit=2 << 30):
+    """(name, safetensors dtype, array) in order -> shards of about `limit` bytes; (names, weight map, bytes)."""
+    shards, buf, size, total = [], [], 0, 0
+
+    def flush():
+        path = os.path.join(tmp, f"part-{len(shards):05d}")
+        w = SafetensorsWriter(path, [(n, d, a.shape) for n, d, a in buf], {"format": fmt})
+        try:
+            for _, d, a in buf:
+                w.write([np.ascontiguousarray(a, ST_DTYPES[d])])
+        except BaseException:
+            w.abort()
+            raise
+        w.close()
+        shards.append((path, [n for n, _, _ in buf]))
+
+    for name, st, arr in items:
+        buf.append((name, st, arr))
+        size += arr.nbytes
+        total += arr.nbytes
+        if size >= limit:
+            flush()
+            buf, size = [], 0
+    if buf or not shards:
+        flush()
+    names, weight_map = [], {}
+    for i, (path, keys) in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(path, os.path.join(tmp, name))
+        names.append(name)
+        weight_map.update({k: name for k in keys})
+    return names, weight_map, total
+
+
+def _verify_dequantized(src, out, cfg, dtype):
+    """Every weight of the output, read as the loader reads it (dequantized), equals the source's through the
+    table (cast to dtype when one was given)."""
+    from . import quant
+    a, b = quant.view(Checkpoint(src), cfg), quant.view(Checkpoint(out), cfg)
+    ours = {e.ours: e for e in plan(cfg, b)}
+    for e in plan(cfg, a):
+        want = e.fn(cfg, *[_one(a, s) for s in e.sources])
+        st = _dt(a, e)
+        if dtype:
+            want, st = _cast(want, st, dtype, e.ours), dtype
+        got = ours[e.ours].fn(cfg, *[_one(b, s) for s in ours[e.ours].sources])
+        if not np.array_equal(to_float32(want, st), to_float32(got, _dt(b, ours[e.ours]))):
+            raise WeightError(f"verify: tensor {e.ours} in {out} differs from the source ({', '.join(e.sources)})")
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
@@ -553,10 +707,20 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the source's)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --dst (at the very end)")
     ap.add_argument("--verify", action="store_true", help="re-read the output and compare it with the source")
+    ap.add_argument("--quantize", choices=["int4", "int8"],
+                    help="write the GPTQ format (round-to-nearest, symmetric) with the text linears quantized")
+    ap.add_argument("--group-size", type=int, default=128, help="with --quantize: input rows per scale (-1: all)")
+    ap.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
+                    help="with --quantize: leave modules whose name matches this regex float (repeatable)")
     args = ap.parse_args(argv)
+    if args.quantize and args.dtype:
+        ap.error("--quantize and --dtype exclude each other")
+    if args.group_size != -1 and args.group_size < 1:
+        ap.error(f"--group-size {args.group_size}: a positive width or -1")
     signal.signal(signal.SIGTERM, _interrupt)   # clean up the temporary folder as on Ctrl-C
     try:
-        s = convert(args.src, args.dst, DTYPES.get(args.dtype), args.overwrite, args.verify)
+        s = convert(args.src, args.dst, DTYPES.get(args.dtype), args.overwrite, args.verify, args.quantize,
+                    args.group_size, args.keep_float)
     except (WeightError, ConfigError, OSError) as e:
         print(f"glm4v_ms.convert: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

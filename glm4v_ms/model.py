@@ -127,7 +127,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         dev = select_device(device)
         cfg = Glm4vConfig.from_pretrained(folder)
         model = cls(cfg, resolve_dtype(dtype, dev))
-        model.load_weights(folder)
+        from .quant import install
+        model.load_weights(folder, skip=install(model, folder))   # GPTQ linears kept quantized on the Ascend path
         from .generation import GenerationConfig, thinking_ids
         model.generation_config = GenerationConfig.from_pretrained(folder, fallback_eos=cfg.eos_token_id)
         if model.generation_config.pad_token_id is None and cfg.pad_token_id is not None:
@@ -148,9 +149,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
                       video_grid_thw=video_grid_thw)
         return generate(self, {k: v for k, v in inputs.items() if v is not None}, cfg, self.think_ids, streamer)
 
-    def load_weights(self, folder: str):
+    def load_weights(self, folder: str, skip=()):
         params = dict(self.parameters_and_names())
-        for name, arr, st in load_weights(self.config, folder):
+        for name, arr, st in load_weights(self.config, folder, skip):
             p = params[name]
             if st == {ms.float32: "F32", ms.float16: "F16"}.get(p.dtype):
                 p.set_data(Tensor(np.ascontiguousarray(arr)))
@@ -166,9 +167,12 @@ class Glm4vForConditionalGeneration(nn.Cell):
         per_tok = t.num_hidden_layers * 2 * t.kv_size * item
         gb = 1e9
         dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
-        return (f"weights {params / 1e6:,.1f} M parameters = {params * item / gb:.2f} GB in {dt}; "
-                f"KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
-                f"total {(params * item + per_tok * n) / gb:.2f} GB")
+        from .quant import weight_bytes
+        wbytes, qbytes = weight_bytes(self)
+        what = (f"weights {wbytes / gb:.2f} GB ({qbytes / gb:.2f} GB of them quantized linears, the rest {dt})"
+                if qbytes else f"weights {params / 1e6:,.1f} M parameters = {wbytes / gb:.2f} GB in {dt}")
+        return (f"{what}; KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
+                f"total {(wbytes + per_tok * n) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation
     def decoder(self, batch: int, max_len: int) -> CachedDecoder:

@@ -312,11 +312,15 @@ def plan(cfg: Glm4vConfig, ckpt: Checkpoint) -> list[Entry]:
     return table
 
 
-def load(cfg: Glm4vConfig, folder: str):
-    """Yield (our name, raw array, safetensors dtype) for every parameter, shape-checked."""
-    ckpt = Checkpoint(folder)
+def load(cfg: Glm4vConfig, folder: str, skip=()):
+    """Yield (our name, raw array, safetensors dtype) for every parameter but those in `skip`, shape-checked.
+    Quantized (GPTQ) weights read as float, dequantized (quant.py)."""
+    from .quant import view
+    ckpt = view(Checkpoint(folder), cfg)
     shapes = expected_shapes(cfg)
     for e in plan(cfg, ckpt):
+        if e.ours in skip:
+            continue
         raws = [ckpt.read(s) for s in e.sources]
         dtypes = {d for _, d in raws}
         if len(dtypes) != 1:

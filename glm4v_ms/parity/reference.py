@@ -90,7 +90,12 @@ class Reference:
         except Exception as e:  # transformers raises many kinds here; all mean "no usable processor files"
             raise ParityError(f"cannot load the reference processor from {folder}: {_first_line(e)}") from None
         try:
-            self.model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
+            if _gptq_config(folder) is not None:
+                self.model = _dequantized_gptq_model(folder, TORCH_DTYPES[dtype])
+            else:
+                self.model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
+        except ParityError:
+            raise
         except Exception as e:
             raise ParityError(f"cannot load the reference model from {folder}: {_first_line(e)}") from None
         self.model.to(self.device).eval()
@@ -188,3 +193,60 @@ def dump(model, out, device="auto", dtype="float32", cases_file=None, log=None):
 def _first_line(e):
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# ----------------------------------------------------------------------------------------------- GPTQ folders
+def _gptq_config(folder):
+    import json
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        q = json.load(f).get("quantization_config")
+    if q is not None and str(q.get("quant_method", "")).lower() != "gptq":
+        raise ParityError(f"reference: quantization_config.quant_method {q.get('quant_method')!r} is not supported "
+                          f"(GPTQ folders only)")
+    return q
+
+
+def _dequantized_gptq_model(folder, dtype):
+    """transformers' float Glm4vForConditionalGeneration holding the GPTQ weights dequantized by the documented
+    formula, W[o, i] = scales[g, o] * (q[i, o] - z[g, o]) with g = g_idx[i] (z = stored + 1 in the v1 format),
+    bits per module from `dynamic` (re.match, first match wins). transformers' own GPTQ path needs optimum and
+    gptqmodel, computes in fp16/bf16, and drops `dynamic` (an Int4/Int8 mix does not load)."""
+    import re
+
+    from safetensors.torch import load_file
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    q = _gptq_config(folder)
+    config = Glm4vConfig.from_pretrained(folder)
+    config.quantization_config = None
+    state = {}
+    for fn in sorted(os.listdir(folder)):
+        if fn.endswith(".safetensors"):
+            state.update(load_file(os.path.join(folder, fn)))
+    v1 = q.get("checkpoint_format", q.get("format", "gptq")) == "gptq"
+
+    def bits_of(module):
+        for key, over in (q.get("dynamic") or {}).items():
+            if re.match(key[2:] if key[:2] in ("-:", "+:") else key, module):
+                return over.get("bits", q["bits"])
+        return q["bits"]
+
+    for name in [k for k in state if k.endswith(".qweight")]:
+        m = name[:-len(".qweight")]
+        b = bits_of(m)
+        shifts = torch.arange(0, 32, b, dtype=torch.int32)
+        w, z = state.pop(name), state.pop(m + ".qzeros")
+        qv = ((w[:, None, :] >> shifts[None, :, None]) & ((1 << b) - 1)).reshape(-1, w.shape[1])
+        zv = ((z[:, :, None] >> shifts[None, None, :]) & ((1 << b) - 1)).reshape(z.shape[0], -1) + int(v1)
+        g = state.pop(m + ".g_idx").long()
+        scales = state.pop(m + ".scales").float()
+        state[m + ".weight"] = (scales[g] * (qv - zv[g]).float()).T.contiguous()
+    model = Glm4vForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ParityError(f"reference: {folder}: tensor {(missing or unexpected)[0]} is "
+                          f"{'missing' if missing else 'unexpected'} (dequantized GPTQ checkpoint)")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype)

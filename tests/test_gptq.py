@@ -1,0 +1,75 @@
+"""GPTQ checkpoints (glm4v_ms/quant.py) against transformers' float model holding the same weights dequantized by
+the documented formula (tests/gptq_fixtures.py packs the checkpoints in the exact on-disk format with numpy).
+
+Variants: 4 and 8 bits mixed through `dynamic` (`+:` and bare keys), a module kept float with `-:`, act-order
+(desc_act, g_idx a permutation) and plain order, symmetric and asymmetric zero points, the v1 and v2 formats,
+group sizes 32/64 and -1. Criterion: logits rel <= 1e-4 with identical argmax (fp32, CPU), greedy tokens equal.
+"""
+import numpy as np
+import pytest
+import torch
+
+import gptq_fixtures
+import tinyref
+from glm4v_ms import Glm4vForConditionalGeneration
+
+TOL = 1e-4
+L1 = r".*\.layers\.1\."
+VARIANTS = {
+    # 4-bit act-order base, layer 1's MLP in 8 bits, layer 0's o_proj float: the Int4/Int8-mix shape
+    "mix_v1_sym_act_order": dict(bits=4, group_size=32, desc_act=True, sym=True, checkpoint_format="gptq",
+                                 dynamic={"+:" + L1 + r"mlp\..*": {"bits": 8},
+                                          r"-:.*\.layers\.0\.self_attn\.o_proj": {}}),
+    # 8-bit asymmetric v2, plain order; the attention in 4 bits with one group per column
+    "v2_asym_plain": dict(bits=8, group_size=64, desc_act=False, sym=False, checkpoint_format="gptq_v2",
+                          dynamic={r".*self_attn\.[qkvo]_proj": {"bits": 4, "group_size": -1}}),
+    # asymmetric v1 act-order; layer 1's k_proj in 8 bits: its q/k/v cannot share one quantized matmul
+    "v1_asym_split_qkv": dict(bits=4, group_size=64, desc_act=True, sym=False, checkpoint_format="gptq",
+                              dynamic={L1 + r"self_attn\.k_proj": {"bits": 8, "group_size": 32}}),
+}
+
+
+SHARED_QKV_ORDER = {"mix_v1_sym_act_order"}   # q/k/v share their act-order permutation, as GPTQ makes them
+
+
+def build(name, folder, seed=3):
+    return gptq_fixtures.build(folder, VARIANTS[name], seed=seed, share_qkv_order=name in SHARED_QKV_ORDER)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    ref, folder = build(request.param, str(d / "gptq"))
+    return request.param, ref, folder
+
+
+def check(ref, ours, inputs):
+    r = tinyref.reference_logits(ref, inputs)
+    o = ours(**inputs).logits.asnumpy()
+    real = inputs["attention_mask"].astype(bool)
+    err = np.abs(o - r)[real].max() / np.abs(r[real]).max()
+    assert err <= TOL, f"relative error {err:.2e}"
+    assert (o.argmax(-1)[real] == r.argmax(-1)[real]).all()
+    return err
+
+
+def test_logits_and_greedy_equal_the_dequantized_float_model(variant):
+    name, ref, folder = variant
+    ours = Glm4vForConditionalGeneration.from_pretrained(folder)
+    inputs = tinyref.Prompt(11).text(4).image(6, 8).text(9).inputs()
+    check(ref, ours, inputs)
+    n = 10
+    got = ours.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    with torch.no_grad():
+        want = ref.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False).numpy()
+    assert np.array_equal(got, want)
+
+
+def test_dequantized_weights_differ_from_the_float_ones(variant):
+    """The fixture really quantizes (a parity that holds with the float weights would prove nothing)."""
+    name, ref, folder = variant
+    float_ref = tinyref.build(folder + "-float-again", seed=3)
+    a = ref.state_dict()["model.language_model.layers.1.mlp.down_proj.weight"]
+    b = float_ref.state_dict()["model.language_model.layers.1.mlp.down_proj.weight"]
+    assert 0 < (a - b).abs().max() < 0.2 * b.abs().max()
