@@ -261,7 +261,7 @@ class Batch:
         assert self.seqs[row] is None
         logits, one = prefill(self.model, inputs, self.max_len)
         for src, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
-            ops.scatter_nd_update(dst, Tensor([[row]], np.int32), src)
+            ops.scatter_nd_update(dst, Tensor(np.array([[row]], np.int32)), src)
         self.st.kv_valid[row] = one.kv_valid[0]
         self.st.slot[row], self.st.next_pos[row] = one.slot[0], one.next_pos[0]
         self.logits[row] = logits[0]
