@@ -1,0 +1,260 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn on a free port."""
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from glm4v_ms import generation
+from processing_fixtures import drawn_image, encode_clip
+
+
+class Running:
+    def __init__(self, argv):
+        import uvicorn
+        from glm4v_ms.serve.__main__ import build, parse
+        self.app, self.engine = build(parse(argv))
+        self.state = self.app.state.server
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.stop()
+
+    def post(self, body, path="/v1/chat/completions", headers=None, raw=None):
+        """(status, parsed JSON) of a raw POST: for what the openai client would refuse to send."""
+        data = raw if raw is not None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    from glm4v_ms import demo
+    root = tmp_path_factory.mktemp("serve")
+    d = demo.build(str(root / "tiny"), "demo-tiny", seed=2)
+    media = root / "media"
+    media.mkdir()
+    drawn_image(64, 48).save(media / "ok.png")
+    s = Running(["--model", d, "--max-num-seqs", "2", "--max-model-len", "1024", "--max-queue", "2",
+                 "--served-model-name", "glm-tiny", "--allowed-local-media-path", str(media)])
+    s.media, s.folder = media, d
+    yield s
+    s.close()
+
+
+def data_url(im, fmt="PNG"):
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+def image(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_models_and_health(srv):
+    assert [m.id for m in srv.client.models.list().data] == ["glm-tiny"]
+    with urllib.request.urlopen(srv.url + "/health") as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_text_greedy_is_what_generate_gives(srv):
+    """A greedy request's reply is model.generate's on the same prompt, decoded."""
+    msgs = [{"role": "user", "content": "Describe this image."}]
+    r = srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=12, temperature=0)
+    proc = srv.state.processor
+    inp = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+    out = srv.engine.model.generate(**inp, max_new_tokens=12, do_sample=False)[0, inp["input_ids"].shape[1]:]
+    eos = srv.engine.model.generation_config.eos_token_id
+    n = int(np.flatnonzero(np.isin(out, eos))[0]) + 1 if np.isin(out, eos).any() else len(out)
+    from glm4v_ms.serve.text import split, strip_boxes
+    want = strip_boxes(split(proc.decode(out[:n], skip_special_tokens=True))[1]).strip()
+    c = r.choices[0]
+    assert c.message.content == want
+    assert c.finish_reason == ("length" if n == 12 and not np.isin(out[:n], eos).any() else "stop")
+    assert r.usage.prompt_tokens == inp["input_ids"].shape[1] and r.usage.completion_tokens == n
+    assert r.usage.total_tokens == r.usage.prompt_tokens + n and r.model == "glm-tiny"
+
+
+def test_image_data_url_local_file_and_video(srv, tmp_path):
+    im = drawn_image(80, 60, seed=3)
+    r = srv.client.chat.completions.create(model="glm-tiny", messages=user(image(data_url(im)), text("What is this?")),
+                                           max_tokens=5, temperature=0)
+    with_image = r.usage.prompt_tokens
+    r2 = srv.client.chat.completions.create(model="glm-tiny", messages=user(text("What is this?")), max_tokens=5)
+    assert with_image > r2.usage.prompt_tokens + 4   # the image's tokens are in the prompt
+    r3 = srv.client.chat.completions.create(
+        model="glm-tiny", messages=user(image("file://" + str(srv.media / "ok.png")), text("What is this?")), max_tokens=3)
+    assert r3.usage.completion_tokens >= 1
+    clip = tmp_path / "c.mp4"
+    encode_clip(str(clip), seconds=1.0)
+    url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    r4 = srv.client.chat.completions.create(
+        model="glm-tiny", messages=user({"type": "video_url", "video_url": {"url": url}}, text("What happens?")),
+        max_tokens=4)
+    assert r4.usage.prompt_tokens > r2.usage.prompt_tokens + 4 and r4.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_with_usage_equals_whole_reply(srv):
+    msgs = user(text("The quick brown fox"))
+    whole = srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=20, temperature=0)
+    chunks = list(srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=20, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content.strip() == whole.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_sse_ends_with_done(srv):
+    req = urllib.request.Request(srv.url + "/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"messages": user(text("Hi")), "max_tokens": 3, "stream": True}).encode())
+    with urllib.request.urlopen(req) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.read().decode().split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_reasoning_split_and_boxes(srv, monkeypatch):
+    """A reply scripted token by token (the sampler is forced; model, engine, detokenising are real):
+    <think>...</think><answer>...<|begin_of_box|>[..]<|end_of_box|></answer> -> reasoning, clean content, and
+    the box in pixels of the original image, streamed and whole."""
+    tok = srv.state.processor.tokenizer
+    script = tok.encode("<think>Let me think.</think><answer>A cat <|begin_of_box|>[100,250,500,750]<|end_of_box|> here.</answer>",
+                        add_special_tokens=False)
+    real = generation.sample
+    monkeypatch.setattr(generation, "sample", lambda logits, history, step, cfg, rng: (
+        np.array([script[step]]) if step < len(script) else real(logits, history, step, cfg, rng)))
+    msgs = user(image(data_url(drawn_image(200, 120))), text("Where is the cat?"))
+    r = srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=100)
+    m = r.choices[0].message
+    assert m.content == "A cat [100,250,500,750] here."
+    assert m.reasoning_content == "Let me think." and m.reasoning == "Let me think."
+    assert r.choices[0].finish_reason == "stop"   # </answer> is an eos id of GLM-4.1V
+    assert m.boxes == [{"relative": [100, 250, 500, 750], "box": [20, 30, 100, 90]}]
+    chunks = list(srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=100, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas).strip() == "Let me think."
+    assert "".join(d.content or "" for d in deltas).strip() == m.content
+    assert not any("<" in (d.content or "") for d in deltas)
+    assert getattr(deltas[-1], "boxes", None) == m.boxes
+
+
+def test_stop_strings(srv, monkeypatch):
+    tok = srv.state.processor.tokenizer
+    script = tok.encode("The answer is yes. The dog runs", add_special_tokens=False)
+    real = generation.sample
+    monkeypatch.setattr(generation, "sample", lambda logits, history, step, cfg, rng: (
+        np.array([script[step]]) if step < len(script) else real(logits, history, step, cfg, rng)))
+    r = srv.client.chat.completions.create(model="glm-tiny", messages=user(text("?")), max_tokens=50, stop=["yes"])
+    assert r.choices[0].message.content == "The answer is" and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < len(script)
+
+
+def test_errors_keep_the_server_serving(srv):
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 900, 3), np.uint8))
+    cases = [
+        (dict(raw=b"{not json"), 400, "not valid JSON"),
+        (dict(body={"messages": "hi"}), 400, "messages"),
+        (dict(body={"messages": user(text("x")), "max_tokens": "ten"}), 400, "max_tokens"),
+        (dict(body={"messages": user(text("x")), "temperature": -1}), 400, "temperature"),
+        (dict(body={"messages": user(text("x")), "bogus": 1}), 400, "bogus"),
+        (dict(body={"messages": user(text("x")), "logprobs": True}), 400, "logprobs"),
+        (dict(body={"messages": user(image("data:image/png;base64,aGVsbG8="))}), 400, "does not decode"),
+        (dict(body={"messages": user(image("data:image/png;base64,@@@"))}), 400, "base64"),
+        (dict(body={"messages": user(image("/etc/passwd"))}), 400, "outside the allowed"),
+        (dict(body={"messages": user(image("file:///etc/hostname"))}), 400, "outside the allowed"),
+        (dict(body={"messages": user(*[image(data_url(drawn_image(28, 28)))] * 9)}), 400, "too many images"),
+        (dict(body={"messages": user(text("x")), "max_tokens": 5000}), 400, "maximum context length"),
+        (dict(body={"messages": user(text("word " * 1500))}), 400, "maximum context length"),
+        (dict(body={"model": "gpt-4", "messages": user(text("x"))}), 404, "does not exist"),
+        (dict(body={"messages": user(text("x"))}, path="/v1/nothing"), 404, "Not Found"),
+    ]
+    for kw, status, words in cases:
+        code, body = srv.post(kw.get("body"), kw.get("path", "/v1/chat/completions"), raw=kw.get("raw"))
+        assert code == status, (kw, body)
+        assert set(body) == {"error"} and words in body["error"]["message"] and body["error"]["code"] == status
+    limit = srv.state.media.max_bytes
+    srv.state.media.max_bytes = 1000
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            srv.client.chat.completions.create(model="glm-tiny", messages=user(image(data_url(big))), max_tokens=2)
+        assert e.value.status_code == 413
+    finally:
+        srv.state.media.max_bytes = limit
+    with pytest.raises(openai.BadRequestError) as e:
+        srv.client.chat.completions.create(model="glm-tiny", messages=user(text("x")), max_tokens=5000)
+    assert "maximum context length" in e.value.body["message"]
+    srv.state.api_key = "sekret"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            srv.client.models.list()
+        ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0)
+        assert ok.chat.completions.create(model="glm-tiny", messages=user(text("x")), max_tokens=2).choices
+    finally:
+        srv.state.api_key = None
+    r = srv.client.chat.completions.create(model="glm-tiny", messages=user(text("still there?")), max_tokens=3)
+    assert r.usage.completion_tokens >= 1 and srv.engine.error is None
+
+
+def test_disconnect_stops_generation_and_full_queue_is_503(srv):
+    e = srv.engine
+    cfg = e.model.generation_config.updated(do_sample=False, eos_token_id=[-5])   # never stops by itself
+    e.model.generation_config, saved = cfg, e.model.generation_config
+    srv.state.defaults = cfg
+    try:
+        streams = [srv.client.chat.completions.create(model="glm-tiny", messages=user(text(f"go {i}")), max_tokens=900,
+                                                      stream=True) for i in range(2)]
+        for s in streams:
+            next(iter(s))
+        t = time.time()
+        while e.busy_rows() < 2 and time.time() - t < 20:
+            time.sleep(0.02)
+        assert e.busy_rows() == 2
+        inp = srv.state.processor.apply_chat_template(user(text("wait")), add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)
+        waiting = [e.submit(inp, cfg, 5) for _ in range(2)]   # the queue (2) is full now
+        code, body = srv.post({"messages": user(text("one more")), "max_tokens": 2})
+        assert code == 503 and "try again" in body["error"]["message"]
+        for w in waiting:
+            w.cancel()
+        for s in streams:
+            s.close()   # the client goes away mid-stream
+        t = time.time()
+        while e.busy_rows() and time.time() - t < 20:
+            time.sleep(0.05)
+        assert e.busy_rows() == 0   # both rows freed long before 900 tokens
+    finally:
+        e.model.generation_config = srv.state.defaults = saved
+    assert srv.client.chat.completions.create(model="glm-tiny", messages=user(text("ok")), max_tokens=2).choices
