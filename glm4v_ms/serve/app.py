@@ -26,12 +26,13 @@ from ..generation import GenerationError
 from ..processing.boxes import parse_boxes
 from ..processing.chat import strip_thinking
 from ..processing.errors import ProcessorError
-from .media import MediaError, MediaLoader
+from .media import MediaError, MediaLoader, pdf_pages
 from .text import Reply, split
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
-          503: "ServiceUnavailableError", 500: "InternalServerError"}
+          503: "ServiceUnavailableError", 500: "InternalServerError",
+          501: "NotImplementedError"}
 # OpenAI fields we do not implement: refused by name rather than ignored
 _UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "response_format",
                 "logit_bias", "presence_penalty", "frequency_penalty", "audio", "modalities", "prediction")
@@ -225,6 +226,18 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
                                             "owned_by": "glm4v-ms", "root": server.name, "parent": None,
                                             "max_model_len": server.engine.max_model_len}]}
+
+    @app.post("/v1/pdf/pages")
+    async def pdf(request: Request):
+        """The chat page's PDF upload: the body is the PDF; the reply {"pages": [PNG data URLs]}."""
+        auth(request)
+        raw = await request.body()
+        if len(raw) > server.media.max_bytes:
+            raise ApiError(413, f"the PDF is over the {server.media.max_bytes}-byte limit")
+        try:
+            return {"pages": await asyncio.to_thread(pdf_pages, raw, server.max_images)}
+        except MediaError as e:
+            raise ApiError(e.status, str(e)) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -71,3 +71,30 @@ class MediaLoader:
 
     def video(self, url: str, param: str):
         return self._bytes(url, "video", param)
+
+
+def pdf_pages(data: bytes, max_pages: int, longest: int = 1280) -> list:
+    """A PDF's first max_pages pages as PNG data URLs, each at most `longest` pixels on its longer side
+    (pypdfium2, an optional part of the serving extra)."""
+    try:
+        import pypdfium2 as pdfium
+    except ImportError:
+        raise MediaError("PDF upload needs pypdfium2 (pip install pypdfium2)", 501) from None
+    try:
+        doc = pdfium.PdfDocument(data)
+    except Exception:   # pdfium's own error types differ by version
+        raise MediaError("the file is not a readable PDF") from None
+    try:
+        if len(doc) > max_pages:
+            raise MediaError(f"the PDF has {len(doc)} pages; at most {max_pages} (one image each) per request")
+        out = []
+        for i in range(len(doc)):
+            page = doc[i]
+            w, h = page.get_size()
+            im = page.render(scale=min(2.0, longest / max(w, h, 1))).to_pil().convert("RGB")
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+            out.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+        return out
+    finally:
+        doc.close()
