@@ -2,9 +2,7 @@
 import base64
 import io
 import json
-import threading
 import time
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -12,40 +10,8 @@ import openai
 import pytest
 from PIL import Image
 
-from glm4v_ms import generation
 from processing_fixtures import drawn_image, encode_clip
-
-
-class Running:
-    def __init__(self, argv):
-        import uvicorn
-        from glm4v_ms.serve.__main__ import build, parse
-        self.app, self.engine = build(parse(argv))
-        self.state = self.app.state.server
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.engine.stop()
-
-    def post(self, body, path="/v1/chat/completions", headers=None, raw=None):
-        """(status, parsed JSON) of a raw POST: for what the openai client would refuse to send."""
-        data = raw if raw is not None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+from serving import Running, script_sampler
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +116,8 @@ def test_reasoning_split_and_boxes(srv, monkeypatch):
     """A reply scripted token by token (the sampler is forced; model, engine, detokenising are real):
     <think>...</think><answer>...<|begin_of_box|>[..]<|end_of_box|></answer> -> reasoning, clean content, and
     the box in pixels of the original image, streamed and whole."""
-    tok = srv.state.processor.tokenizer
-    script = tok.encode("<think>Let me think.</think><answer>A cat <|begin_of_box|>[100,250,500,750]<|end_of_box|> here.</answer>",
-                        add_special_tokens=False)
-    real = generation.sample
-    monkeypatch.setattr(generation, "sample", lambda logits, history, step, cfg, rng: (
-        np.array([script[step]]) if step < len(script) else real(logits, history, step, cfg, rng)))
+    script_sampler(monkeypatch, srv.state.processor.tokenizer,
+                   "<think>Let me think.</think><answer>A cat <|begin_of_box|>[100,250,500,750]<|end_of_box|> here.</answer>")
     msgs = user(image(data_url(drawn_image(200, 120))), text("Where is the cat?"))
     r = srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=100)
     m = r.choices[0].message
@@ -172,11 +134,7 @@ def test_reasoning_split_and_boxes(srv, monkeypatch):
 
 
 def test_stop_strings(srv, monkeypatch):
-    tok = srv.state.processor.tokenizer
-    script = tok.encode("The answer is yes. The dog runs", add_special_tokens=False)
-    real = generation.sample
-    monkeypatch.setattr(generation, "sample", lambda logits, history, step, cfg, rng: (
-        np.array([script[step]]) if step < len(script) else real(logits, history, step, cfg, rng)))
+    script = script_sampler(monkeypatch, srv.state.processor.tokenizer, "The answer is yes. The dog runs")
     r = srv.client.chat.completions.create(model="glm-tiny", messages=user(text("?")), max_tokens=50, stop=["yes"])
     assert r.choices[0].message.content == "The answer is" and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < len(script)
