@@ -38,7 +38,7 @@ _UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions",
                 "logit_bias", "presence_penalty", "frequency_penalty", "audio", "modalities", "prediction")
 _KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "repetition_penalty", "seed", "stop", "stream", "stream_options", "chat_template_kwargs",
-          "max_thinking_tokens", "n", "user", *_UNSUPPORTED}
+          "max_thinking_tokens", "min_tokens", "n", "user", *_UNSUPPORTED}
 
 
 class ApiError(Exception):
@@ -93,10 +93,11 @@ def sampling(server: Server, body: dict):
     rep = _typed(body, "repetition_penalty", num, "a number", lambda v: v > 0, "must be > 0")
     seed = _typed(body, "seed", integer, "an integer")
     budget = _typed(body, "max_thinking_tokens", integer, "an integer", lambda v: v >= 0, "must be >= 0")
+    min_tokens = _typed(body, "min_tokens", integer, "an integer", lambda v: v >= 0, "must be >= 0")
     n = _typed(body, "n", integer, "an integer", lambda v: v == 1, "must be 1 (one choice per request)")
     del n
     kw = dict(top_p=top_p, top_k=0 if top_k == -1 else top_k, repetition_penalty=rep, seed=seed,
-              max_thinking_tokens=budget)
+              max_thinking_tokens=budget, min_new_tokens=min_tokens)
     if temperature is not None:   # OpenAI: temperature 0 is greedy
         kw["do_sample"] = temperature > 0
         if temperature > 0:
