@@ -61,10 +61,13 @@ def test_concurrent_requests_equal_each_alone(setup):
             steps = engine.steps
             while engine.steps < steps + 2 and not runs[-1][2].is_set():   # let the running rows move on first
                 time.sleep(0.005)
-            if len(runs) == 2:
-                graphs = decoder_graphs()
         for req, got, done in runs:
             assert done.wait(120)
+        graphs = decoder_graphs()
+        again = [collect(engine, inp, cfg, n) for inp, n in zip(prompts(proc), lens)]   # all at once this time
+        for req, got, done in again:
+            assert done.wait(120)
+        assert [g for _, g, _ in again] == [g for _, g, _ in runs]
         for (req, got, _), want in zip(runs, alone):
             assert got[-1] in ("done:stop", "done:length")
             assert got[:-1] == [int(t) for t in want]

@@ -216,3 +216,28 @@ def test_disconnect_stops_generation_and_full_queue_is_503(srv):
     finally:
         e.model.generation_config = srv.state.defaults = saved
     assert srv.client.chat.completions.create(model="glm-tiny", messages=user(text("ok")), max_tokens=2).choices
+
+
+def test_incremental_text_equals_whole_decode(srv):
+    """Windowed detokenising (multi-byte characters split over tokens included) gives the whole decode; the
+    streamed deltas add up to the whole reply; a stop string cuts the text before it."""
+    from glm4v_ms.serve.text import Reply
+    tok = srv.state.processor.tokenizer
+    s = "<think>我们来一步一步地思考。</think><answer>这是一只狗 <|begin_of_box|>[1,2,3,4]<|end_of_box|>, yes.</answer>"
+    ids = tok.encode(s, add_special_tokens=False)
+    reply = Reply(tok)
+    streamed = ["", ""]
+    for i in ids:
+        r, c = reply.add(i)
+        streamed[0] += r
+        streamed[1] += c
+    r, c = reply.finish()
+    assert reply.text == tok.decode(ids, skip_special_tokens=True) == s
+    assert reply.result() == ("我们来一步一步地思考。", "这是一只狗 [1,2,3,4], yes.")
+    assert (streamed[0] + r, streamed[1] + c) == reply.result()
+    cut = Reply(tok, stops=["一只"])
+    for i in ids:
+        cut.add(i)
+        if cut.stopped:
+            break
+    assert cut.stopped and cut.result() == ("我们来一步一步地思考。", "这是")

@@ -49,13 +49,25 @@ class Reply:
         self.tok, self.stops = tokenizer, [s for s in stops if s]
         self.ids = []
         self.text = ""            # the reply so far, tags included, cut at a stop string
+        self._text, self._pending, self._window = "", "", (0, 0)
         self.sent = ("", "")      # (reasoning, content) already sent
         self.stopped = False
 
     def add(self, token: int, final: bool = False) -> tuple[str, str]:
         if token is not None and not self.stopped:
             self.ids.append(int(token))
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+            # decode a short window, not the whole reply per token (quadratic over a long reply): the text of
+            # ids[p:] minus that of ids[p:r], the ids already turned into text, once it is whole UTF-8
+            p, r = self._window
+            done = self.tok.decode(self.ids[p:r], skip_special_tokens=True)
+            full = self.tok.decode(self.ids[p:], skip_special_tokens=True)
+            if not full.endswith("\ufffd") or final:
+                self._text += full[len(done):]
+                self._window = (r, len(self.ids))
+                self._pending = ""
+            else:
+                self._pending = full[len(done):]
+            self.text = self._text + self._pending
             for s in self.stops:
                 i = self.text.find(s)
                 if i >= 0:
