@@ -14,6 +14,8 @@ same length), and measures per stream the arrival time of each SSE chunk:
   TTFT = request sent -> first content chunk, the mean and max over the S streams (all sent together, so the
   later ones wait for the earlier prefills);
   TTFT under load: one more request sent while 7 streams are decoding (the 8th row free).
+The same run also starts a server with --max-num-seqs 1 (no batching: its decode graph has one row, where the
+8-row server decodes all 8 rows whatever is busy) and measures one stream there: the last column divides by it.
 Each figure is the best of --reps repetitions.
 """
 from __future__ import annotations
@@ -124,13 +126,20 @@ def main(argv=None):
         under = min(ttft_under_load(url, a.max_tokens) for _ in range(a.reps))
     finally:
         stop_server(proc)
+    proc, url = start_server(model, ["--max-num-seqs", "1", "--max-model-len", "512"], timeout=900)
+    try:
+        run_streams(url, 1, 4)
+        single = max(run_streams(url, 1, a.max_tokens)[0] for _ in range(a.reps))
+    finally:
+        stop_server(proc)
     base = res[a.streams[0]][0]
     print(f"model {a.model or 'bench-serve-150m'}, {rows} rows, {a.max_tokens} tokens per stream, best of {a.reps}")
-    print("| streams | aggregate decode tokens/s | vs 1 stream | TTFT mean (s) | TTFT max (s) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| streams | aggregate decode tokens/s | vs 1 stream | TTFT mean (s) | TTFT max (s) | vs a 1-row server |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for s in a.streams:
         tps, mean, mx = res[s]
-        print(f"| {s} | {tps:.1f} | {tps / base:.2f}x | {mean:.2f} | {mx:.2f} |")
+        print(f"| {s} | {tps:.1f} | {tps / base:.2f}x | {mean:.2f} | {mx:.2f} | {tps / single:.2f}x |")
+    print(f"one stream on a 1-row server (--max-num-seqs 1): {single:.1f} tokens/s")
     print(f"TTFT of one request arriving while 7 streams decode: {under:.2f} s")
     return 0
 

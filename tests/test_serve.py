@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import os
 import time
 import urllib.request
 
@@ -241,3 +242,46 @@ def test_incremental_text_equals_whole_decode(srv):
         if cut.stopped:
             break
     assert cut.stopped and cut.result() == ("我们来一步一步地思考。", "这是")
+
+
+def test_http_image_with_size_cap(srv):
+    """An http(s) image is fetched (timeout, size cap); one over the cap is a 413; a 404 upstream a 400."""
+    import functools
+    import http.server
+    import threading
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(srv.media))
+    handler.log_message = lambda *a: None
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{web.server_address[1]}"
+    try:
+        drawn_image(300, 200, seed=9).save(srv.media / "big.png")
+        r = srv.client.chat.completions.create(model="glm-tiny", messages=user(image(base + "/ok.png"), text("?")),
+                                               max_tokens=2)
+        assert r.usage.prompt_tokens > 10
+        limit = srv.state.media.max_bytes
+        srv.state.media.max_bytes = os.path.getsize(srv.media / "big.png") - 1
+        try:
+            code, body = srv.post({"messages": user(image(base + "/big.png"))})
+            assert code == 413 and "limit" in body["error"]["message"]
+        finally:
+            srv.state.media.max_bytes = limit
+        code, body = srv.post({"messages": user(image(base + "/missing.png"))})
+        assert code == 400 and "HTTP 404" in body["error"]["message"]
+    finally:
+        web.shutdown()
+
+
+def test_thinking_budget_and_template_kwargs(srv, monkeypatch):
+    """max_thinking_tokens closes the thinking after that many tokens (</think><answer> forced by the engine);
+    chat_template_kwargs reach the template (a wrong type is a 400)."""
+    tok = srv.state.processor.tokenizer
+    script = script_sampler(monkeypatch, tok, "<think>The quick brown fox jumps over the lazy dog")
+    r = srv.client.chat.completions.create(model="glm-tiny", messages=user(text("Think.")), max_tokens=12,
+                                           extra_body={"max_thinking_tokens": 3,
+                                                       "chat_template_kwargs": {"enable_thinking": True}})
+    m = r.choices[0].message
+    assert m.reasoning_content == tok.decode(script[1:3]).strip()
+    assert len(script) >= 8 and m.content.startswith(tok.decode(script[5:7]).strip())   # </think><answer> were 4th, 5th
+    code, body = srv.post({"messages": user(text("x")), "chat_template_kwargs": "yes"})
+    assert code == 400 and "chat_template_kwargs" in body["error"]["message"]
