@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/load_serve.py [--requests 64] [--clients 16] [--rounds 3] [--model demo-tiny]
                                               [--url http://127.0.0.1:8000]
 
-Without --url it starts `python -m glm4v_ms.serve` on a free localhost port (--max-num-seqs 8, --max-queue 8: room for every client; a fuller server answers 503)
+Without --url it starts `python -m glm4v_ms.serve` on a free localhost port (--max-num-seqs 8, --max-queue 32: room for every client; a full queue answers 503, tests/test_serve.py checks that)
 and stops it at the end. Each round sends --requests requests from --clients threads, a fixed mix: plain,
 streamed, streamed-then-disconnected after two chunks, and with a small image. Every request must end in a
 complete reply (a JSON completion, or SSE ending `data: [DONE]`), a deliberate disconnect, or an OpenAI-shaped
@@ -178,7 +178,7 @@ def main(argv=None):
     proc = None
     url = a.url
     if url is None:
-        proc, url = start_server(a.model, ["--max-num-seqs", "8", "--max-queue", "8", "--max-model-len", "512"])
+        proc, url = start_server(a.model, ["--max-num-seqs", "8", "--max-queue", "32", "--max-model-len", "512"])
     bad, rss = False, []
     try:
         print(f"warm-up: {warm_up(url)}")

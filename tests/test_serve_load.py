@@ -10,7 +10,7 @@ import load_serve  # noqa: E402
 
 
 def test_load_rounds(tmp_path):
-    proc, url = load_serve.start_server("demo-tiny", ["--max-num-seqs", "8", "--max-queue", "8", "--max-model-len", "512"],
+    proc, url = load_serve.start_server("demo-tiny", ["--max-num-seqs", "8", "--max-queue", "32", "--max-model-len", "512"],
                                         env={"GLM4V_MS_CACHE": str(tmp_path)})
     try:
         assert load_serve.warm_up(url) == ["ok", "ok"]
