@@ -44,11 +44,16 @@ def parse(argv):
     p.add_argument("--device", choices=["auto", "cpu", "ascend"], default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--hide_thinking", action="store_true", help="show only the answer")
+    p.add_argument("--boxes", metavar="OUT.png", help="write the (last) image with the answer's grounding boxes drawn")
     a = p.parse_args(argv)
     if not a.chat and not a.prompt:
         p.error("--prompt is required (or use --chat)")
     if a.image and a.video:
         p.error("give images or a video, not both (the model was not trained on the mix)")
+    if a.boxes and not a.image:
+        p.error("--boxes needs an --image to draw on")
+    if a.boxes and os.path.splitext(a.boxes)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        p.error("--boxes: the output must be a .png, .jpg or .webp file")
     return a
 
 
@@ -114,6 +119,20 @@ class Display:
         self.out.flush()
 
 
+def write_boxes(source, answer, out):
+    """The answer's <|begin_of_box|>[x1,y1,x2,y2]<|end_of_box|> (0-1000 of each side) drawn on the original image."""
+    from glm4v_ms.processing.boxes import draw_boxes, parse_boxes
+    from glm4v_ms.processing.image import open_image
+    image = open_image(source)
+    boxes = parse_boxes(answer, *image.size)
+    tmp = out + ".part" + os.path.splitext(out)[1]
+    draw_boxes(image, boxes).save(tmp)   # then renamed: never a half-written file under the asked name
+    os.replace(tmp, out)
+    for b in boxes:
+        print(f"box {b['box']} (relative {b['relative']})", file=sys.stderr)
+    print(f"[{len(boxes)} box(es) drawn on {out}]", file=sys.stderr)
+
+
 def run(a):
     from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor
     from glm4v_ms.processing import strip_thinking
@@ -158,6 +177,8 @@ def run(a):
         reply = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         # earlier assistant turns keep only their answer, as the official CLI does; media stay in the first turn
         messages.append({"role": "assistant", "content": strip_thinking(reply)})
+        if a.boxes:
+            write_boxes(a.image[-1], strip_thinking(reply), a.boxes)
         first, prompt = False, None
         if not a.chat:
             return 0

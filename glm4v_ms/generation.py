@@ -1,8 +1,12 @@
-"""Generation: prefill once, then one token at a time over the static KV cache.
+"""Generation: prefill once, then one token at a time over the static KV cache. The one decoding engine.
 
 Small functions in the gpt-fast shape: `prefill` (vision tower + prompt, once), `decode_one` (one compiled
-graph per token), `sample` (host-side NumPy: penalties, temperature, top-k, top-p, seeded), and `generate`
-(stop rules, the thinking budget, streaming). The model knows nothing of tokenizers: the ids of the thinking
+graph per token), `sample` (host-side NumPy: penalties, temperature, top-k, top-p, seeded). Above them:
+`Sequence` (one request: its sampling settings and generator, the thinking budget, the stop rules) and `Batch`
+(rows of one static cache, each at its own slot and position; `Batch.step` is the only decode loop body in
+the package). `generate` (model.generate, generate.py) and the server's engine thread (engine.py) both drive
+`Batch.step`: generate() fills every row with one batched prefill, the server admits requests into free rows
+one at a time while the others keep decoding. The model knows nothing of tokenizers: the ids of the thinking
 tags come from the checkpoint's tokenizer files (read as plain JSON) or from the caller.
 """
 from __future__ import annotations
@@ -13,9 +17,10 @@ import time
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from .model import _np, cache_bucket, prompt_bucket
+from .text import CachedDecoder
 
 
 class GenerationError(ValueError):
@@ -121,42 +126,172 @@ def sample(logits: np.ndarray, history: np.ndarray, step: int, cfg: GenerationCo
 
 @dataclass
 class State:
-    """What the decode loop carries: the cache, which slots are real, the next slot and positions."""
+    """What the decode loop carries: the cache, which slots are real, each row's next slot and position."""
     dec: object
     kv_valid: np.ndarray     # (B, S) bool
-    slot: int                # next cache slot
+    slot: np.ndarray         # (B,) next cache slot of each row
     next_pos: np.ndarray     # (B,) next text position, rope delta included
     timings: dict = field(default_factory=dict)
 
 
-def prefill(model, inputs: dict, max_len: int, chunk: int | None = None):
+def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=None):
     """Run the prompt (vision tower once) into a fresh cache of max_len slots. Returns (last logits (B, V), State).
-    `chunk` splits the prompt into pieces of that many tokens (same result; bounds prefill memory)."""
+    `chunk` splits the prompt into pieces of that many tokens (same result; bounds prefill memory). `dec`: the
+    cache to fill (default: the model's shared one of this size)."""
     t0 = time.perf_counter()
     h, pos3, mask, deltas, _ = model.prompt(**{k: inputs.get(k) for k in (
         "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")})
     B, L = mask.shape
-    dec = model.decoder(B, max_len)
+    dec = dec or model.decoder(B, max_len)
     kv_valid = np.zeros((B, max_len), bool)
     kv_valid[:, :L] = mask
     step = chunk or L
     for s in range(0, L, step):
         logits = model.run(dec, h[:, s:s + step], pos3[:, :, s:s + step], s, kv_valid, last_only=True)
     logits = logits.asnumpy()[:, -1]   # the host copy also waits for the device
-    st = State(dec, kv_valid, L, mask.sum(1) + deltas, {"prefill_s": time.perf_counter() - t0})
+    st = State(dec, kv_valid, np.full(B, L, np.int64), mask.sum(1) + deltas, {"prefill_s": time.perf_counter() - t0})
     return logits, st
 
 
 def decode_one(model, st: State, tokens: np.ndarray) -> np.ndarray:
-    """Feed one token per row at the next slot; return the next logits (B, V)."""
+    """Feed one token per row at that row's next slot; return the next logits (B, V)."""
     B = tokens.shape[0]
     h = model.text.embed(Tensor(tokens.reshape(B, 1).astype(np.int32)))
-    st.kv_valid[:, st.slot] = True
+    st.kv_valid[np.arange(B), st.slot] = True
     pos3 = np.broadcast_to(st.next_pos[None, :, None], (3, B, 1))
     logits = model.run(st.dec, h, pos3, st.slot, st.kv_valid, last_only=True).asnumpy()[:, -1]
-    st.slot += 1
+    st.slot = st.slot + 1
     st.next_pos = st.next_pos + 1
     return logits
+
+
+class Sequence:
+    """One request being decoded: its settings and random generator, what it has made, its thinking budget and
+    stop rules. `listener(kind, value)` hears ("token", id) per token and ("done", finish_reason) once;
+    finish_reason is "stop" (an eos id), "length" (max_new tokens) or "cancelled"."""
+
+    def __init__(self, prompt_ids, cfg: GenerationConfig, max_new: int, force=(), rng=None, listener=None):
+        prompt = np.asarray(prompt_ids, np.int64).reshape(-1)
+        self.cfg, self.max_new, self.force, self.listener = cfg, int(max_new), list(force), listener
+        self.rng = rng if rng is not None else np.random.default_rng(cfg.seed)
+        self.n_prompt = len(prompt)
+        self.history = np.full((1, len(prompt) + self.max_new), -1, np.int64)
+        self.history[0, :len(prompt)] = prompt
+        self.tokens = []
+        self.eos = set(int(e) for e in cfg.eos_token_id)
+        self.thinking, self.closed, self.forced, self.queued = 0, False, False, []
+        self.finish_reason = None
+        self.cancelled = False      # set from any thread; the decode loop frees the row at its next step
+
+    def cancel(self):
+        self.cancelled = True
+
+    def next_token(self, logits: np.ndarray) -> int:
+        """Choose the next token from this row's logits (V,); apply the thinking budget and the stop rules."""
+        step = len(self.tokens)
+        tok = int(sample(logits[None], self.history, step, self.cfg, self.rng)[0])
+        if self.queued:   # </think><answer> forced by the thinking budget
+            tok = self.queued.pop(0)
+        self.tokens.append(tok)
+        self.history[0, self.n_prompt + step] = tok
+        if self.force:
+            self.closed |= tok == self.force[0]
+            self.thinking += not self.closed
+            if self.thinking >= self.cfg.max_thinking_tokens and not self.closed and not self.forced:
+                self.queued, self.forced = list(self.force), True
+        self._tell("token", tok)
+        if tok in self.eos:
+            self.finish("stop")
+        elif len(self.tokens) >= self.max_new:
+            self.finish("length")
+        return tok
+
+    def finish(self, reason):
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self._tell("done", reason)
+
+    def _tell(self, kind, value):
+        if self.listener is not None:
+            self.listener(kind, value)
+
+
+def thinking_force(cfg: GenerationConfig, think_ids: dict | None) -> list:
+    """The ids the thinking budget forces (</think>, then <answer> where the tokenizer has it), or []."""
+    if cfg.max_thinking_tokens is None:
+        return []
+    think_ids = think_ids or {}
+    if "</think>" not in think_ids:
+        raise GenerationError("max_thinking_tokens needs the </think> token id (not in the tokenizer)")
+    return [think_ids["</think>"]] + ([think_ids["<answer>"]] if "<answer>" in think_ids else [])
+
+
+class Batch:
+    """Rows of one static KV cache, each with its own slots, positions and Sequence (None: a free row).
+
+    `step` decodes every row at once with the one compiled (B, 1) graph, whatever rows are busy: a free row is
+    fed a dummy token at its slot 0 (wasted work, harmless: rows never see each other's slots), as engines pad
+    a live batch up to the captured graph's size."""
+
+    def __init__(self, model, st: State, logits: np.ndarray):
+        self.model, self.st = model, st
+        self.logits = logits                        # (B, V): each row's logits for its next token
+        self.seqs = [None] * st.kv_valid.shape[0]
+
+    @classmethod
+    def empty(cls, model, rows: int, max_len: int) -> "Batch":
+        """A batch of free rows over its own cache (the server's: it lives as long as the engine)."""
+        dec = CachedDecoder(model.text, model.lm_head.weight, rows, max_len)
+        st = State(dec, np.zeros((rows, max_len), bool), np.zeros(rows, np.int64), np.zeros(rows, np.int64))
+        return cls(model, st, np.zeros((rows, model.config.text.vocab_size), np.float32))
+
+    @property
+    def max_len(self) -> int:
+        return self.st.kv_valid.shape[1]
+
+    def free_rows(self) -> list:
+        return [r for r, s in enumerate(self.seqs) if s is None]
+
+    def active(self) -> bool:
+        return any(s is not None for s in self.seqs)
+
+    def admit(self, row: int, inputs: dict, seq: Sequence):
+        """Prefill one prompt (batch 1) into a scratch cache of the same length, then copy it into `row`: the
+        other rows' state is untouched, so they keep decoding from where they were."""
+        assert self.seqs[row] is None
+        logits, one = prefill(self.model, inputs, self.max_len)
+        for src, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
+            ops.scatter_nd_update(dst, Tensor(np.array([[row]], np.int32)), src)
+        self.st.kv_valid[row] = one.kv_valid[0]
+        self.st.slot[row], self.st.next_pos[row] = one.slot[0], one.next_pos[0]
+        self.logits[row] = logits[0]
+        self.seqs[row] = seq
+        return one.timings["prefill_s"]
+
+    def _free(self, row):
+        self.seqs[row] = None
+        self.st.kv_valid[row] = False
+        self.st.slot[row] = self.st.next_pos[row] = 0
+
+    def step(self) -> np.ndarray:
+        """Each busy row picks its next token from its logits (its own sampler and stop rules); finished and
+        cancelled rows are freed at once; then one decode step for all rows. Returns the tokens (B,), -1 for
+        rows that made none."""
+        tok = np.full(len(self.seqs), -1, np.int64)
+        for r, seq in enumerate(self.seqs):
+            if seq is None:
+                continue
+            if seq.cancelled:
+                seq.finish("cancelled")
+            else:
+                tok[r] = seq.next_token(self.logits[r])
+            if seq.finish_reason is not None:
+                self._free(r)
+        if self.active():
+            for r in self.free_rows():   # a free row decodes a dummy at its slot 0
+                self._free(r)
+            self.logits = decode_one(self.model, self.st, np.maximum(tok, 0))
+        return tok
 
 
 def _emit(streamer, tokens):
@@ -180,49 +315,25 @@ def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None 
     ctx = model.config.text.max_position_embeddings
     if L >= ctx:
         raise GenerationError(f"the prompt has {L} tokens; the model's context is {ctx}")
-    force = []
-    if cfg.max_thinking_tokens is not None:
-        think_ids = think_ids or {}
-        if "</think>" not in think_ids:
-            raise GenerationError("max_thinking_tokens needs the </think> token id (not in the tokenizer)")
-        force = [think_ids["</think>"]] + ([think_ids["<answer>"]] if "<answer>" in think_ids else [])
+    force = thinking_force(cfg, think_ids)
     new = min(cfg.max_new_tokens, ctx - L)
     max_len = cache_bucket(prompt_bucket(L) + new)   # the prompt sits left-padded to its bucket
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)            # one generator, drawn from row by row
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
-    eos = np.array(cfg.eos_token_id or [-1])
 
     logits, st = prefill(model, inputs, max_len)
-    history = np.full((B, L + new), -1, np.int64)
-    history[:, :L] = np.where(_np(inputs.get("attention_mask", np.ones((B, L))), np.int64).reshape(B, L) > 0, ids, -1)
+    batch = Batch(model, st, logits)
+    mask = _np(inputs.get("attention_mask", np.ones((B, L))), np.int64).reshape(B, L) > 0
+    batch.seqs = [Sequence(ids[b][mask[b]], cfg, new, force, rng) for b in range(B)]
     out = np.full((B, new), pad, np.int64)
-    done = np.zeros(B, bool)
-    thinking = np.zeros(B, np.int64)           # tokens made while no </think> yet
-    closed = np.zeros(B, bool)
-    forced = np.zeros(B, bool)
-    queued = [[] for _ in range(B)]            # forced tokens waiting, per row
     t0 = t1 = time.perf_counter()
     n = 0
-    for step in range(new):
-        tok = sample(logits, history, step, cfg, rng)
-        for b in range(B):
-            if queued[b]:
-                tok[b] = queued[b].pop(0)
-        tok = np.where(done, pad, tok)
-        out[:, step] = tok
-        history[:, L + step] = np.where(done, -1, tok)
-        n = step + 1
-        _emit(streamer, tok)
-        if force:
-            closed |= tok == force[0]
-            thinking += ~closed & ~done
-            for b in np.nonzero((thinking >= cfg.max_thinking_tokens) & ~closed & ~done & ~forced)[0]:
-                queued[b], forced[b] = list(force), True
-        done |= np.isin(tok, eos)
-        if done.all() or step == new - 1:
-            break
-        logits = decode_one(model, st, tok)
-        if step == 0:   # the first step may compile the decode graph: timed apart from the steady state
+    while batch.active():
+        tok = batch.step()
+        out[:, n] = np.where(tok >= 0, tok, pad)
+        _emit(streamer, out[:, n])
+        n += 1
+        if n == 1:   # the first step may compile the decode graph: timed apart from the steady state
             t1 = time.perf_counter()
             st.timings["first_step_s"] = t1 - t0
     if streamer is not None and hasattr(streamer, "end"):

@@ -213,20 +213,21 @@ class Glm4vForConditionalGeneration(nn.Cell):
             h = ops.tensor_scatter_update(h, Tensor(where[:, None].astype(np.int32)), feats.astype(h.dtype))
         return h.reshape(B, L, -1)
 
-    def run(self, dec: CachedDecoder, h, pos3: np.ndarray, slot0: int, kv_valid: np.ndarray, last_only=False,
+    def run(self, dec: CachedDecoder, h, pos3: np.ndarray, slot0, kv_valid: np.ndarray, last_only=False,
             states=None):
         """Run L new tokens (embeddings h) at cache slots slot0..slot0+L-1 with 3D positions pos3 (3, B, L).
+        slot0: one int for all rows, or one per row (B,) (the serving engine: each row at its own slots).
         kv_valid (B, S): which slots hold real tokens once these are written. With a `states` list the layers run
         eagerly (not compiled) and record their outputs."""
         B, L = h.shape[0], h.shape[1]
         c = self.config.text
-        if slot0 + L > dec.max_len:
-            raise ValueError(f"{slot0 + L} tokens do not fit the cache of {dec.max_len}")
+        first = np.broadcast_to(np.asarray(slot0, np.int32).reshape(-1), (B,))
+        if first.max() + L > dec.max_len:
+            raise ValueError(f"{first.max() + L} tokens do not fit the cache of {dec.max_len}")
         cos, sin = rope.text_cos_sin(pos3, c.rotary_dim, c.rope_theta, c.mrope_section)
-        slots = slot0 + np.arange(L, dtype=np.int32)
-        q_slot = np.broadcast_to(slots, (B, L)).astype(np.int32)
-        b, hh, s = np.meshgrid(np.arange(B), np.arange(c.num_key_value_heads), slots, indexing="ij")
-        write = np.stack([b, hh, s], -1).astype(np.int32)
+        q_slot = (first[:, None] + np.arange(L, dtype=np.int32)).astype(np.int32)                    # (B, L)
+        b, hh, s = np.meshgrid(np.arange(B), np.arange(c.num_key_value_heads), np.arange(L), indexing="ij")
+        write = np.stack([b, hh, q_slot[b, s]], -1).astype(np.int32)
         args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write), last_only)
         return dec(*args) if states is None else dec.forward(*args, states=states)
 

@@ -1,0 +1,155 @@
+"""The serving engine: one thread owns the model and decodes every admitted request together (continuous batching).
+
+Callers (the HTTP server, tests) only `submit` work and read what comes back through the listener they pass; the
+listener runs on the engine thread, so it must only hand the event on (e.g. `loop.call_soon_threadsafe`).
+
+Rows: `max_num_seqs` rows of one static KV cache of `max_model_len` slots each (llama.cpp's per-slot context).
+A request waiting in the bounded queue is prefilled into a free row as soon as one exists, while the other rows
+keep their state; then every step decodes all rows with the one compiled (rows, 1) graph (generation.Batch.step,
+the same loop body model.generate() runs). A finished or cancelled request frees its row at the next step.
+
+Not done: chunked prefill interleaved with decode steps (a long prompt's prefill stalls the other rows for its
+duration), prefix caching.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+
+from .generation import Batch, GenerationConfig, GenerationError, Sequence, thinking_force
+from .model import _np, prompt_bucket
+
+
+class QueueFull(RuntimeError):
+    """Every row is busy and the waiting queue is full: try again later (HTTP 503)."""
+
+
+class Request:
+    """A submitted prompt: cancel() from any thread stops it (waiting: never admitted; running: its row is freed
+    at the engine's next step). The listener hears ("token", id), then ("done", finish_reason) or ("error", msg)."""
+
+    def __init__(self, inputs: dict, seq: Sequence, prompt_tokens: int):
+        self.inputs, self.seq, self.prompt_tokens = inputs, seq, prompt_tokens
+        self.submitted = time.perf_counter()
+        self.first_token_s = None
+
+    def cancel(self):
+        self.seq.cancel()
+
+    @property
+    def tokens(self) -> list:
+        return self.seq.tokens
+
+
+class Engine:
+    def __init__(self, model, max_num_seqs: int = 4, max_model_len: int | None = None, max_queue: int = 64):
+        ctx = model.config.text.max_position_embeddings
+        self.model = model
+        self.max_model_len = min(int(max_model_len or min(ctx, 8192)), ctx)
+        if max_num_seqs < 1 or self.max_model_len < 64:
+            raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 64")
+        self.max_num_seqs = max_num_seqs
+        self.batch = Batch.empty(model, max_num_seqs, self.max_model_len)
+        self.waiting = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._thread = None
+        self.steps = 0            # decode steps run (for tests and /health)
+        self.error = None         # an unexpected failure that stopped the engine thread
+
+    # ------------------------------------------------------------------ client side (any thread)
+    def check_prompt(self, prompt_tokens: int, max_new_tokens: int | None) -> int:
+        """The number of new tokens a prompt of this length may make, or GenerationError when it does not fit."""
+        room = self.max_model_len - prompt_bucket(prompt_tokens)
+        if room < 1:
+            raise GenerationError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                  f"your prompt has {prompt_tokens} tokens.")
+        if max_new_tokens is not None and max_new_tokens > room:
+            raise GenerationError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                  f"you requested {prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the "
+                                  f"messages, {max_new_tokens} in the completion).")
+        return room if max_new_tokens is None else max_new_tokens
+
+    def submit(self, inputs: dict, cfg: GenerationConfig, max_new_tokens: int | None = None, listener=None,
+               think_ids: dict | None = None) -> Request:
+        """Queue one prompt (batch 1: the processor's output). max_new_tokens None: up to the row's context.
+        Raises GenerationError (does not fit, bad settings) or QueueFull, before anything is queued."""
+        ids = _np(inputs["input_ids"], np.int64).reshape(-1)
+        mask = _np(inputs.get("attention_mask"), np.int64)
+        prompt = ids if mask is None else ids[mask.reshape(-1) > 0]
+        new = self.check_prompt(len(ids), max_new_tokens)
+        force = thinking_force(cfg, think_ids if think_ids is not None else self.model.think_ids)
+        req = Request(inputs, Sequence(prompt, cfg, new, force, listener=None), len(prompt))
+
+        def tell(kind, value):
+            if kind == "token" and req.first_token_s is None:
+                req.first_token_s = time.perf_counter() - req.submitted
+            if listener is not None:
+                listener(kind, value)
+        req.seq.listener = tell
+        if self.error is not None:
+            raise RuntimeError(f"the engine stopped: {self.error}")
+        try:
+            self.waiting.put_nowait(req)
+        except queue.Full:
+            raise QueueFull(f"all {self.max_num_seqs} rows are busy and {self.waiting.maxsize} requests wait; "
+                            f"try again later") from None
+        return req
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="glm4v-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def busy_rows(self) -> int:
+        return sum(s is not None for s in self.batch.seqs)
+
+    # ------------------------------------------------------------------ the engine thread
+    def _admit(self, block: bool):
+        """Move waiting requests into free rows; block briefly for one when nothing runs."""
+        for row in self.batch.free_rows():
+            try:
+                req = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if req.seq.cancelled:
+                req.seq.finish("cancelled")
+                continue
+            try:
+                self.batch.admit(row, req.inputs, req.seq)
+            except Exception as e:   # a bad prompt fails alone; the engine and the other rows go on
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                req.seq.finish_reason = "error"
+                req.seq._tell("error", msg)
+
+    def _loop(self):
+        try:
+            while not self._stop.is_set():
+                self._admit(block=not self.batch.active())
+                if self.batch.active():
+                    self.batch.step()
+                    self.steps += 1
+        except BaseException as e:   # nothing should reach here; tell everyone waiting rather than hang them
+            self.error = f"{type(e).__name__}: {e}"
+            for seq in self.batch.seqs:
+                if seq is not None and seq.finish_reason is None:
+                    seq.finish_reason = "error"
+                    seq._tell("error", self.error)
+            raise
+        finally:
+            while True:   # stopped: nobody will serve what still waits
+                try:
+                    req = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                req.seq.finish("cancelled")

@@ -1,0 +1,83 @@
+"""python -m glm4v_ms.serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-num-seqs 4] [--max-model-len N]
+[--served-model-name NAME] [--allowed-local-media-path DIR] [--api-key KEY]"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, not usage + error
+        sys.stderr.write(f"glm4v_ms.serve: error: {message}\n")
+        sys.exit(2)
+
+
+def parse(argv):
+    p = Parser(prog="python -m glm4v_ms.serve", description="OpenAI-compatible server for GLM-4.1V (MindSpore).")
+    p.add_argument("--model", required=True, help="checkpoint folder (HF or converted), or demo-tiny / demo-150m")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-num-seqs", type=int, default=4, help="rows decoded together (continuous batching)")
+    p.add_argument("--max-model-len", type=int, help="context per row: prompt + reply (default min(model, 8192))")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond it: 503")
+    p.add_argument("--served-model-name", help="the name clients send as `model` (default: the folder's name)")
+    p.add_argument("--allowed-local-media-path", help="local image/video files are allowed only under this folder")
+    p.add_argument("--api-key", default=os.environ.get("GLM4V_MS_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--device", choices=["auto", "cpu", "ascend"], default=None)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    p.add_argument("--log-level", default="warning")
+    a = p.parse_args(argv)
+    if a.max_num_seqs < 1 or a.max_queue < 0 or (a.max_model_len is not None and a.max_model_len < 64):
+        p.error("--max-num-seqs must be >= 1, --max-queue >= 0, --max-model-len >= 64")
+    if a.allowed_local_media_path and not os.path.isdir(a.allowed_local_media_path):
+        p.error(f"--allowed-local-media-path: not a folder: {a.allowed_local_media_path}")
+    return a
+
+
+def build(a):
+    """The app and its engine (started) for parsed arguments."""
+    from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor
+    from glm4v_ms.engine import Engine
+    from .app import Server, create_app
+    folder = a.model
+    if a.model in ("demo-tiny", "demo-150m"):
+        from glm4v_ms import demo
+        folder = demo.cached(a.model)
+    if not os.path.isdir(folder):
+        raise ValueError(f"model folder not found: {a.model}")
+    processor = Glm4vProcessor.from_pretrained(folder)
+    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=a.dtype,
+                                                          device=None if a.device in (None, "auto") else a.device)
+    engine = Engine(model, a.max_num_seqs, a.max_model_len, a.max_queue).start()
+    name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    server = Server(engine, processor, name, a.api_key, a.allowed_local_media_path, a.max_images)
+    return create_app(server), engine
+
+
+def main(argv=None):
+    a = parse(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("GLOG_v", "3")
+    try:
+        import uvicorn
+    except ImportError:
+        print("error: the server needs the serving extra: pip install -r requirements-serve.txt", file=sys.stderr)
+        return 1
+    try:
+        app, engine = build(a)
+    except (ValueError, OSError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  rows {engine.max_num_seqs} x {engine.max_model_len} tokens]",
+          file=sys.stderr)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

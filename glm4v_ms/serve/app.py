@@ -1,0 +1,402 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over the engine thread.
+
+Handlers validate the request, load media and run the processor off the event loop, then submit to the engine and
+read tokens back from an asyncio queue the engine's listener fills (call_soon_threadsafe). A client that goes
+away cancels its request, which frees its row at the engine's next step.
+
+Shapes follow vLLM's (../shared/SERVING.md): `reasoning_content` and `reasoning` (the same text), `content` with
+no <think>/<answer> tags, `finish_reason`, `usage`; SSE chunks ending `data: [DONE]`; errors
+{"error": {"message", "type", "param", "code"}} with the HTTP status. Extra: `boxes` beside `content` (grounding
+boxes in pixels of the last image of the request; see processing/boxes.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import QueueFull
+from ..generation import GenerationError
+from ..processing.boxes import parse_boxes
+from ..processing.chat import strip_thinking
+from ..processing.errors import ProcessorError
+from .media import MediaError, MediaLoader, pdf_pages
+from .text import Reply, split
+
+PAGE = os.path.join(os.path.dirname(__file__), "page.html")
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+          503: "ServiceUnavailableError", 500: "InternalServerError",
+          501: "NotImplementedError"}
+# OpenAI fields we do not implement: refused by name rather than ignored
+_UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "response_format",
+                "logit_bias", "presence_penalty", "frequency_penalty", "audio", "modalities", "prediction")
+_KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+          "repetition_penalty", "seed", "stop", "stream", "stream_options", "chat_template_kwargs",
+          "max_thinking_tokens", "min_tokens", "n", "user", *_UNSUPPORTED}
+
+
+class ApiError(Exception):
+    def __init__(self, status, message, param=None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def error_body(status, message, param=None):
+    return {"error": {"message": message, "type": _TYPES.get(status, "BadRequestError"), "param": param,
+                      "code": status}}
+
+
+def _error(status, message, param=None):
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+class Server:
+    """What the app serves: the model's processor and defaults, the engine, and the limits."""
+
+    def __init__(self, engine, processor, name, api_key=None, allowed_local_media_path=None, max_images=8,
+                 max_media_bytes=32 << 20, max_request_bytes=64 << 20):
+        self.engine, self.processor, self.name, self.api_key = engine, processor, name, api_key
+        self.media = MediaLoader(allowed_local_media_path, max_media_bytes)
+        self.max_images, self.max_request_bytes = max_images, max_request_bytes
+        self.defaults = engine.model.generation_config
+        self.created = int(time.time())
+
+
+# ---------------------------------------------------------------------------------------------- request parsing
+
+def _typed(body, key, kinds, what, check=None, msg=None):
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        raise ApiError(400, f"'{key}' must be {what}", key)
+    if check is not None and not check(v):
+        raise ApiError(400, f"'{key}' {msg}", key)
+    return v
+
+
+def sampling(server: Server, body: dict):
+    """The request's generation settings over the checkpoint's defaults -> (GenerationConfig, max new tokens)."""
+    num, integer = (int, float), (int,)
+    max_tokens = _typed(body, "max_completion_tokens", integer, "an integer", lambda v: v >= 1, "must be >= 1")
+    if max_tokens is None:
+        max_tokens = _typed(body, "max_tokens", integer, "an integer", lambda v: v >= 1, "must be >= 1")
+    temperature = _typed(body, "temperature", num, "a number", lambda v: 0 <= v <= 100, "must be in [0, 100]")
+    top_p = _typed(body, "top_p", num, "a number", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    top_k = _typed(body, "top_k", integer, "an integer", lambda v: v >= -1, "must be >= -1 (-1 or 0: off)")
+    rep = _typed(body, "repetition_penalty", num, "a number", lambda v: v > 0, "must be > 0")
+    seed = _typed(body, "seed", integer, "an integer")
+    budget = _typed(body, "max_thinking_tokens", integer, "an integer", lambda v: v >= 0, "must be >= 0")
+    min_tokens = _typed(body, "min_tokens", integer, "an integer", lambda v: v >= 0, "must be >= 0")
+    n = _typed(body, "n", integer, "an integer", lambda v: v == 1, "must be 1 (one choice per request)")
+    del n
+    kw = dict(top_p=top_p, top_k=0 if top_k == -1 else top_k, repetition_penalty=rep, seed=seed,
+              max_thinking_tokens=budget, min_new_tokens=min_tokens)
+    if temperature is not None:   # OpenAI: temperature 0 is greedy
+        kw["do_sample"] = temperature > 0
+        if temperature > 0:
+            kw["temperature"] = float(temperature)
+    try:
+        cfg = server.defaults.updated(**kw)
+    except GenerationError as e:
+        raise ApiError(400, str(e)) from None
+    return cfg, max_tokens
+
+
+def _stops(body):
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        return stop
+    raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
+
+
+def messages_for_processor(server: Server, messages):
+    """OpenAI messages -> the processor's chat (images decoded) and the list of images (for boxes)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    chat, images, videos = [], [], 0
+    for i, m in enumerate(messages):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(400, f"{p} must be an object with role system, user or assistant", p)
+        content = m.get("content")
+        if isinstance(content, str) or content is None:
+            msg = {"role": m["role"], "content": content or ""}
+        elif isinstance(content, list):
+            items = []
+            for j, part in enumerate(content):
+                q = f"{p}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    items.append({"type": "text", "text": part["text"]})
+                elif kind in ("image_url", "video_url"):
+                    ref = part.get(kind)
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    if not isinstance(url, str) or not url:
+                        raise ApiError(400, f"{q}.{kind} must hold a 'url' string", q)
+                    if kind == "image_url":
+                        images.append(url)
+                        if len(images) > server.max_images:
+                            raise ApiError(400, f"too many images: at most {server.max_images} per request", q)
+                        items.append({"type": "image", "image": (q, url)})
+                    else:
+                        videos += 1
+                        if videos > 1:
+                            raise ApiError(400, "at most one video per request", q)
+                        items.append({"type": "video", "video": (q, url)})
+                else:
+                    raise ApiError(400, f"{q}: unsupported content part (use text, image_url or video_url)", q)
+            msg = {"role": m["role"], "content": items}
+        else:
+            raise ApiError(400, f"{p}.content must be a string or a list of parts", p)
+        chat.append(strip_thinking(msg) if m["role"] == "assistant" else msg)
+    return chat
+
+
+def load_media(server: Server, chat):
+    """Fetch and decode the media parts in place (runs in a worker thread). Returns the decoded images."""
+    images = []
+    for msg in chat:
+        if isinstance(msg["content"], list):
+            for item in msg["content"]:
+                if item["type"] == "image":
+                    q, url = item["image"]
+                    item["image"] = server.media.image(url, q)
+                    images.append(item["image"])
+                elif item["type"] == "video":
+                    q, url = item["video"]
+                    item["video"] = server.media.video(url, q)
+    return images
+
+
+def prepare(server: Server, chat, template_kwargs):
+    images = load_media(server, chat)
+    try:
+        inputs = server.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True, **template_kwargs)
+    except ProcessorError as e:
+        raise ApiError(400, str(e)) from None
+    except Exception as e:   # the template raised, or a video did not decode
+        raise ApiError(400, f"the request could not be processed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return inputs, images
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="glm4v-ms", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc):
+        return _error(exc.status, exc.message, exc.param)
+
+    def auth(request: Request):
+        if server.api_key and request.headers.get("authorization") != f"Bearer {server.api_key}":
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')")
+
+    @app.get("/health")
+    async def health():
+        e = server.engine
+        if e.error is not None:
+            return _error(500, f"the engine stopped: {e.error}")
+        return {"status": "ok", "busy_rows": e.busy_rows(), "rows": e.max_num_seqs, "waiting": e.waiting.qsize()}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        with open(PAGE, encoding="utf-8") as f:
+            return f.read().replace("__MODEL__", server.name)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        auth(request)
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
+                                            "owned_by": "glm4v-ms", "root": server.name, "parent": None,
+                                            "max_model_len": server.engine.max_model_len}]}
+
+    @app.post("/v1/pdf/pages")
+    async def pdf(request: Request):
+        """The chat page's PDF upload: the body is the PDF; the reply {"pages": [PNG data URLs]}."""
+        auth(request)
+        raw = await request.body()
+        if len(raw) > server.media.max_bytes:
+            raise ApiError(413, f"the PDF is over the {server.media.max_bytes}-byte limit")
+        try:
+            return {"pages": await asyncio.to_thread(pdf_pages, raw, server.max_images)}
+        except MediaError as e:
+            raise ApiError(e.status, str(e)) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        auth(request)
+        raw = await request.body()
+        if len(raw) > server.max_request_bytes:
+            raise ApiError(413, f"the request body is over the {server.max_request_bytes}-byte limit")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        unknown = sorted(set(body) - _KNOWN)
+        if unknown:
+            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}", unknown[0])
+        for k in _UNSUPPORTED:
+            if body.get(k) not in (None, False, 0, [], {}):
+                raise ApiError(400, f"'{k}' is not supported by this server", k)
+        model = body.get("model")
+        if model is not None and model != server.name:
+            raise ApiError(404, f"The model `{model}` does not exist.", "model")
+        stream = _typed(body, "stream", (bool,), "a boolean") or False
+        opts = _typed(body, "stream_options", (dict,), "an object") or {}
+        include_usage = bool(opts.get("include_usage"))
+        template_kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
+        cfg, max_tokens = sampling(server, body)
+        stops = _stops(body)
+        chat = messages_for_processor(server, body.get("messages"))
+        try:
+            inputs, images = await asyncio.to_thread(prepare, server, chat, template_kwargs)
+        except MediaError as e:
+            raise ApiError(e.status, str(e), e.param) from None
+        n_prompt = int(inputs["input_ids"].shape[1])
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def listener(kind, value):   # on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        engine = server.engine
+        if max_tokens is None:
+            max_tokens = min(cfg.max_new_tokens, engine.max_model_len)
+            try:
+                max_tokens = min(max_tokens, engine.check_prompt(n_prompt, None))
+            except GenerationError as e:
+                raise ApiError(400, str(e), "messages") from None
+        try:
+            req = engine.submit(inputs, cfg, max_tokens, listener)
+        except GenerationError as e:
+            raise ApiError(400, str(e), "messages") from None
+        except QueueFull as e:
+            raise ApiError(503, str(e)) from None
+        except RuntimeError as e:
+            raise ApiError(500, str(e)) from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        reply = Reply(server.processor.tokenizer, stops)
+        size = images[-1].size if images else (None, None)
+
+        def finish_reason(reason):
+            return {"stop": "stop", "length": "length", "cancelled": "stop"}.get(reason, reason)
+
+        def usage():
+            n = len(req.tokens)
+            return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+
+        def boxes():
+            return parse_boxes(split(reply.text)[1], *size)
+
+        async def next_event():
+            """The engine's next event; None when the client went away (the request is cancelled)."""
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        req.cancel()
+                        return None
+
+        if not stream:
+            reason = None
+            while reason is None:
+                ev = await next_event()
+                if ev is None:
+                    return _error(400, "the client disconnected")
+                kind, value = ev
+                if kind == "token":
+                    reply.add(value)
+                    if reply.stopped:
+                        req.cancel()
+                        reason = "stop"
+                elif kind == "done":
+                    reason = finish_reason(value)
+                else:
+                    raise ApiError(500, f"generation failed: {value}")
+            reasoning, content = reply.result()
+            message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
+                       "reasoning": reasoning or None, "boxes": boxes(), "tool_calls": []}
+            return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason,
+                                 "stop_reason": None}],
+                    "usage": usage(), "system_fingerprint": None}
+
+        def chunk(delta, reason=None, **extra):
+            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                          "model": server.name, "choices": [{"index": 0, "delta": delta,
+                                                                             "logprobs": None,
+                                                                             "finish_reason": reason, **extra}]},
+                                         ensure_ascii=False) + "\n\n"
+
+        def delta_of(r, c):
+            d = {}
+            if r:
+                d["reasoning_content"] = d["reasoning"] = r
+            if c:
+                d["content"] = c
+            return d
+
+        async def sse():
+            done = False
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                reason = None
+                while reason is None:
+                    ev = await next_event()
+                    if ev is None:
+                        return
+                    kind, value = ev
+                    if kind == "token":
+                        d = delta_of(*reply.add(value))
+                        if reply.stopped:
+                            req.cancel()
+                            reason = "stop"
+                    elif kind == "done":
+                        reason = finish_reason(value)
+                        d = delta_of(*reply.finish())
+                    else:
+                        yield "data: " + json.dumps(error_body(500, f"generation failed: {value}")) + "\n\n"
+                        yield "data: [DONE]\n\n"
+                        done = True
+                        return
+                    if d:
+                        yield chunk(d)
+                last = delta_of(*reply.finish())
+                b = boxes()
+                if b:
+                    last["boxes"] = b
+                yield chunk(last, reason, stop_reason=None)
+                if include_usage:
+                    yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                                 "model": server.name, "choices": [], "usage": usage()}) + "\n\n"
+                yield "data: [DONE]\n\n"
+                done = True
+            finally:
+                if not done:   # the client went away mid-stream: stop generating for it
+                    req.cancel()
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app

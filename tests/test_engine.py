@@ -1,0 +1,120 @@
+"""The serving engine: requests decoded together in rows of one static cache return what each returns alone."""
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor, demo
+from glm4v_ms.engine import Engine, QueueFull
+from glm4v_ms.generation import GenerationError
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = demo.build(str(tmp_path_factory.mktemp("eng") / "m"), "demo-tiny", seed=5)
+    return Glm4vForConditionalGeneration.from_pretrained(d), Glm4vProcessor.from_pretrained(d)
+
+
+def prompts(proc):
+    rng = np.random.default_rng(0)
+    im = lambda w, h: Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))  # noqa: E731
+    chats = [[{"role": "user", "content": "Describe this image."}],
+             [{"role": "user", "content": [{"type": "image", "image": im(56, 84)}, {"type": "text", "text": "What is in the picture?"}]}],
+             [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 3}],
+             [{"role": "user", "content": [{"type": "text", "text": "How many?"}, {"type": "image", "image": im(112, 56)}]}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A cat is sitting on the table."}]]
+    return [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True) for c in chats]
+
+
+def collect(engine, inputs, cfg, n):
+    got, done = [], threading.Event()
+
+    def listener(kind, value):
+        if kind == "token":
+            got.append(value)
+        else:
+            got.append(kind + ":" + str(value))
+            done.set()
+    return engine.submit(inputs, cfg, n, listener), got, done
+
+
+def test_concurrent_requests_equal_each_alone(setup):
+    """More requests than rows, submitted staggered so that they join while others decode: token for token what
+    model.generate gives each alone, and the compiled decode graph is reused whatever rows are busy."""
+    from mindspore.graph import api
+    model, proc = setup
+    cfg = model.generation_config.updated(do_sample=False)
+    lens = [9, 14, 6, 11, 8]
+    alone = []
+    for inp, n in zip(prompts(proc), lens):
+        out = model.generate(**inp, max_new_tokens=n, do_sample=False)[0, inp["input_ids"].shape[1]:]
+        stop = np.flatnonzero(np.isin(out, cfg.eos_token_id))
+        alone.append(out[:stop[0] + 1] if len(stop) else out)   # generate() pads after the eos
+    engine = Engine(model, max_num_seqs=2, max_model_len=512).start()
+    try:
+        decoder_graphs = lambda: {p for p in api.ms_compile_cache if "text.py" in p}  # noqa: E731
+        runs = []
+        for inp, n in zip(prompts(proc), lens):
+            runs.append(collect(engine, inp, cfg, n))
+            steps = engine.steps
+            while engine.steps < steps + 2 and not runs[-1][2].is_set():   # let the running rows move on first
+                time.sleep(0.005)
+        for req, got, done in runs:
+            assert done.wait(120)
+        graphs = decoder_graphs()
+        again = [collect(engine, inp, cfg, n) for inp, n in zip(prompts(proc), lens)]   # all at once this time
+        for req, got, done in again:
+            assert done.wait(120)
+        assert [g for _, g, _ in again] == [g for _, g, _ in runs]
+        for (req, got, _), want in zip(runs, alone):
+            assert got[-1] in ("done:stop", "done:length")
+            assert got[:-1] == [int(t) for t in want]
+        assert engine.busy_rows() == 0
+        assert decoder_graphs() == graphs
+    finally:
+        engine.stop()
+
+
+def test_cancel_frees_the_row_and_queue_is_bounded(setup):
+    model, proc = setup
+    cfg = model.generation_config.updated(do_sample=False)
+    engine = Engine(model, max_num_seqs=1, max_model_len=512, max_queue=1).start()
+    try:
+        inp = prompts(proc)[0]
+        long_req, got, done = collect(engine, inp, cfg, 400)
+        while not got:
+            time.sleep(0.005)
+        waiting, got2, done2 = collect(engine, inp, cfg, 3)   # waits for the only row
+        with pytest.raises(QueueFull):
+            collect(engine, inp, cfg, 3)
+        assert engine.busy_rows() == 1 and not done2.is_set()
+        long_req.cancel()
+        assert done.wait(30) and got[-1] == "done:cancelled" and len(got) < 400
+        assert done2.wait(60) and got2[-1] in ("done:stop", "done:length")   # it took the freed row
+        with pytest.raises(GenerationError, match="maximum context length"):
+            engine.submit(inp, cfg, 10_000)
+    finally:
+        engine.stop()
+
+
+def test_sampling_settings_are_per_request(setup):
+    """A seeded sampled request returns the same tokens alone and beside a greedy one (its own generator)."""
+    model, proc = setup
+    greedy = model.generation_config.updated(do_sample=False)
+    sampled = model.generation_config.updated(do_sample=True, temperature=1.3, top_k=40, seed=7)
+    inp = prompts(proc)[2]
+    engine = Engine(model, max_num_seqs=2, max_model_len=512).start()
+    try:
+        _, alone, d = collect(engine, inp, sampled, 10)
+        assert d.wait(60)
+        a = collect(engine, prompts(proc)[0], greedy, 12)
+        _, both, d2 = collect(engine, inp, sampled, 10)
+        assert d2.wait(60) and a[2].wait(60)
+        assert both == alone
+        want = model.generate(**inp, max_new_tokens=10, do_sample=True, temperature=1.3, top_k=40, seed=7)
+        mine = [t for t in alone if isinstance(t, int)]
+        assert [int(t) for t in want[0, inp["input_ids"].shape[1]:]][:len(mine)] == mine
+    finally:
+        engine.stop()
