@@ -101,6 +101,27 @@ def prompt_bucket(n: int) -> int:
     return -(-int(n) // step) * step
 
 
+SCORES_BUDGET = 256 << 20   # bytes of one (B, heads, chunk, extent) float32 score tensor in a prompt chunk
+
+
+def prompt_chunk(t, batch: int, n: int) -> int:
+    """Tokens per prompt chunk for a prompt ending at cache slot n: the largest power of two (>= 64) whose
+    attention scores over the n filled slots fit SCORES_BUDGET, or the whole prompt if that fits."""
+    per_query = batch * t.num_attention_heads * 4 * (1 << (max(n, 1) - 1).bit_length())
+    c = max(64, 1 << max(0, (SCORES_BUDGET // per_query).bit_length() - 1))
+    return n if c >= n else c
+
+
+def activation_bytes(t, batch: int, n: int, item: int) -> int:
+    """Bound on the text decoder's activations for a prompt of up to n tokens (one layer at a time): a few copies
+    of the float32 scores and the mask over a chunk's extent, and the chunk's projections and MLP."""
+    c = prompt_chunk(t, batch, n)
+    e = 1 << (max(n, 1) - 1).bit_length()
+    scores = batch * c * e * (4 * t.num_attention_heads * 4 + 5)
+    rows = batch * c * (3 * (t.q_size + 2 * t.kv_size) + 4 * t.intermediate_size + 6 * t.hidden_size) * max(item, 4)
+    return scores + rows + batch * t.vocab_size * 4 * 2
+
+
 @dataclass
 class Output:
     logits: Tensor               # (B, L, vocab)
@@ -157,18 +178,20 @@ class Glm4vForConditionalGeneration(nn.Cell):
             else:  # bf16 bits or a dtype change: through float32, exact for bf16 -> bf16
                 p.set_data(Tensor(to_float32(arr, st)).astype(p.dtype))
 
-    def memory_plan(self, max_model_len: int | None = None) -> str:
-        """Weights + static KV cache for a context of max_model_len tokens (default: the model's context)."""
+    def memory_plan(self, max_model_len: int | None = None, batch: int = 1) -> str:
+        """Weights + static KV cache for a context of max_model_len tokens (default: the model's context) + the
+        bound on the text decoder's activations (a prompt runs in chunks over the filled cache only)."""
         t = self.config.text
         n = max_model_len or t.max_position_embeddings
         item = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}[self.dtype]
         params = sum(int(np.prod(p.shape)) for _, p in self.parameters_and_names())
         per_tok = t.num_hidden_layers * 2 * t.kv_size * item
+        act = activation_bytes(t, batch, n, item)
         gb = 1e9
         dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
         return (f"weights {params / 1e6:,.1f} M parameters = {params * item / gb:.2f} GB in {dt}; "
                 f"KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
-                f"total {(params * item + per_tok * n) / gb:.2f} GB")
+                f"activations <= {act / gb:.2f} GB; total {(params * item + per_tok * n + act) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation
     def decoder(self, batch: int, max_len: int) -> CachedDecoder:
@@ -213,17 +236,36 @@ class Glm4vForConditionalGeneration(nn.Cell):
             states=None):
         """Run L new tokens (embeddings h) at cache slots slot0..slot0+L-1 with 3D positions pos3 (3, B, L).
         kv_valid (B, S): which slots hold real tokens once these are written. With a `states` list the layers run
-        eagerly (not compiled) and record their outputs."""
+        eagerly (not compiled) and record their outputs.
+
+        A prompt (L > 1) attends over the filled part of the cache only, in chunks of `prompt_chunk` tokens: its
+        activations stay within `activation_bytes` whatever the cache length (max_new_tokens)."""
         B, L = h.shape[0], h.shape[1]
-        c = self.config.text
         if slot0 + L > dec.max_len:
             raise ValueError(f"{slot0 + L} tokens do not fit the cache of {dec.max_len}")
+        if L == 1:   # a decode step: one graph for every token, over the whole cache (the mask bounds it)
+            return self._run(dec, h, pos3, slot0, kv_valid, last_only, dec.max_len, states)
+        step = L if states is not None else prompt_chunk(self.config.text, B, slot0 + L)
+        out = []
+        for s in range(0, L, step):
+            e = slot0 + min(s + step, L)
+            # a graph per (chunk length, extent): the extent is exact for a whole prompt from slot 0 (one graph per
+            # prompt bucket, as before) and a power of two otherwise (a handful of graphs for a chunked prompt)
+            extent = e if (s == 0 and step >= L and slot0 == 0) else min(dec.max_len, 1 << (e - 1).bit_length())
+            out.append(self._run(dec, h[:, s:s + step], pos3[:, :, s:s + step], slot0 + s, kv_valid, last_only,
+                                 extent, states))
+        return out[-1] if last_only or len(out) == 1 else ops.cat(out, 1)
+
+    def _run(self, dec, h, pos3, slot0, kv_valid, last_only, extent, states):
+        B, L = h.shape[0], h.shape[1]
+        c = self.config.text
         cos, sin = rope.text_cos_sin(pos3, c.rotary_dim, c.rope_theta, c.mrope_section)
         slots = slot0 + np.arange(L, dtype=np.int32)
         q_slot = np.broadcast_to(slots, (B, L)).astype(np.int32)
         b, hh, s = np.meshgrid(np.arange(B), np.arange(c.num_key_value_heads), slots, indexing="ij")
         write = np.stack([b, hh, s], -1).astype(np.int32)
-        args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write), last_only)
+        args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write),
+                last_only, int(extent))
         return dec(*args) if states is None else dec.forward(*args, states=states)
 
     def positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
