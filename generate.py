@@ -163,7 +163,28 @@ def run(a):
             return 0
 
 
+def exit_on_interrupt():
+    """Ctrl-C anywhere (import, load, prefill, decode, reading stdin): `interrupted` on stderr, exit 130.
+
+    MindSpore installs its own SIGINT handling (it ends the process with SIGTERM, or, during its import, aborts
+    with a flood of errors), so no Python handler can be relied on: SIGINT is blocked in this thread before
+    anything starts a thread (every thread inherits the mask) and a watcher thread takes it with sigwait."""
+    import signal
+    import threading
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def watch():
+        signal.sigwait({signal.SIGINT})
+        os.write(2, b"\ninterrupted\n")
+        os._exit(130)   # no interpreter teardown: MindSpore's threads may be mid-kernel
+    threading.Thread(target=watch, name="sigint", daemon=True).start()
+
+
 def main(argv=None):
+    if argv is None:   # the CLI, not a caller's process
+        exit_on_interrupt()
     a = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GLOG_v", "3")   # MindSpore's own log: errors only
     try:
