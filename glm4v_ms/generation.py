@@ -134,7 +134,8 @@ def prefill(model, inputs: dict, max_len: int, chunk: int | None = None):
     `chunk` splits the prompt into pieces of that many tokens (same result; bounds prefill memory)."""
     t0 = time.perf_counter()
     h, pos3, mask, deltas, _ = model.prompt(**{k: inputs.get(k) for k in (
-        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")})
+        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+        "inputs_embeds")})
     B, L = mask.shape
     dec = model.decoder(B, max_len)
     kv_valid = np.zeros((B, max_len), bool)

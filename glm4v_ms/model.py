@@ -156,18 +156,31 @@ class Glm4vForConditionalGeneration(nn.Cell):
         model.think_ids = thinking_ids(folder)
         return model
 
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, streamer=None, mm_token_type_ids=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, streamer=None, mm_token_type_ids=None,
+                 inputs_embeds=None, **kwargs):
         """Token ids (B, prompt + new), numpy int64. kwargs: max_new_tokens, min_new_tokens, do_sample,
         temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, max_thinking_tokens, seed.
         Defaults come from the checkpoint's generation_config.json. `streamer`: a callable taking the new
-        token ids (B,), or an object with put(ids) / end()."""
+        token ids (B,), or an object with put(ids) / end().
+
+        `inputs_embeds` (B, L, D), as transformers takes it: the prompt runs from these embeddings (positions
+        then run 0..L-1, no M-RoPE, as in the reference); given without input_ids, only the new tokens return."""
         from .generation import generate
         cfg = self.generation_config.updated(**kwargs)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("generate needs input_ids or inputs_embeds")
+        ids = input_ids
+        if inputs_embeds is not None:
+            B, L = np.shape(inputs_embeds)[:2]
+            ids = np.full((B, L), -1, np.int64) if input_ids is None else input_ids   # -1: no id (history skips it)
+            if _np(ids).reshape(B, -1).shape[1] != L:
+                raise ValueError(f"input_ids have {_np(ids).reshape(B, -1).shape[1]} tokens, inputs_embeds {L}")
+        inputs = dict(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values,
                       image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                      video_grid_thw=video_grid_thw)
-        return generate(self, {k: v for k, v in inputs.items() if v is not None}, cfg, self.think_ids, streamer)
+                      video_grid_thw=video_grid_thw, inputs_embeds=inputs_embeds)
+        out = generate(self, {k: v for k, v in inputs.items() if v is not None}, cfg, self.think_ids, streamer)
+        return out[:, np.shape(inputs_embeds)[1]:] if input_ids is None else out
 
     def load_weights(self, folder: str):
         params = dict(self.parameters_and_names())
@@ -204,12 +217,27 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return self._decoders[key]
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-              states=None):
-        """Token embeddings with the vision features written over the image tokens, in order."""
+              states=None, inputs_embeds=None):
+        """Token embeddings with the vision features written over the image tokens, in order. With inputs_embeds
+        (and no input_ids), the image tokens are the rows equal to the image token's embedding (the reference's
+        rule); video frames share that token, so videos need input_ids."""
         c = self.config
-        ids = _np(input_ids, np.int64)
-        B, L = ids.shape
-        h = self.text.embed(Tensor(ids.astype(np.int32))).reshape(B * L, -1)
+        if inputs_embeds is None:
+            ids = _np(input_ids, np.int64)
+            B, L = ids.shape
+            h = self.text.embed(Tensor(ids.astype(np.int32))).reshape(B * L, -1)
+        else:
+            e = _np(inputs_embeds, np.float32)
+            if e.ndim != 3 or e.shape[-1] != c.text.hidden_size:
+                raise ValueError(f"inputs_embeds must be (batch, length, {c.text.hidden_size}), got {e.shape}")
+            B, L = e.shape[:2]
+            h = Tensor(e.reshape(B * L, -1)).astype(self.dtype)
+            ids = None if input_ids is None else _np(input_ids, np.int64).reshape(B, L)
+            if ids is None or (ids < 0).all():
+                if pixel_values_videos is not None:
+                    raise ValueError("videos with inputs_embeds need input_ids too (video frames share the image token)")
+                row = self.text.embed.weight[c.image_token_id].astype(ms.float32).asnumpy()
+                ids = np.where((e == row).all(-1), c.image_token_id, -1)
         types = rope.token_types(ids, c.image_token_id, c.video_start_token_id, c.video_end_token_id).reshape(-1)
         for kind, pixels, grid, rows in (
                 (rope.IMAGE, pixel_values, image_grid_thw, lambda g: np.asarray(g, np.int64).reshape(-1, 3)),
@@ -275,10 +303,14 @@ class Glm4vForConditionalGeneration(nn.Cell):
                                     c.video_end_token_id)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, **unused) -> Output:
-        """Logits for every position of a full prompt (extra processor keys such as mm_token_type_ids are ignored)."""
-        return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    def __call__(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, **unused) -> Output:
+        """Logits for every position of a full prompt (extra processor keys such as mm_token_type_ids are ignored).
+        Exactly one of input_ids and inputs_embeds (B, L, D), as in transformers."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                             inputs_embeds=inputs_embeds)
 
     def trace(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
               pixel_values_videos=None, video_grid_thw=None, **unused) -> dict:
@@ -293,9 +325,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return d
 
     def _forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                 states=None):
+                 states=None, inputs_embeds=None):
         h, pos3, mask, deltas, pad = self.prompt(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                                 pixel_values_videos, video_grid_thw, states)
+                                                 pixel_values_videos, video_grid_thw, states, inputs_embeds)
         B, L = mask.shape
         S = cache_bucket(L)
         dec = self.decoder(B, S)
@@ -305,18 +337,26 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return Output(logits=logits[:, pad:] if pad else logits, rope_deltas=deltas)
 
     def prompt(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-               video_grid_thw=None, states=None):
+               video_grid_thw=None, states=None, inputs_embeds=None):
         """Embeddings (B, L', D), 3D positions (3, B, L'), mask (B, L'), rope deltas (B,) and the padding added.
 
         The prompt is left-padded to its length bucket with masked slots (the rule that serves batch padding),
         so that nearby prompt lengths share one compiled prefill graph. Not when tracing states."""
-        ids = _np(input_ids, np.int64)
-        if ids.ndim == 1:
-            ids = ids[None]
-        B, L = ids.shape
+        if inputs_embeds is not None:
+            B, L = np.shape(inputs_embeds)[:2]
+            ids = None if input_ids is None else _np(input_ids, np.int64).reshape(B, L)
+        else:
+            ids = _np(input_ids, np.int64)
+            if ids.ndim == 1:
+                ids = ids[None]
+            B, L = ids.shape
         mask = np.ones((B, L), bool) if attention_mask is None else _np(attention_mask).astype(bool).reshape(B, L)
-        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states)
-        pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
+        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states, inputs_embeds)
+        if inputs_embeds is None:
+            pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
+        else:   # the reference's positions for embeddings: text positions, no M-RoPE (it cannot see the grids' tokens)
+            pos = np.where(mask, np.cumsum(mask, -1) - 1, 0)
+            pos3, deltas = np.broadcast_to(pos[None], (3, B, L)).astype(np.int64), np.zeros(B, np.int64)
         pad = 0 if states is not None else prompt_bucket(L) - L
         if pad:
             h = ops.cat([ops.zeros((B, pad, h.shape[-1]), h.dtype), h], 1)
