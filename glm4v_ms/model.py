@@ -162,11 +162,16 @@ class Glm4vForConditionalGeneration(nn.Cell):
         """Token ids (B, prompt + new), numpy int64. kwargs: max_new_tokens, min_new_tokens, do_sample,
         temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, max_thinking_tokens, seed.
         Defaults come from the checkpoint's generation_config.json. `streamer`: a callable taking the new
-        token ids (B,), or an object with put(ids) / end().
+        token ids (B,), or an object with put(ids) / end(). Beam search (beam.py): num_beams,
+        num_return_sequences, length_penalty, early_stopping; return_dict_in_generate (with output_scores) returns
+        sequences, sequences_scores, scores and beam_indices as transformers does.
 
         `inputs_embeds` (B, L, D), as transformers takes it: the prompt runs from these embeddings (positions
         then run 0..L-1, no M-RoPE, as in the reference); given without input_ids, only the new tokens return."""
         from .generation import generate
+        beam_args = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences", "length_penalty",
+                                                "early_stopping", "output_scores", "return_dict_in_generate")
+                     if k in kwargs}
         cfg = self.generation_config.updated(**kwargs)
         if input_ids is None and inputs_embeds is None:
             raise ValueError("generate needs input_ids or inputs_embeds")
@@ -179,8 +184,25 @@ class Glm4vForConditionalGeneration(nn.Cell):
         inputs = dict(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values,
                       image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                       video_grid_thw=video_grid_thw, inputs_embeds=inputs_embeds)
-        out = generate(self, {k: v for k, v in inputs.items() if v is not None}, cfg, self.think_ids, streamer)
-        return out[:, np.shape(inputs_embeds)[1]:] if input_ids is None else out
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        if beam_args.get("num_beams", 1) > 1 or beam_args.get("return_dict_in_generate"):
+            from . import beam
+            if beam_args.get("num_beams", 1) == 1:
+                raise ValueError("return_dict_in_generate is supported with num_beams > 1 only")
+            beam.check(cfg, **{k: beam_args.get(k, d) for k, d in (("num_beams", 1), ("num_return_sequences", 1),
+                       ("length_penalty", 1.0), ("early_stopping", False))}, streamer=streamer)
+            out = beam.generate(self, inputs, cfg, **beam_args)
+        else:
+            if beam_args.get("num_return_sequences", 1) != 1:
+                raise ValueError("num_return_sequences > 1 needs num_beams >= num_return_sequences (no sampling "
+                                 "of several sequences here)")
+            out = generate(self, inputs, cfg, self.think_ids, streamer)
+        if input_ids is None:   # the reference returns only the new tokens when it was given embeddings alone
+            if hasattr(out, "sequences"):
+                out.sequences = out.sequences[:, np.shape(inputs_embeds)[1]:]
+                return out
+            return out[:, np.shape(inputs_embeds)[1]:]
+        return out
 
     def load_weights(self, folder: str):
         params = dict(self.parameters_and_names())
