@@ -212,3 +212,25 @@ def test_parity_text_file_as_reference_is_one_clear_line(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a parity dump" in lines[0] and "pickle" not in lines[0], p.stderr
+
+
+def test_demo_150m_tokenizer_covers_its_vocabulary(tmp_path):
+    """demo-150m's vocabulary has 32768 ids and the tiny tokenizer 471: the rest get made-up words, so random ids
+    decode to visible text (ours and transformers' tokenizer alike), and GLM's structure tokens keep their ids."""
+    from transformers import AutoTokenizer
+
+    from glm4v_ms import Glm4vProcessor, demo
+    from glm4v_ms.processing import tiny
+    tiny.write_all(str(tmp_path))
+    vocab = demo.SIZES["demo-150m"]["text"]["vocab_size"]
+    demo.cover_vocabulary(str(tmp_path), vocab)
+    ours, ref = Glm4vProcessor.from_pretrained(str(tmp_path)).tokenizer, AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(ref) == vocab
+    assert all(ref.convert_tokens_to_ids(t) == i for t, i in tiny.TOKEN_IDS.items())
+    ids = np.random.default_rng(0).integers(tiny.VOCAB_SIZE, vocab, 40).tolist()
+    text = ours.decode(ids, skip_special_tokens=True)
+    assert text == ref.decode(ids, skip_special_tokens=True)
+    assert len(text.split()) >= 20 and text.replace(" ", "").isalpha()   # ~80% of the words start with a space
+    before = open(tmp_path / "tokenizer.json").read()
+    demo.cover_vocabulary(str(tmp_path), vocab)            # idempotent: a cached demo is upgraded once
+    assert open(tmp_path / "tokenizer.json").read() == before
