@@ -17,6 +17,7 @@ import sys
 DEMOS = ("demo-tiny", "demo-150m")
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in TAGS) + ")")
+CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # all but tab and newline: shown escaped
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,7 +28,8 @@ class Parser(argparse.ArgumentParser):
 
 def parse(argv):
     p = Parser(description="Chat with GLM-4.1V-9B-Thinking in MindSpore.")
-    p.add_argument("--model_name", required=True, help="checkpoint folder (HF or converted), hub id, or demo-tiny")
+    p.add_argument("--model_name", required=True,
+                   help="checkpoint folder (HF or converted), hub id, or a random demo checkpoint: " + " or ".join(DEMOS))
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     p.add_argument("--video", help="video path or URL")
     p.add_argument("--prompt", help="the user's message (with --chat: the first one)")
@@ -113,6 +115,8 @@ class Display:
     def _write(self, s, header=False):
         if not s or (self.hide and (self.thinking or s == "\n" and header)):
             return
+        if not header:   # the model's text: a raw escape or carriage return would act on the terminal
+            s = CONTROL_RE.sub(lambda m: m.group().encode("unicode_escape").decode(), s)
         if self.thinking and self.dim and not header:
             s = f"\033[2m{s}\033[0m"
         self.out.write(s)
@@ -133,12 +137,43 @@ def write_boxes(source, answer, out):
     print(f"[{len(boxes)} box(es) drawn on {out}]", file=sys.stderr)
 
 
+def media_items(a):
+    """The chat template's media entries; a path that is not a file or a URL we cannot fetch fails here, before
+    the model loads (a typo should not cost a full load)."""
+    from glm4v_ms.processing.image import open_image
+
+    items = []
+    for kind, src in [("image", p) for p in a.image] + ([("video", a.video)] if a.video else []):
+        if "://" in src:
+            scheme = src.split("://", 1)[0].lower()
+            if scheme not in ("http", "https", "file"):
+                raise ValueError(f"{kind} {src}: {scheme}:// URLs are not supported (use http(s)://, file:// or a path)")
+            if scheme == "file":
+                src = src[len("file://"):]
+        if "://" not in src and not os.path.isfile(src):
+            raise ValueError(f"{kind} not found: {src}" + (" (a folder)" if os.path.isdir(src) else ""))
+        if kind == "image" and "://" not in src:
+            open_image(src)   # decodes it: a broken file fails now
+        items.append({"type": kind, "url" if "://" in src else "path": src})
+    return items
+
+
 def run(a):
     from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor
     from glm4v_ms.processing import strip_thinking
 
     folder = resolve_model(a.model_name)
     processor = Glm4vProcessor.from_pretrained(folder)
+    media = media_items(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+
+    def turn(prompt, first):
+        content = (media if first else []) + [{"type": "text", "text": prompt}]
+        msgs = messages + [{"role": "user", "content": content}]
+        return msgs, processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+
+    # the first turn's prompt (media decoded) is built before the model loads: bad media fail fast
+    pending = turn(a.prompt, True) if a.prompt else None
     model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=a.dtype, device=None if a.device in (None, "auto") else a.device)
     gen = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                repetition_penalty=a.repetition_penalty, max_thinking_tokens=a.max_thinking_tokens, seed=a.seed)
@@ -146,45 +181,70 @@ def run(a):
         gen["do_sample"] = False
     elif any(v is not None for v in (a.temperature, a.top_p, a.top_k)):
         gen["do_sample"] = True
-    model.generation_config.updated(**gen)   # validates the flags before any work
+    cfg = model.generation_config.updated(**gen)   # validates the flags before any work
+    ctx = model.config.text.max_position_embeddings
     print(f"[memory: {model.memory_plan()}]", file=sys.stderr)
 
-    media = [{"type": "image", "path": p} if "://" not in p else {"type": "image", "url": p} for p in a.image]
-    if a.video:
-        media.append({"type": "video", "url" if "://" in a.video else "path": a.video})
-    messages = [{"role": "system", "content": a.system}] if a.system else []
-    prompt = a.prompt
     first = True
     while True:
-        if prompt is None:
+        if pending is None:
             if sys.stdin.isatty():
                 sys.stderr.write("> ")
                 sys.stderr.flush()
             line = sys.stdin.readline()
             if not line or not line.strip():
                 return 0
-            prompt = line.strip()
-        content = (media if first else []) + [{"type": "text", "text": prompt}]
-        messages.append({"role": "user", "content": content})
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            pending = turn(line.strip(), first)
+        msgs, inputs = pending
+        pending = None
+        n_prompt = inputs["input_ids"].shape[1]
+        if n_prompt >= ctx and a.chat:
+            # the session goes on: this turn is dropped, the conversation so far is kept
+            print(f"this turn does not fit: the conversation would have {n_prompt} tokens; the model's context is "
+                  f"{ctx}. Send a shorter message.", file=sys.stderr)
+            continue
+        if n_prompt < ctx and n_prompt + cfg.max_new_tokens > ctx:
+            print(f"note: max_new_tokens {cfg.max_new_tokens} is cut to {ctx - n_prompt}: the prompt has {n_prompt} "
+                  f"tokens of the model's {ctx}-token context", file=sys.stderr)
         display = Display(processor.tokenizer, a.hide_thinking)
         ids = model.generate(**inputs, streamer=display, **gen)
         t = model.last_timings
         tps = t["decode_steps"] / t["decode_s"] if t["decode_s"] > 0 else 0.0
-        first = f" (first step {t['first_step_s']:.2f} s)" if "first_step_s" in t else ""
+        note = f" (first step {t['first_step_s']:.2f} s)" if "first_step_s" in t else ""
         print(f"prompt tokens: {t['prompt_tokens']}, new tokens: {t['new_tokens']}, prefill: {t['prefill_s']:.2f} s, "
-              f"decode: {tps:.1f} tokens/s{first}", file=sys.stderr)
-        reply = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+              f"decode: {tps:.1f} tokens/s{note}", file=sys.stderr)
+        reply = processor.decode(ids[0, n_prompt:], skip_special_tokens=True)
         # earlier assistant turns keep only their answer, as the official CLI does; media stay in the first turn
-        messages.append({"role": "assistant", "content": strip_thinking(reply)})
+        messages[:] = msgs + [{"role": "assistant", "content": strip_thinking(reply)}]
         if a.boxes:
             write_boxes(a.image[-1], strip_thinking(reply), a.boxes)
-        first, prompt = False, None
+        first = False
         if not a.chat:
             return 0
 
 
+def exit_on_interrupt():
+    """Ctrl-C anywhere (import, load, prefill, decode, reading stdin): `interrupted` on stderr, exit 130.
+
+    MindSpore installs its own SIGINT handling (it ends the process with SIGTERM, or, during its import, aborts
+    with a flood of errors), so no Python handler can be relied on: SIGINT is blocked in this thread before
+    anything starts a thread (every thread inherits the mask) and a watcher thread takes it with sigwait."""
+    import signal
+    import threading
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def watch():
+        signal.sigwait({signal.SIGINT})
+        os.write(2, b"\ninterrupted\n")
+        os._exit(130)   # no interpreter teardown: MindSpore's threads may be mid-kernel
+    threading.Thread(target=watch, name="sigint", daemon=True).start()
+
+
 def main(argv=None):
+    if argv is None:   # the CLI, not a caller's process
+        exit_on_interrupt()
     a = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GLOG_v", "3")   # MindSpore's own log: errors only
     try:

@@ -80,7 +80,8 @@ def rope(x, cos, sin):
 def decoder_attention(q, k_cache, v_cache, seen, kv_len, scale):
     """Grouped-query attention of new queries over the static cache.
 
-    q (B, L, H, D); caches (B, Hkv, S, D); seen (B, L, S) bool, True where a query may attend; kv_len (B,) int64,
+    q (B, L, H, D); caches (B, Hkv, S, D), S the slots attended over (a prompt chunk: the filled ones only);
+    seen (B, L, S) bool, True where a query may attend; kv_len (B,) int64,
     the slots filled so far (the fused kernel stops there; the mask alone is enough for the maths).
     Returns (B, L, H*D)."""
     B, L, H, D = q.shape

@@ -260,7 +260,8 @@ def _open_all(ckpt: Checkpoint) -> dict:
 
 def _load_source(src: str, dtype: str | None):
     if not os.path.isdir(src):
-        raise WeightError(f"{src}: no such folder")
+        raise WeightError(f"{src}: not a folder (give the checkpoint's folder, not one of its files)"
+                          if os.path.exists(src) else f"{src}: no such folder")
     cfg = Glm4vConfig.from_pretrained(src)
     ckpt = Checkpoint(src)
     _check_index(ckpt)

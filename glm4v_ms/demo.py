@@ -2,7 +2,8 @@
 
 `demo-tiny` lets a new user run the whole pipeline (processor, vision tower, decoder, streaming) on any machine;
 `demo-150m` is the benchmark-sized model (text 8 x 1024, vocab 32768; vision 4 x 256). Their weights are random:
-what they generate is noise, by design.
+what they generate is noise, by design. The tiny tokenizer has 471 entries; demo-150m's gets made-up words for the
+rest of its 32768 ids (decode only: no merges reach them), so that its random output shows as text.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def build(dst: str, size: str = "demo-tiny", seed: int = 0) -> str:
         # small pixel budgets keep a CPU demo quick: at most 256 image tokens, 1024 per video
         tiny.write_all(tmp, image_size={"shortest_edge": 12544, "longest_edge": 28 * 28 * 2 * 256},
                        video_size={"shortest_edge": 12544, "longest_edge": 28 * 28 * 2 * 1024})
+        cover_vocabulary(tmp, cfg.text.vocab_size)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": tiny.EOS_TOKEN_IDS, "pad_token_id": tiny.PAD_TOKEN_ID, "do_sample": False,
                        "max_new_tokens": 128}, f, indent=2)
@@ -98,12 +100,52 @@ def build(dst: str, size: str = "demo-tiny", seed: int = 0) -> str:
     return dst
 
 
+def _words(n: int, taken: set) -> list:
+    """n made-up words in byte-level BPE spelling ("\u0120" is a leading space), fixed for a given n."""
+    cons, vows = "bcdfghjklmnprstvwz", "aeiou"
+    syl = [c + v for c in cons for v in vows]
+    rng = np.random.default_rng(0)
+    out, seen = [], set(taken)
+    while len(out) < n:
+        k = rng.integers(1, 4)
+        w = "".join(syl[i] for i in rng.integers(0, len(syl), k))
+        w = ("\u0120" + w) if rng.random() < 0.8 else w
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+def cover_vocabulary(folder: str, vocab_size: int):
+    """Give every id below vocab_size a token in folder's tokenizer.json (written atomically: a running process
+    may be reading it)."""
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    vocab = tj["model"]["vocab"]
+    used = set(vocab.values()) | {t["id"] for t in tj.get("added_tokens", [])}
+    free = [i for i in range(vocab_size) if i not in used]
+    if not free:
+        return
+    vocab.update(zip(_words(len(free), set(vocab)), free))
+    # the added tokens enter the model's vocabulary at their ids too: else, on loading, `tokenizers` would give
+    # them new ids after the (now larger) model vocabulary
+    vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
 def cached(size: str) -> str:
-    """The demo checkpoint in the cache folder ($GLM4V_MS_CACHE, default ~/.cache/glm4v_ms), built once."""
+    """The demo checkpoint in the cache folder ($GLM4V_MS_CACHE, default ~/.cache/glm4v_ms), built once (one
+    built before its tokenizer covered its vocabulary gets the covering tokenizer)."""
     root = os.environ.get("GLM4V_MS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms")
     dst = os.path.join(root, size)
     if not os.path.isfile(os.path.join(dst, MARKER)):
         build(dst, size)
+    else:
+        cover_vocabulary(dst, SIZES[size]["text"]["vocab_size"])
     return dst
 
 

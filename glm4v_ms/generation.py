@@ -140,7 +140,8 @@ def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=Non
     cache to fill (default: the model's shared one of this size)."""
     t0 = time.perf_counter()
     h, pos3, mask, deltas, _ = model.prompt(**{k: inputs.get(k) for k in (
-        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")})
+        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+        "inputs_embeds")})
     B, L = mask.shape
     dec = dec or model.decoder(B, max_len)
     kv_valid = np.zeros((B, max_len), bool)

@@ -101,6 +101,27 @@ def prompt_bucket(n: int) -> int:
     return -(-int(n) // step) * step
 
 
+SCORES_BUDGET = 256 << 20   # bytes of one (B, heads, chunk, extent) float32 score tensor in a prompt chunk
+
+
+def prompt_chunk(t, batch: int, n: int) -> int:
+    """Tokens per prompt chunk for a prompt ending at cache slot n: the largest power of two (>= 64) whose
+    attention scores over the n filled slots fit SCORES_BUDGET, or the whole prompt if that fits."""
+    per_query = batch * t.num_attention_heads * 4 * (1 << (max(n, 1) - 1).bit_length())
+    c = max(64, 1 << max(0, (SCORES_BUDGET // per_query).bit_length() - 1))
+    return n if c >= n else c
+
+
+def activation_bytes(t, batch: int, n: int, item: int) -> int:
+    """Bound on the text decoder's activations for a prompt of up to n tokens (one layer at a time): a few copies
+    of the float32 scores and the mask over a chunk's extent, and the chunk's projections and MLP."""
+    c = prompt_chunk(t, batch, n)
+    e = 1 << (max(n, 1) - 1).bit_length()
+    scores = batch * c * e * (4 * t.num_attention_heads * 4 + 5)
+    rows = batch * c * (3 * (t.q_size + 2 * t.kv_size) + 4 * t.intermediate_size + 6 * t.hidden_size) * max(item, 4)
+    return scores + rows + batch * t.vocab_size * 4 * 2
+
+
 @dataclass
 class Output:
     logits: Tensor               # (B, L, vocab)
@@ -136,18 +157,53 @@ class Glm4vForConditionalGeneration(nn.Cell):
         model.think_ids = thinking_ids(folder)
         return model
 
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, streamer=None, mm_token_type_ids=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, streamer=None, mm_token_type_ids=None,
+                 inputs_embeds=None, **kwargs):
         """Token ids (B, prompt + new), numpy int64. kwargs: max_new_tokens, min_new_tokens, do_sample,
         temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, max_thinking_tokens, seed.
         Defaults come from the checkpoint's generation_config.json. `streamer`: a callable taking the new
-        token ids (B,), or an object with put(ids) / end()."""
+        token ids (B,), or an object with put(ids) / end(). Beam search (beam.py): num_beams,
+        num_return_sequences, length_penalty, early_stopping; return_dict_in_generate (with output_scores) returns
+        sequences, sequences_scores, scores and beam_indices as transformers does.
+
+        `inputs_embeds` (B, L, D), as transformers takes it: the prompt runs from these embeddings (positions
+        then run 0..L-1, no M-RoPE, as in the reference); given without input_ids, only the new tokens return."""
         from .generation import generate
+        beam_args = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences", "length_penalty",
+                                                "early_stopping", "output_scores", "return_dict_in_generate")
+                     if k in kwargs}
         cfg = self.generation_config.updated(**kwargs)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("generate needs input_ids or inputs_embeds")
+        ids = input_ids
+        if inputs_embeds is not None:
+            B, L = np.shape(inputs_embeds)[:2]
+            ids = np.full((B, L), -1, np.int64) if input_ids is None else input_ids   # -1: no id (history skips it)
+            if _np(ids).reshape(B, -1).shape[1] != L:
+                raise ValueError(f"input_ids have {_np(ids).reshape(B, -1).shape[1]} tokens, inputs_embeds {L}")
+        inputs = dict(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values,
                       image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                      video_grid_thw=video_grid_thw)
-        return generate(self, {k: v for k, v in inputs.items() if v is not None}, cfg, self.think_ids, streamer)
+                      video_grid_thw=video_grid_thw, inputs_embeds=inputs_embeds)
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        if beam_args.get("num_beams", 1) > 1 or beam_args.get("return_dict_in_generate"):
+            from . import beam
+            if beam_args.get("num_beams", 1) == 1:
+                raise ValueError("return_dict_in_generate is supported with num_beams > 1 only")
+            beam.check(cfg, **{k: beam_args.get(k, d) for k, d in (("num_beams", 1), ("num_return_sequences", 1),
+                       ("length_penalty", 1.0), ("early_stopping", False))}, streamer=streamer)
+            out = beam.generate(self, inputs, cfg, **beam_args)
+        else:
+            if beam_args.get("num_return_sequences", 1) != 1:
+                raise ValueError("num_return_sequences > 1 needs num_beams >= num_return_sequences (no sampling "
+                                 "of several sequences here)")
+            out = generate(self, inputs, cfg, self.think_ids, streamer)
+        if input_ids is None:   # the reference returns only the new tokens when it was given embeddings alone
+            if hasattr(out, "sequences"):
+                out.sequences = out.sequences[:, np.shape(inputs_embeds)[1]:]
+                return out
+            return out[:, np.shape(inputs_embeds)[1]:]
+        return out
 
     def load_weights(self, folder: str, skip=()):
         params = dict(self.parameters_and_names())
@@ -158,13 +214,15 @@ class Glm4vForConditionalGeneration(nn.Cell):
             else:  # bf16 bits or a dtype change: through float32, exact for bf16 -> bf16
                 p.set_data(Tensor(to_float32(arr, st)).astype(p.dtype))
 
-    def memory_plan(self, max_model_len: int | None = None) -> str:
-        """Weights + static KV cache for a context of max_model_len tokens (default: the model's context)."""
+    def memory_plan(self, max_model_len: int | None = None, batch: int = 1) -> str:
+        """Weights + static KV cache for a context of max_model_len tokens (default: the model's context) + the
+        bound on the text decoder's activations (a prompt runs in chunks over the filled cache only)."""
         t = self.config.text
         n = max_model_len or t.max_position_embeddings
         item = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}[self.dtype]
         params = sum(int(np.prod(p.shape)) for _, p in self.parameters_and_names())
         per_tok = t.num_hidden_layers * 2 * t.kv_size * item
+        act = activation_bytes(t, batch, n, item)
         gb = 1e9
         dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
         from .quant import weight_bytes
@@ -172,7 +230,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         what = (f"weights {wbytes / gb:.2f} GB ({qbytes / gb:.2f} GB of them quantized linears, the rest {dt})"
                 if qbytes else f"weights {params / 1e6:,.1f} M parameters = {wbytes / gb:.2f} GB in {dt}")
         return (f"{what}; KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
-                f"total {(wbytes + per_tok * n) / gb:.2f} GB")
+                f"activations <= {act / gb:.2f} GB; total {(wbytes + per_tok * n + act) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation
     def decoder(self, batch: int, max_len: int) -> CachedDecoder:
@@ -185,12 +243,27 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return self._decoders[key]
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-              states=None):
-        """Token embeddings with the vision features written over the image tokens, in order."""
+              states=None, inputs_embeds=None):
+        """Token embeddings with the vision features written over the image tokens, in order. With inputs_embeds
+        (and no input_ids), the image tokens are the rows equal to the image token's embedding (the reference's
+        rule); video frames share that token, so videos need input_ids."""
         c = self.config
-        ids = _np(input_ids, np.int64)
-        B, L = ids.shape
-        h = self.text.embed(Tensor(ids.astype(np.int32))).reshape(B * L, -1)
+        if inputs_embeds is None:
+            ids = _np(input_ids, np.int64)
+            B, L = ids.shape
+            h = self.text.embed(Tensor(ids.astype(np.int32))).reshape(B * L, -1)
+        else:
+            e = _np(inputs_embeds, np.float32)
+            if e.ndim != 3 or e.shape[-1] != c.text.hidden_size:
+                raise ValueError(f"inputs_embeds must be (batch, length, {c.text.hidden_size}), got {e.shape}")
+            B, L = e.shape[:2]
+            h = Tensor(e.reshape(B * L, -1)).astype(self.dtype)
+            ids = None if input_ids is None else _np(input_ids, np.int64).reshape(B, L)
+            if ids is None or (ids < 0).all():
+                if pixel_values_videos is not None:
+                    raise ValueError("videos with inputs_embeds need input_ids too (video frames share the image token)")
+                row = self.text.embed.weight[c.image_token_id].astype(ms.float32).asnumpy()
+                ids = np.where((e == row).all(-1), c.image_token_id, -1)
         types = rope.token_types(ids, c.image_token_id, c.video_start_token_id, c.video_end_token_id).reshape(-1)
         for kind, pixels, grid, rows in (
                 (rope.IMAGE, pixel_values, image_grid_thw, lambda g: np.asarray(g, np.int64).reshape(-1, 3)),
@@ -218,17 +291,41 @@ class Glm4vForConditionalGeneration(nn.Cell):
         """Run L new tokens (embeddings h) at cache slots slot0..slot0+L-1 with 3D positions pos3 (3, B, L).
         slot0: one int for all rows, or one per row (B,) (the serving engine: each row at its own slots).
         kv_valid (B, S): which slots hold real tokens once these are written. With a `states` list the layers run
-        eagerly (not compiled) and record their outputs."""
+        eagerly (not compiled) and record their outputs.
+
+        A prompt (L > 1) attends over the filled part of the cache only, in chunks of `prompt_chunk` tokens: its
+        activations stay within `activation_bytes` whatever the cache length (max_new_tokens)."""
         B, L = h.shape[0], h.shape[1]
-        c = self.config.text
-        first = np.broadcast_to(np.asarray(slot0, np.int32).reshape(-1), (B,))
+        first = np.broadcast_to(np.asarray(slot0, np.int64).reshape(-1), (B,))
         if first.max() + L > dec.max_len:
             raise ValueError(f"{first.max() + L} tokens do not fit the cache of {dec.max_len}")
+        if L == 1:   # a decode step: one graph for every token, over the whole cache (the mask bounds it)
+            return self._run(dec, h, pos3, first, kv_valid, last_only, dec.max_len, states)
+        if first.min() != first.max():
+            raise ValueError("a prompt of several tokens starts at one cache slot for all rows")
+        slot0 = int(first[0])
+        step = L if states is not None else prompt_chunk(self.config.text, B, slot0 + L)
+        out = []
+        for s in range(0, L, step):
+            e = slot0 + min(s + step, L)
+            # a graph per (chunk length, extent): the extent is exact for a whole prompt from slot 0 (one graph per
+            # prompt bucket, as before) and a power of two otherwise (a handful of graphs for a chunked prompt)
+            extent = e if (s == 0 and step >= L and slot0 == 0) else min(dec.max_len, 1 << (e - 1).bit_length())
+            out.append(self._run(dec, h[:, s:s + step], pos3[:, :, s:s + step], slot0 + s, kv_valid, last_only,
+                                 extent, states))
+        return out[-1] if last_only or len(out) == 1 else ops.cat(out, 1)
+
+    def _run(self, dec, h, pos3, slot0, kv_valid, last_only, extent, states):
+        """slot0: the first slot of these tokens, one int for all rows or one per row (B,)."""
+        B, L = h.shape[0], h.shape[1]
+        c = self.config.text
         cos, sin = rope.text_cos_sin(pos3, c.rotary_dim, c.rope_theta, c.mrope_section)
-        q_slot = (first[:, None] + np.arange(L, dtype=np.int32)).astype(np.int32)                    # (B, L)
+        first = np.broadcast_to(np.asarray(slot0, np.int64).reshape(-1), (B,))
+        q_slot = (first[:, None] + np.arange(L)).astype(np.int32)                                     # (B, L)
         b, hh, s = np.meshgrid(np.arange(B), np.arange(c.num_key_value_heads), np.arange(L), indexing="ij")
         write = np.stack([b, hh, q_slot[b, s]], -1).astype(np.int32)
-        args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write), last_only)
+        args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write),
+                last_only, int(extent))
         return dec(*args) if states is None else dec.forward(*args, states=states)
 
     def positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
@@ -238,10 +335,14 @@ class Glm4vForConditionalGeneration(nn.Cell):
                                     c.video_end_token_id)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, **unused) -> Output:
-        """Logits for every position of a full prompt (extra processor keys such as mm_token_type_ids are ignored)."""
-        return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    def __call__(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, **unused) -> Output:
+        """Logits for every position of a full prompt (extra processor keys such as mm_token_type_ids are ignored).
+        Exactly one of input_ids and inputs_embeds (B, L, D), as in transformers."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                             inputs_embeds=inputs_embeds)
 
     def trace(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
               pixel_values_videos=None, video_grid_thw=None, **unused) -> dict:
@@ -256,9 +357,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return d
 
     def _forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                 states=None):
+                 states=None, inputs_embeds=None):
         h, pos3, mask, deltas, pad = self.prompt(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                                 pixel_values_videos, video_grid_thw, states)
+                                                 pixel_values_videos, video_grid_thw, states, inputs_embeds)
         B, L = mask.shape
         S = cache_bucket(L)
         dec = self.decoder(B, S)
@@ -268,18 +369,26 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return Output(logits=logits[:, pad:] if pad else logits, rope_deltas=deltas)
 
     def prompt(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-               video_grid_thw=None, states=None):
+               video_grid_thw=None, states=None, inputs_embeds=None):
         """Embeddings (B, L', D), 3D positions (3, B, L'), mask (B, L'), rope deltas (B,) and the padding added.
 
         The prompt is left-padded to its length bucket with masked slots (the rule that serves batch padding),
         so that nearby prompt lengths share one compiled prefill graph. Not when tracing states."""
-        ids = _np(input_ids, np.int64)
-        if ids.ndim == 1:
-            ids = ids[None]
-        B, L = ids.shape
+        if inputs_embeds is not None:
+            B, L = np.shape(inputs_embeds)[:2]
+            ids = None if input_ids is None else _np(input_ids, np.int64).reshape(B, L)
+        else:
+            ids = _np(input_ids, np.int64)
+            if ids.ndim == 1:
+                ids = ids[None]
+            B, L = ids.shape
         mask = np.ones((B, L), bool) if attention_mask is None else _np(attention_mask).astype(bool).reshape(B, L)
-        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states)
-        pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
+        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states, inputs_embeds)
+        if inputs_embeds is None:
+            pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
+        else:   # the reference's positions for embeddings: text positions, no M-RoPE (it cannot see the grids' tokens)
+            pos = np.where(mask, np.cumsum(mask, -1) - 1, 0)
+            pos3, deltas = np.broadcast_to(pos[None], (3, B, L)).astype(np.int64), np.zeros(B, np.int64)
         pad = 0 if states is not None else prompt_bucket(L) - L
         if pad:
             h = ops.cat([ops.zeros((B, pad, h.shape[-1]), h.dtype), h], 1)

@@ -57,7 +57,7 @@ class Attention(nn.Cell):
         self.qkv = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, dtype, bias=True)
         self.o = Linear(cfg.q_size, cfg.hidden_size, dtype)
 
-    def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache):
+    def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache, extent: int):
         c = self.cfg
         B, L, _ = x.shape
         qkv = self.qkv(x)
@@ -68,10 +68,13 @@ class Attention(nn.Cell):
         cs, sn = cos[:, :, None, :], sin[:, :, None, :]
         q = ops.cat([rope(q[..., :r], cs, sn), q[..., r:]], -1)
         k = ops.cat([rope(k[..., :r], cs, sn), k[..., r:]], -1)
-        # write this step's keys/values at their explicit cache slots, then attend over the whole cache
-        ops.scatter_nd_update(k_cache, write_idx, k.transpose(0, 2, 1, 3))
-        ops.scatter_nd_update(v_cache, write_idx, v.transpose(0, 2, 1, 3))
-        o = decoder_attention(q, k_cache, v_cache, seen, kv_len, c.head_dim ** -0.5)
+        # write this step's keys/values at their explicit cache slots, then attend over the first `extent` slots:
+        # a prompt reads only the filled part (its scores grow with the prompt, not with max_new_tokens)
+        kc = ops.scatter_nd_update(k_cache, write_idx, k.transpose(0, 2, 1, 3))
+        vc = ops.scatter_nd_update(v_cache, write_idx, v.transpose(0, 2, 1, 3))
+        if extent < k_cache.shape[2]:   # slice the updated caches (the outputs), so the reads follow the writes
+            kc, vc = kc[:, :, :extent], vc[:, :, :extent]
+        o = decoder_attention(q, kc, vc, seen, kv_len, c.head_dim ** -0.5)
         return self.o(o)
 
 
@@ -98,9 +101,10 @@ class DecoderLayer(nn.Cell):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
         self.post_mlp_norm = Norm(cfg.hidden_size, dtype)
 
-    def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache):
+    def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache, extent: int):
         e = self.eps
-        a = self.attn(rms_norm(x, self.input_norm.weight, e), cos, sin, seen, kv_len, write_idx, k_cache, v_cache)
+        a = self.attn(rms_norm(x, self.input_norm.weight, e), cos, sin, seen, kv_len, write_idx, k_cache, v_cache,
+                      extent)
         x = x + rms_norm(a, self.post_attn_norm.weight, e)
         m = self.mlp(rms_norm(x, self.pre_mlp_norm.weight, e))
         return x + rms_norm(m, self.post_mlp_norm.weight, e)
@@ -120,7 +124,9 @@ class CachedDecoder(nn.Cell):
 
     Inputs are host-made (model.py): embeddings (B, L, D), cos/sin (B, L, R), the cache slot of each query
     (B, L), which cache slots hold real tokens (B, S), and scatter indices (B, Hkv, L, 3) for the writes.
-    A query sees slot s when s <= its own slot and s is real: causal and left-padding masking in one rule."""
+    A query sees slot s when s <= its own slot and s is real: causal and left-padding masking in one rule.
+    `extent` (a graph constant): the queries attend over cache slots [0, extent) only; model.run sets it to the
+    end of the prompt chunk (rounded, so few graphs) and to the whole cache for a decode step."""
 
     def __init__(self, text: TextModel, lm_head: Parameter, batch: int, max_len: int):
         super().__init__()
@@ -135,17 +141,20 @@ class CachedDecoder(nn.Cell):
         self.batch, self.max_len = batch, max_len
 
     @ms.jit
-    def construct(self, h, cos, sin, q_slot, kv_valid, write_idx, last_only: bool):
-        return self.forward(h, cos, sin, q_slot, kv_valid, write_idx, last_only)
+    def construct(self, h, cos, sin, q_slot, kv_valid, write_idx, last_only: bool, extent: int):
+        return self.forward(h, cos, sin, q_slot, kv_valid, write_idx, last_only, extent)
 
-    def forward(self, h, cos, sin, q_slot, kv_valid, write_idx, last_only: bool, states=None):
+    def forward(self, h, cos, sin, q_slot, kv_valid, write_idx, last_only: bool, extent: int, states=None):
         """The graph's body; called eagerly with a `states` list, it also records each layer's output and the
         final norm's (the parity harness)."""
-        seen = (self.slots[None, None, :] <= q_slot[:, :, None]) & kv_valid[:, None, :]      # (B, L, S)
+        if extent < self.max_len:
+            seen = (self.slots[None, None, :extent] <= q_slot[:, :, None]) & kv_valid[:, None, :extent]  # (B, L, E)
+        else:
+            seen = (self.slots[None, None, :] <= q_slot[:, :, None]) & kv_valid[:, None, :]              # (B, L, S)
         kv_len = (q_slot[:, -1] + 1).astype(ms.int64)   # slots written so far: the fused kernel reads no further
         cos, sin = cos.astype(h.dtype), sin.astype(h.dtype)   # the reference rotates in the activation dtype
         for i in range(len(self.text.layers)):
-            h = self.text.layers[i](h, cos, sin, seen, kv_len, write_idx, self.k[i], self.v[i])
+            h = self.text.layers[i](h, cos, sin, seen, kv_len, write_idx, self.k[i], self.v[i], extent)
             if states is not None:
                 states.append((f"text.layers.{i}", h))
         if last_only:

@@ -38,6 +38,8 @@ def load(path):
     """-> (meta, cases) as save() takes them; any unreadable or foreign file is a ParityError."""
     if not os.path.isfile(path):
         raise ParityError(f"reference dump not found: {path}")
+    if not zipfile.is_zipfile(path):   # else numpy guesses a pickle and says so
+        raise ParityError(f"{path} is not a parity dump (not an .npz file: write one with `dump` or `run --out`)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "meta" not in z.files:
