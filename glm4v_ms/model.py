@@ -1,4 +1,7 @@
-"""Glm4vForConditionalGeneration: the vision tower's features merged into the text, over a static KV cache.
+"""Glm4vForConditionalGeneration (GLM-4.1V) and Glm4vMoeForConditionalGeneration (GLM-4.5V): the vision tower's
+features merged into the text, over a static KV cache. The two differ only in their config (text.py, moe.py).
+AutoModelForImageTextToText picks one by config.json's model_type. `tensor_parallel_size` > 1 inside an msrun
+launch splits the text model across the ranks (parallel.py); the vision tower runs whole on every rank.
 
 Host side (NumPy): token types, 3D positions and rope deltas, cos/sin tables, cache slots and write indices.
 Device side (MindSpore): the vision tower, then `CachedDecoder`: one jit graph per (batch, cache-length bucket)
@@ -20,8 +23,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from . import attention, rope
-from .config import Glm4vConfig
+from . import attention, parallel, rope
+from .config import ConfigError, Glm4vConfig
 from .text import CachedDecoder, Linear, TextModel
 from .vision import VisionModel
 from .weights import load as load_weights, to_float32
@@ -108,12 +111,16 @@ class Output:
 
 
 class Glm4vForConditionalGeneration(nn.Cell):
-    def __init__(self, config: Glm4vConfig, dtype=ms.float32):
+    model_type = "glm4v"
+
+    def __init__(self, config: Glm4vConfig, dtype=ms.float32, layout: parallel.Layout | None = None):
         super().__init__()
         self.config, self.dtype = config, dtype
+        self.layout = layout or parallel.Layout()
+        parallel.check(config, self.layout)
         self.visual = VisionModel(config.vision, dtype)
-        self.text = TextModel(config.text, dtype)
-        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, dtype)
+        self.text = TextModel(config.text, dtype, self.layout)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size // self.layout.world, dtype)
         self._decoders = {}
         from .generation import GenerationConfig
         self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
@@ -122,11 +129,21 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=None, device: str | None = None):
-        """A Hugging Face GLM-4.1V folder (official or transformers 5 layout) or one made by glm4v_ms.convert."""
+    def from_pretrained(cls, folder: str, dtype=None, device: str | None = None, tensor_parallel_size: int = 1,
+                        expert_parallel: bool = False):
+        """A Hugging Face folder (official or transformers 5 layout) or one made by glm4v_ms.convert.
+        tensor_parallel_size: the ranks of this msrun launch to split the text model over (1: no split);
+        expert_parallel: place whole experts on ranks instead of splitting every expert."""
         dev = select_device(device)
         cfg = Glm4vConfig.from_pretrained(folder)
-        model = cls(cfg, resolve_dtype(dtype, dev))
+        if cfg.model_type != cls.model_type:
+            raise ConfigError(f"{folder} holds a {cfg.model_type} checkpoint; {cls.__name__} takes {cls.model_type} "
+                              f"(AutoModelForImageTextToText picks the class by model_type)")
+        want = parallel.Layout(0, int(tensor_parallel_size or 1), bool(expert_parallel))
+        parallel.check(cfg, want)   # before joining the group: a bad size fails alike on every rank, none waits
+        if expert_parallel and not cfg.text.n_routed_experts:
+            raise parallel.ParallelError(f"expert_parallel: {cfg.model_type} has no experts")
+        model = cls(cfg, resolve_dtype(dtype, dev), parallel.init(tensor_parallel_size, expert_parallel))
         model.load_weights(folder)
         from .generation import GenerationConfig, thinking_ids
         model.generation_config = GenerationConfig.from_pretrained(folder, fallback_eos=cfg.eos_token_id)
@@ -143,15 +160,21 @@ class Glm4vForConditionalGeneration(nn.Cell):
         token ids (B,), or an object with put(ids) / end()."""
         from .generation import generate
         cfg = self.generation_config.updated(**kwargs)
+        if self.layout.world > 1 and cfg.do_sample and cfg.seed is None:
+            # every rank samples from the same logits: one seed for all of them, or their tokens diverge
+            cfg = cfg.updated(seed=parallel.broadcast_int(self.layout, int(np.random.SeedSequence().entropy % 2**31)))
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                       image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                       video_grid_thw=video_grid_thw)
         return generate(self, {k: v for k, v in inputs.items() if v is not None}, cfg, self.think_ids, streamer)
 
     def load_weights(self, folder: str):
+        from .weights import WeightError
         params = dict(self.parameters_and_names())
-        for name, arr, st in load_weights(self.config, folder):
+        for name, arr, st in load_weights(self.config, folder, self.layout):
             p = params[name]
+            if tuple(arr.shape) != tuple(p.shape):
+                raise WeightError(f"{name}: this rank's slice has shape {list(arr.shape)}, the model {list(p.shape)}")
             if st == {ms.float32: "F32", ms.float16: "F16"}.get(p.dtype):
                 p.set_data(Tensor(np.ascontiguousarray(arr)))
             else:  # bf16 bits or a dtype change: through float32, exact for bf16 -> bf16
@@ -162,13 +185,18 @@ class Glm4vForConditionalGeneration(nn.Cell):
         t = self.config.text
         n = max_model_len or t.max_position_embeddings
         item = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}[self.dtype]
-        params = sum(int(np.prod(p.shape)) for _, p in self.parameters_and_names())
-        per_tok = t.num_hidden_layers * 2 * t.kv_size * item
+        sizes = [(int(np.prod(p.shape)), p.dtype) for _, p in self.parameters_and_names()]
+        params = sum(k for k, _ in sizes)
+        nbytes = sum(k * (4 if d == ms.float32 else item) for k, d in sizes)   # the router stays float32
+        per_tok = t.num_hidden_layers * 2 * self.text.kv_heads * t.head_dim * item
         gb = 1e9
         dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
-        return (f"weights {params / 1e6:,.1f} M parameters = {params * item / gb:.2f} GB in {dt}; "
+        lay = self.layout
+        where = f"rank {lay.rank} of {lay.world}{' (experts whole)' if lay.expert_parallel else ''}: " \
+            if lay.world > 1 else ""
+        return (f"{where}weights {params / 1e6:,.1f} M parameters = {nbytes / gb:.2f} GB in {dt}; "
                 f"KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
-                f"total {(params * item + per_tok * n) / gb:.2f} GB")
+                f"total {(nbytes + per_tok * n) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation
     def decoder(self, batch: int, max_len: int) -> CachedDecoder:
@@ -221,7 +249,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         cos, sin = rope.text_cos_sin(pos3, c.rotary_dim, c.rope_theta, c.mrope_section)
         slots = slot0 + np.arange(L, dtype=np.int32)
         q_slot = np.broadcast_to(slots, (B, L)).astype(np.int32)
-        b, hh, s = np.meshgrid(np.arange(B), np.arange(c.num_key_value_heads), slots, indexing="ij")
+        b, hh, s = np.meshgrid(np.arange(B), np.arange(self.text.kv_heads), slots, indexing="ij")
         write = np.stack([b, hh, s], -1).astype(np.int32)
         args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write), last_only)
         return dec(*args) if states is None else dec.forward(*args, states=states)
@@ -281,3 +309,20 @@ class Glm4vForConditionalGeneration(nn.Cell):
             pos3 = np.pad(pos3, ((0, 0), (0, 0), (pad, 0)))
             mask = np.pad(mask, ((0, 0), (pad, 0)))
         return h, pos3, mask, deltas, pad
+
+
+class Glm4vMoeForConditionalGeneration(Glm4vForConditionalGeneration):
+    """GLM-4.5V: the same model with GLM-4.5V's config (two norms per layer, MoE MLPs); the same API."""
+    model_type = "glm4v_moe"
+
+
+class AutoModelForImageTextToText:
+    """from_pretrained picks the class from config.json's model_type (glm4v or glm4v_moe)."""
+    CLASSES = {"glm4v": Glm4vForConditionalGeneration, "glm4v_moe": Glm4vMoeForConditionalGeneration}
+
+    def __init__(self):
+        raise TypeError("use AutoModelForImageTextToText.from_pretrained(folder)")
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **kwargs):
+        return cls.CLASSES[Glm4vConfig.from_pretrained(folder).model_type].from_pretrained(folder, **kwargs)
