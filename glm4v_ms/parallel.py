@@ -105,13 +105,18 @@ _LAYOUT = None
 
 def launched_world() -> int:
     """Worker processes in this launch (msrun / the dynamic-cluster variables), 1 outside a launch."""
-    return int(os.environ.get("MS_WORKER_NUM", "1") or 1) if os.environ.get("MS_ROLE") == "MS_WORKER" else 1
+    # msrun runs the script in its scheduler process too (MS_SCHED): there communication.init() serves the
+    # workers until they finish, so it must take the same path as they do
+    launched = os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
+    return int(os.environ.get("MS_WORKER_NUM", "1") or 1) if launched else 1
 
 
 def rank() -> int:
     """This process's rank (0 outside a launch): known before communication starts, so rank 0 alone prints."""
     if _LAYOUT is not None:
         return _LAYOUT.rank
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        return -1   # msrun's scheduler process: not a rank, says nothing
     for k in ("RANK_ID", "MS_NODE_ID"):
         if os.environ.get(k, "").isdigit():
             return int(os.environ[k])

@@ -253,6 +253,11 @@ def _expert_entries(i: int, E: int) -> list[Entry]:
             Entry(f"text.layers.{i}.mlp.down", dn, _stack_down, ("in",) * len(dn), per_expert=1)]
 
 
+# kept in the checkpoint's dtype by the converter whatever --dtype says (the reference keeps it float32: it only
+# steers the choice of experts, and rounding it to bf16 could flip near-ties)
+KEEP_DTYPE = ("mlp.router_bias",)
+
+
 def _expand(entries, n):
     return [Entry(e.ours.format(i=i), tuple(s.format(i=i) for s in e.sources), e.fn, e.split, e.per_expert)
             for i in range(n) for e in entries]
