@@ -10,7 +10,7 @@ Experts: SwiGLU per expert, stored as gate_up (E, H, 2I) and down (E, I, H): the
 matmul kernel. The plain (CPU) path runs every local expert on every token and weights the results with a dense
 (T, E) combine matrix: exact, and simple enough to compile once, but E/k times the work of the routed tokens;
 it is the reference path for tests and small models. The Ascend path (and its CPU emulation) permutes the
-tokens by expert and runs the grouped matmul: see `_routed_ascend`.
+tokens by expert and runs the grouped matmul: see moe_kernels.py.
 Parallel: each rank holds a slice of every expert (TP) or whole experts (EP) and a slice of the shared expert;
 the block returns this rank's partial sum and one all-reduce adds the ranks' routed and shared parts together.
 """
@@ -21,6 +21,7 @@ from mindspore import nn, ops
 
 from . import attention
 from .config import TextConfig
+from .moe_kernels import route_fused, routed_experts
 from .parallel import Layout, all_reduce
 
 NEG_INF = float("-inf")
@@ -64,11 +65,12 @@ class MoE(nn.Cell):
     def construct(self, x):
         B, L, H = x.shape
         t = x.reshape(B * L, H)
-        w, idx = route(t, self.router_weight, self.router_bias, self.cfg)
         if attention.mode() == "plain":
+            w, idx = route(t, self.router_weight, self.router_bias, self.cfg)
             y = self._routed_plain(t, w, idx)
-        else:
-            y = self._routed_ascend(t, w, idx)
+        else:   # the fused kernels (moe_kernels.py), real on Ascend, emulated in CPU tests
+            w, idx = route_fused(t, self.router_weight, self.router_bias, self.cfg)
+            y = routed_experts(t, w, idx, self.gate_up, self.down, self.e0, self.n_local, self.cfg.n_routed_experts)
         y = y.reshape(B, L, H)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -83,7 +85,3 @@ class MoE(nn.Cell):
         g, u = ops.split(gu, self.inter, -1)
         y = ops.bmm(ops.silu(g) * u, self.down)                             # (E_local, T, H)
         return (y * comb.T[:, :, None]).sum(0)
-
-    def _routed_ascend(self, t, w, idx):
-        from .moe_kernels import routed_experts
-        return routed_experts(t, w, idx, self.gate_up, self.down, self.e0, self.n_local, self.cfg.n_routed_experts)
