@@ -20,7 +20,7 @@ ROUTING = {
 }
 
 
-def tiny_config(routing="real", **text_over):
+def tiny_config(routing="real", ids=None, **text_over):
     text = dict(vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, n_routed_experts=8, num_experts_per_tok=3,
                 n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=2048, attention_bias=True,
@@ -30,7 +30,7 @@ def tiny_config(routing="real", **text_over):
     text.update(text_over)
     vision = dict(depth=2, hidden_size=64, num_heads=2, out_hidden_size=64, intermediate_size=80, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, image_size=336, rms_norm_eps=1e-5)
-    return Glm4vMoeConfig(text_config=text, vision_config=vision, **IDS)
+    return Glm4vMoeConfig(text_config=text, vision_config=vision, **(ids or IDS))
 
 
 def randomize(model, seed=0):
@@ -52,9 +52,9 @@ def randomize(model, seed=0):
     return model
 
 
-def build(folder, seed=0, routing="real", **text_over):
-    """Save a random reference model into folder; return it (fp32, eval)."""
+def build(folder, seed=0, routing="real", ids=None, **text_over):
+    """Save a random reference model into folder; return it (fp32, eval). ids: the structure token ids."""
     torch.manual_seed(seed)
-    model = randomize(Glm4vMoeForConditionalGeneration(tiny_config(routing, **text_over)).eval(), seed)
+    model = randomize(Glm4vMoeForConditionalGeneration(tiny_config(routing, ids, **text_over)).eval(), seed)
     model.save_pretrained(folder)
     return model

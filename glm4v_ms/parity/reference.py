@@ -77,14 +77,15 @@ class Reference:
         self.folder, self.device, self.dtype = folder, pick_device(device), dtype
         if self.device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
-        from transformers import AutoProcessor, Glm4vForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
             self.processor = AutoProcessor.from_pretrained(folder, use_fast=False)
         except Exception as e:  # transformers raises many kinds here; all mean "no usable processor files"
             raise ParityError(f"cannot load the reference processor from {folder}: {_first_line(e)}") from None
         try:
-            self.model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
+            # Glm4vForConditionalGeneration or Glm4vMoeForConditionalGeneration, by model_type
+            self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
         except Exception as e:
             raise ParityError(f"cannot load the reference model from {folder}: {_first_line(e)}") from None
         self.model.to(self.device).eval()
