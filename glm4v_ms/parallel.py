@@ -91,8 +91,9 @@ def shard(kind: str, arr, lay: Layout, head_dim: int = 0, n_kv: int = 0):
     if kind == IN:
         return arr[:, lay.part(arr.shape[1])]
     if kind == HALVES:   # a fused [gate; up] tensor: the same share of each half
-        g, u = np.split(np.asarray(arr), 2, axis=0)
-        return np.concatenate([g[lay.part(g.shape[0])], u[lay.part(u.shape[0])]], 0)
+        half = arr.shape[0] // 2
+        s = lay.part(half)
+        return np.concatenate([arr[s], arr[half + s.start:half + s.stop]], 0)
     if kind == KV:
         s = lay.kv_part(n_kv)
         return arr[s.start * head_dim:s.stop * head_dim]

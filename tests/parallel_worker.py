@@ -16,6 +16,7 @@ GREEDY_CASE = "padded_batch"   # greedy decoding on one case (a launch is slow):
 
 def main(out, specs):
     from glm4v_ms import AutoModelForImageTextToText
+    from glm4v_ms import attention
     cases = {os.path.basename(p)[:-4]: dict(np.load(p)) for p in sorted(glob.glob(os.path.join(out, "inputs", "*.npz")))}
     for spec in json.loads(specs):
         m = AutoModelForImageTextToText.from_pretrained(spec["folder"], tensor_parallel_size=spec["tp"],
@@ -23,7 +24,8 @@ def main(out, specs):
         r = m.layout.rank
         n = sum(int(np.prod(p.shape)) for _, p in m.parameters_and_names())
         with open(os.path.join(out, f"{spec['name']}.rank{r}.json"), "w") as f:
-            json.dump({"plan": m.memory_plan(1024), "params": n, "kv_heads": m.text.kv_heads}, f)
+            json.dump({"plan": m.memory_plan(1024), "params": n, "kv_heads": m.text.kv_heads,
+                       "kernels": attention.mode()}, f)
         for case, inputs in cases.items():
             logits = m(**inputs).logits.asnumpy()
             if r == 0:

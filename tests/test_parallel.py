@@ -135,3 +135,30 @@ def test_tensor_parallel_outside_a_launch(tmp_path):
         AutoModelForImageTextToText.from_pretrained(str(tmp_path), tensor_parallel_size=2)
     with pytest.raises(ParallelError, match="expert_parallel needs"):
         AutoModelForImageTextToText.from_pretrained(str(tmp_path), expert_parallel=True)
+
+
+def test_two_nodes_on_localhost(launched, tmp_path):
+    """msrun's multi-node form (--node_rank, --master_addr), two 'nodes' of one process each on this machine,
+    running the Ascend code path through the kernel emulations (attention, norms, rotary and the fused MoE kernels,
+    contracts checked) with experts placed whole per rank: the same logits as the plain single process."""
+    folders, _ = launched
+    out = tmp_path / "out"
+    (out / "inputs").mkdir(parents=True)
+    inputs = CASES["image"]()
+    np.savez(out / "inputs" / "image.npz", **inputs)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               PYTHONPATH=os.pathsep.join([ROOT, HERE]), GLM4V_MS_DEVICE="cpu", GLOG_v="3", GLM4V_MS_KERNELS="emulated")
+    port = free_port()
+    spec = json.dumps([{"name": "glm45v_2nodes", "folder": folders["glm45v"], "tp": 2, "ep": True}])
+    nodes = [subprocess.Popen(["msrun", "--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1",
+                               f"--master_port={port}", f"--node_rank={n}", "--join=True",
+                               f"--log_dir={tmp_path / f'node{n}'}", "--cluster_time_out=90",
+                               os.path.join(HERE, "parallel_worker.py"), str(out), spec],
+                              env=env, cwd=ROOT, stdout=open(tmp_path / f"node{n}.txt", "w"), stderr=subprocess.STDOUT)
+             for n in (0, 1)]
+    codes = [p.wait(timeout=400) for p in nodes]
+    assert codes == [0, 0], [open(tmp_path / f"node{n}.txt").read()[-2000:] for n in (0, 1)]
+    want = AutoModelForImageTextToText.from_pretrained(folders["glm45v"])(**inputs).logits.asnumpy()
+    got = np.load(out / "glm45v_2nodes.image.logits.npy")
+    assert [json.load(open(out / f"glm45v_2nodes.rank{r}.json"))["kernels"] for r in (0, 1)] == ["emulated"] * 2
+    assert np.abs(got - want).max() <= TOL * np.abs(want).max()
