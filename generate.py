@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Chat with GLM-4.1V-9B-Thinking (MindSpore; Ascend when present, else CPU).
+"""Chat with GLM-4.1V-9B-Thinking or GLM-4.5V (MindSpore; Ascend when present, else CPU).
 
   python generate.py --model_name DIR --image cat.jpg --prompt "Describe this image."
   python generate.py --model_name DIR --video clip.mp4 --prompt "What happens?" --max_thinking_tokens 2048
   python generate.py --model_name DIR --image a.png --image b.png --chat        # multi-turn, prompts from stdin
   python generate.py --model_name demo-tiny --image cat.jpg --prompt "Hi"       # random tiny model, any machine
+
+On several cards, one process per card started by MindSpore's launcher (rank 0 prints, the others are silent):
+  msrun --worker_num=4 --local_worker_num=4 --master_port=8118 --join=True \
+        generate.py --model_name GLM-4.5V --tensor_parallel_size 4 [--expert_parallel] --image cat.jpg --prompt "Hi"
 
 Tokens stream to stdout as they are made (the thinking dimmed, or hidden with --hide_thinking); the last line on
 stderr gives prompt tokens, new tokens, prefill time and decode speed.
@@ -24,6 +28,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + error
         sys.stderr.write(f"generate.py: error: {message}\n")
         sys.exit(2)
+
+
+def _bool(v):
+    low = v.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
 def parse(argv):
@@ -47,9 +60,15 @@ def parse(argv):
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--hide_thinking", action="store_true", help="show only the answer")
     p.add_argument("--boxes", metavar="OUT.png", help="write the (last) image with the answer's grounding boxes drawn")
+    p.add_argument("--enable_thinking", type=_bool, default=None, metavar="true|false",
+                   help="passed to the chat template (GLM-4.5V thinks unless false; GLM-4.1V's template ignores it)")
+    p.add_argument("--tensor_parallel_size", type=int, default=1, help="ranks of this msrun launch (default 1)")
+    p.add_argument("--expert_parallel", action="store_true", help="whole experts per rank instead of split experts")
     a = p.parse_args(argv)
     if not a.chat and not a.prompt:
         p.error("--prompt is required (or use --chat)")
+    if a.tensor_parallel_size < 1:
+        p.error(f"--tensor_parallel_size must be >= 1, got {a.tensor_parallel_size}")
     if a.image and a.video:
         p.error("give images or a video, not both (the model was not trained on the mix)")
     if a.boxes and not a.image:
@@ -159,22 +178,26 @@ def media_items(a):
 
 
 def run(a):
-    from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor
+    from glm4v_ms import AutoModelForImageTextToText, Glm4vProcessor
     from glm4v_ms.processing import strip_thinking
 
     folder = resolve_model(a.model_name)
     processor = Glm4vProcessor.from_pretrained(folder)
     media = media_items(a)
+    template_kw = {} if a.enable_thinking is None else {"enable_thinking": a.enable_thinking}
     messages = [{"role": "system", "content": a.system}] if a.system else []
 
     def turn(prompt, first):
         content = (media if first else []) + [{"type": "text", "text": prompt}]
         msgs = messages + [{"role": "user", "content": content}]
-        return msgs, processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return msgs, processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                   **template_kw)
 
     # the first turn's prompt (media decoded) is built before the model loads: bad media fail fast
     pending = turn(a.prompt, True) if a.prompt else None
-    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=a.dtype, device=None if a.device in (None, "auto") else a.device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, dtype=a.dtype, device=None if a.device in (None, "auto") else a.device,
+        tensor_parallel_size=a.tensor_parallel_size, expert_parallel=a.expert_parallel)
     gen = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                repetition_penalty=a.repetition_penalty, max_thinking_tokens=a.max_thinking_tokens, seed=a.seed)
     if a.greedy:
@@ -245,6 +268,11 @@ def exit_on_interrupt():
 def main(argv=None):
     if argv is None:   # the CLI, not a caller's process
         exit_on_interrupt()
+    from glm4v_ms.parallel import rank   # no MindSpore import: the SIGINT mask above is set before any thread
+    if rank() != 0:   # under msrun: rank 0 speaks for all, the others only compute (their exit code still counts)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
     a = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GLOG_v", "3")   # MindSpore's own log: errors only
     try:

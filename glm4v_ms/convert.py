@@ -38,7 +38,7 @@ import numpy as np
 
 from . import __version__
 from .config import ConfigError, Glm4vConfig
-from .weights import ST_DTYPES, Checkpoint, Entry, WeightError, expected_shapes, is_converted, plan, to_float32
+from .weights import KEEP_DTYPE, ST_DTYPES, Checkpoint, Entry, WeightError, expected_shapes, is_converted, plan, to_float32
 
 CONVERTER_VERSION = 1
 MANIFEST = "glm4v_ms_manifest.json"
@@ -208,7 +208,7 @@ def schedule(cfg: Glm4vConfig, ckpt: Checkpoint, dtype: str | None) -> list[list
         src = dts.pop()
         if src not in ST_DTYPES:
             raise WeightError(f"tensor {e.sources[0]} has unsupported dtype {src}")
-        out = dtype or src
+        out = src if e.ours.endswith(KEEP_DTYPE) else (dtype or src)
         if out != src and src not in _FLOATS:
             raise WeightError(f"tensor {e.sources[0]} has dtype {src}, which cannot be cast to {out}")
         last = max(rank[ckpt.where[s]] for s in e.sources)

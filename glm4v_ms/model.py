@@ -1,4 +1,7 @@
-"""Glm4vForConditionalGeneration: the vision tower's features merged into the text, over a static KV cache.
+"""Glm4vForConditionalGeneration (GLM-4.1V) and Glm4vMoeForConditionalGeneration (GLM-4.5V): the vision tower's
+features merged into the text, over a static KV cache. The two differ only in their config (text.py, moe.py).
+AutoModelForImageTextToText picks one by config.json's model_type. `tensor_parallel_size` > 1 inside an msrun
+launch splits the text model across the ranks (parallel.py); the vision tower runs whole on every rank.
 
 Host side (NumPy): token types, 3D positions and rope deltas, cos/sin tables, cache slots and write indices.
 Device side (MindSpore): the vision tower, then `CachedDecoder`: one jit graph per (batch, cache-length bucket)
@@ -20,8 +23,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from . import attention, rope
-from .config import Glm4vConfig
+from . import attention, parallel, rope
+from .config import ConfigError, Glm4vConfig
 from .text import CachedDecoder, Linear, TextModel
 from .vision import VisionModel
 from .weights import load as load_weights, to_float32
@@ -129,12 +132,16 @@ class Output:
 
 
 class Glm4vForConditionalGeneration(nn.Cell):
-    def __init__(self, config: Glm4vConfig, dtype=ms.float32):
+    model_type = "glm4v"
+
+    def __init__(self, config: Glm4vConfig, dtype=ms.float32, layout: parallel.Layout | None = None):
         super().__init__()
         self.config, self.dtype = config, dtype
+        self.layout = layout or parallel.Layout()
+        parallel.check(config, self.layout)
         self.visual = VisionModel(config.vision, dtype)
-        self.text = TextModel(config.text, dtype)
-        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, dtype)
+        self.text = TextModel(config.text, dtype, self.layout)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size // self.layout.world, dtype)
         self._decoders = {}
         from .generation import GenerationConfig
         self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
@@ -143,13 +150,27 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=None, device: str | None = None):
-        """A Hugging Face GLM-4.1V folder (official or transformers 5 layout) or one made by glm4v_ms.convert."""
+    def from_pretrained(cls, folder: str, dtype=None, device: str | None = None, tensor_parallel_size: int = 1,
+                        expert_parallel: bool = False):
+        """A Hugging Face folder (official or transformers 5 layout) or one made by glm4v_ms.convert.
+        tensor_parallel_size: the ranks of this msrun launch to split the text model over (1: no split);
+        expert_parallel: place whole experts on ranks instead of splitting every expert."""
         dev = select_device(device)
         cfg = Glm4vConfig.from_pretrained(folder)
-        model = cls(cfg, resolve_dtype(dtype, dev))
+        if cfg.model_type != cls.model_type:
+            raise ConfigError(f"{folder} holds a {cfg.model_type} checkpoint; {cls.__name__} takes {cls.model_type} "
+                              f"(AutoModelForImageTextToText picks the class by model_type)")
+        want = parallel.Layout(0, int(tensor_parallel_size or 1), bool(expert_parallel))
+        parallel.check(cfg, want)   # before joining the group: a bad size fails alike on every rank, none waits
+        if expert_parallel and not cfg.text.n_routed_experts:
+            raise parallel.ParallelError(f"expert_parallel: {cfg.model_type} has no experts")
+        model = cls(cfg, resolve_dtype(dtype, dev), parallel.init(tensor_parallel_size, expert_parallel))
         from .quant import install
-        model.load_weights(folder, skip=install(model, folder))   # GPTQ linears kept quantized on the Ascend path
+        skip = install(model, folder)   # GPTQ linears kept quantized on the Ascend path
+        if skip and model.layout.world > 1:
+            raise parallel.ParallelError("GPTQ weights kept quantized (the Ascend path) are not split across ranks "
+                                         "yet: run a quantized checkpoint with tensor_parallel_size 1")
+        model.load_weights(folder, skip=skip)
         from .generation import GenerationConfig, thinking_ids
         model.generation_config = GenerationConfig.from_pretrained(folder, fallback_eos=cfg.eos_token_id)
         if model.generation_config.pad_token_id is None and cfg.pad_token_id is not None:
@@ -174,6 +195,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
                                                 "early_stopping", "output_scores", "return_dict_in_generate")
                      if k in kwargs}
         cfg = self.generation_config.updated(**kwargs)
+        if self.layout.world > 1 and cfg.do_sample and cfg.seed is None:
+            # every rank samples from the same logits: one seed for all of them, or their tokens diverge
+            cfg = cfg.updated(seed=parallel.broadcast_int(self.layout, int(np.random.SeedSequence().entropy % 2**31)))
         if input_ids is None and inputs_embeds is None:
             raise ValueError("generate needs input_ids or inputs_embeds")
         ids = input_ids
@@ -206,9 +230,12 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return out
 
     def load_weights(self, folder: str, skip=()):
+        from .weights import WeightError
         params = dict(self.parameters_and_names())
-        for name, arr, st in load_weights(self.config, folder, skip):
+        for name, arr, st in load_weights(self.config, folder, skip, self.layout):
             p = params[name]
+            if tuple(arr.shape) != tuple(p.shape):
+                raise WeightError(f"{name}: this rank's slice has shape {list(arr.shape)}, the model {list(p.shape)}")
             if st == {ms.float32: "F32", ms.float16: "F16"}.get(p.dtype):
                 p.set_data(Tensor(np.ascontiguousarray(arr)))
             else:  # bf16 bits or a dtype change: through float32, exact for bf16 -> bf16
@@ -221,16 +248,19 @@ class Glm4vForConditionalGeneration(nn.Cell):
         n = max_model_len or t.max_position_embeddings
         item = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}[self.dtype]
         params = sum(int(np.prod(p.shape)) for _, p in self.parameters_and_names())
-        per_tok = t.num_hidden_layers * 2 * t.kv_size * item
+        per_tok = t.num_hidden_layers * 2 * self.text.kv_heads * t.head_dim * item
         act = activation_bytes(t, batch, n, item)
         gb = 1e9
         dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
         from .quant import weight_bytes
-        wbytes, qbytes = weight_bytes(self)
+        wbytes, qbytes = weight_bytes(self)   # real bytes: the router stays float32, qint4x2 packs two a byte
+        lay = self.layout
+        where = f"rank {lay.rank} of {lay.world}{' (experts whole)' if lay.expert_parallel else ''}: " \
+            if lay.world > 1 else ""
         what = (f"weights {wbytes / gb:.2f} GB ({qbytes / gb:.2f} GB of them quantized linears, the rest {dt})"
                 if qbytes else f"weights {params / 1e6:,.1f} M parameters = {wbytes / gb:.2f} GB in {dt}")
-        return (f"{what}; KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} tokens; "
-                f"activations <= {act / gb:.2f} GB; total {(wbytes + per_tok * n + act) / gb:.2f} GB")
+        return (f"{where}{what}; KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} "
+                f"tokens; activations <= {act / gb:.2f} GB; total {(wbytes + per_tok * n + act) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation
     def decoder(self, batch: int, max_len: int) -> CachedDecoder:
@@ -322,7 +352,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         cos, sin = rope.text_cos_sin(pos3, c.rotary_dim, c.rope_theta, c.mrope_section)
         first = np.broadcast_to(np.asarray(slot0, np.int64).reshape(-1), (B,))
         q_slot = (first[:, None] + np.arange(L)).astype(np.int32)                                     # (B, L)
-        b, hh, s = np.meshgrid(np.arange(B), np.arange(c.num_key_value_heads), np.arange(L), indexing="ij")
+        b, hh, s = np.meshgrid(np.arange(B), np.arange(self.text.kv_heads), np.arange(L), indexing="ij")
         write = np.stack([b, hh, q_slot[b, s]], -1).astype(np.int32)
         args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write),
                 last_only, int(extent))
@@ -395,3 +425,20 @@ class Glm4vForConditionalGeneration(nn.Cell):
             pos3 = np.pad(pos3, ((0, 0), (0, 0), (pad, 0)))
             mask = np.pad(mask, ((0, 0), (pad, 0)))
         return h, pos3, mask, deltas, pad
+
+
+class Glm4vMoeForConditionalGeneration(Glm4vForConditionalGeneration):
+    """GLM-4.5V: the same model with GLM-4.5V's config (two norms per layer, MoE MLPs); the same API."""
+    model_type = "glm4v_moe"
+
+
+class AutoModelForImageTextToText:
+    """from_pretrained picks the class from config.json's model_type (glm4v or glm4v_moe)."""
+    CLASSES = {"glm4v": Glm4vForConditionalGeneration, "glm4v_moe": Glm4vMoeForConditionalGeneration}
+
+    def __init__(self):
+        raise TypeError("use AutoModelForImageTextToText.from_pretrained(folder)")
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **kwargs):
+        return cls.CLASSES[Glm4vConfig.from_pretrained(folder).model_type].from_pretrained(folder, **kwargs)

@@ -1,8 +1,12 @@
-"""GLM-4 text decoder over a static, pre-allocated KV cache.
+"""GLM-4 text decoder over a static, pre-allocated KV cache; GLM-4.1V and GLM-4.5V as config choices of one layer.
 
-Layer: x + post_attn_norm(attn(input_norm(x))), then + post_mlp_norm(mlp(pre_mlp_norm(.))) (four norms).
-Attention: fused q/k/v matmul with bias, M-RoPE on the first `rotary_dim` dims of q and k (rotate-half form:
-see weights.py for the row permutation), grouped-query attention over the cache.
+Layer (GLM-4.1V): x + post_attn_norm(attn(input_norm(x))), then + post_mlp_norm(mlp(pre_mlp_norm(.))) (four norms).
+Layer (GLM-4.5V, cfg.sandwich_norms False): x + attn(input_norm(x)), then + mlp(pre_mlp_norm(.)); the MLP is the
+MoE block (moe.py) from layer first_k_dense_replace on.
+Attention: fused q/k/v matmul (bias per config), M-RoPE on the first `rotary_dim` dims of q and k (rotate-half
+form: see weights.py for GLM-4.1V's row permutation), grouped-query attention over the cache.
+Tensor parallel (parallel.py): each rank builds its share of heads, MLP width and vocabulary; row-parallel
+linears end in an all-reduce, the vocab-parallel head in an all-gather. One rank: no collective at all.
 
 `CachedDecoder` binds the layers to one cache of fixed (batch, length) and runs under ms.jit: it compiles once
 per input length, so decode (length 1) is one graph reused for every token.
@@ -16,6 +20,7 @@ from mindspore.common.initializer import initializer
 
 from .attention import decoder_attention, rms_norm, rope
 from .config import TextConfig
+from .parallel import Layout, all_gather, all_reduce
 
 
 def _param(shape, dtype, name=None):
@@ -32,38 +37,53 @@ class Norm(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    def __init__(self, vocab, dim, dtype):
+    """Vocab-parallel on several ranks: ids outside this rank's rows give zeros, the all-reduce fills them in."""
+    def __init__(self, vocab, dim, dtype, lay: Layout = Layout()):
         super().__init__()
-        self.weight = _param((vocab, dim), dtype)
+        part = lay.part(vocab)
+        self.v0, self.n = part.start, part.stop - part.start
+        self.weight = _param((self.n, dim), dtype)
+        self.reduce = all_reduce(lay)
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids, 0)
+        if self.reduce is None:
+            return ops.gather(self.weight, ids, 0)
+        local = ids - self.v0
+        mine = (local >= 0) & (local < self.n)
+        h = ops.gather(self.weight, ops.where(mine, local, ops.zeros_like(local)), 0)
+        return self.reduce(h * mine[..., None].astype(h.dtype))
 
 
 class Linear(nn.Cell):
-    def __init__(self, n_in, n_out, dtype, bias=False):
+    """`reduce`: an all-reduce after the matmul (a row-parallel linear: each rank holds some input columns)."""
+    def __init__(self, n_in, n_out, dtype, bias=False, reduce=None):
         super().__init__()
         self.weight = _param((n_out, n_in), dtype)
         self.bias = _param((n_out,), dtype) if bias else None
+        self.reduce = reduce
 
     def construct(self, x):
-        return ops.dense(x, self.weight, self.bias)
+        y = ops.dense(x, self.weight, self.bias)
+        return y if self.reduce is None else self.reduce(y)
 
 
 class Attention(nn.Cell):
-    def __init__(self, cfg: TextConfig, dtype):
+    def __init__(self, cfg: TextConfig, dtype, lay: Layout = Layout()):
         super().__init__()
         self.cfg = cfg
-        self.qkv = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, dtype, bias=True)
-        self.o = Linear(cfg.q_size, cfg.hidden_size, dtype)
+        self.heads, self.kv_heads = cfg.num_attention_heads // lay.world, lay.kv_heads(cfg.num_key_value_heads)
+        self.q_size, self.kv_size = self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
+        self.qkv = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, dtype, bias=cfg.attention_bias)
+        self.o = Linear(self.q_size, cfg.hidden_size, dtype, reduce=all_reduce(lay))
 
     def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache, extent: int):
         c = self.cfg
         B, L, _ = x.shape
         qkv = self.qkv(x)
-        q = qkv[..., :c.q_size].reshape(B, L, c.num_attention_heads, c.head_dim)
-        k = qkv[..., c.q_size:c.q_size + c.kv_size].reshape(B, L, c.num_key_value_heads, c.head_dim)
-        v = qkv[..., c.q_size + c.kv_size:].reshape(B, L, c.num_key_value_heads, c.head_dim)
+        nq, nkv = self.q_size, self.kv_size
+        q = qkv[..., :nq].reshape(B, L, self.heads, c.head_dim)
+        k = qkv[..., nq:nq + nkv].reshape(B, L, self.kv_heads, c.head_dim)
+        v = qkv[..., nq + nkv:].reshape(B, L, self.kv_heads, c.head_dim)
         r = c.rotary_dim
         cs, sn = cos[:, :, None, :], sin[:, :, None, :]
         q = ops.cat([rope(q[..., :r], cs, sn), q[..., r:]], -1)
@@ -79,11 +99,12 @@ class Attention(nn.Cell):
 
 
 class MLP(nn.Cell):
-    def __init__(self, dim, hidden, dtype):
+    """SwiGLU; on several ranks gate/up column- and down row-parallel (reduce=False: the caller sums)."""
+    def __init__(self, dim, hidden, dtype, lay: Layout = Layout(), reduce=True):
         super().__init__()
-        self.hidden = hidden
-        self.gate_up = Linear(dim, 2 * hidden, dtype)
-        self.down = Linear(hidden, dim, dtype)
+        self.hidden = hidden // lay.world
+        self.gate_up = Linear(dim, 2 * self.hidden, dtype)
+        self.down = Linear(self.hidden, dim, dtype, reduce=all_reduce(lay) if reduce else None)
 
     def construct(self, x):
         gate, up = ops.split(self.gate_up(x), self.hidden, -1)
@@ -91,32 +112,44 @@ class MLP(nn.Cell):
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg: TextConfig, dtype):
+    def __init__(self, cfg: TextConfig, dtype, index: int = 0, lay: Layout = Layout()):
         super().__init__()
-        self.eps = cfg.rms_norm_eps
+        self.eps, self.sandwich = cfg.rms_norm_eps, cfg.sandwich_norms
         self.input_norm = Norm(cfg.hidden_size, dtype)
-        self.attn = Attention(cfg, dtype)
-        self.post_attn_norm = Norm(cfg.hidden_size, dtype)
+        self.attn = Attention(cfg, dtype, lay)
+        self.post_attn_norm = Norm(cfg.hidden_size, dtype) if self.sandwich else None
         self.pre_mlp_norm = Norm(cfg.hidden_size, dtype)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
-        self.post_mlp_norm = Norm(cfg.hidden_size, dtype)
+        if cfg.is_moe_layer(index):
+            from .moe import MoE
+            self.mlp = MoE(cfg, dtype, lay)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, lay)
+        self.post_mlp_norm = Norm(cfg.hidden_size, dtype) if self.sandwich else None
 
     def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache, extent: int):
         e = self.eps
         a = self.attn(rms_norm(x, self.input_norm.weight, e), cos, sin, seen, kv_len, write_idx, k_cache, v_cache,
                       extent)
-        x = x + rms_norm(a, self.post_attn_norm.weight, e)
+        x = x + (rms_norm(a, self.post_attn_norm.weight, e) if self.sandwich else a)
         m = self.mlp(rms_norm(x, self.pre_mlp_norm.weight, e))
-        return x + rms_norm(m, self.post_mlp_norm.weight, e)
+        return x + (rms_norm(m, self.post_mlp_norm.weight, e) if self.sandwich else m)
 
 
 class TextModel(nn.Cell):
-    def __init__(self, cfg: TextConfig, dtype):
+    def __init__(self, cfg: TextConfig, dtype, lay: Layout = Layout()):
         super().__init__()
-        self.cfg = cfg
-        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.CellList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.cfg, self.layout = cfg, lay
+        self.kv_heads = lay.kv_heads(cfg.num_key_value_heads)   # per rank: the KV cache's head count
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, lay)
+        self.layers = nn.CellList([DecoderLayer(cfg, dtype, i, lay) for i in range(cfg.num_hidden_layers)])
         self.norm = Norm(cfg.hidden_size, dtype)
+        self.gather = all_gather(lay)   # the vocab-parallel lm_head's slices of the logits
+
+    def gather_logits(self, logits):
+        """(B, L, V/world) on each rank -> (B, L, V) everywhere (all-gather concatenates on axis 0)."""
+        if self.gather is None:
+            return logits
+        return self.gather(logits.transpose(2, 0, 1)).transpose(1, 2, 0)
 
 
 class CachedDecoder(nn.Cell):
@@ -133,7 +166,7 @@ class CachedDecoder(nn.Cell):
         c = text.cfg
         self.text, self.lm_head, self.eps = text, lm_head, c.rms_norm_eps
         dtype = lm_head.dtype
-        shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
+        shape = (batch, text.kv_heads, max_len, c.head_dim)
         n = c.num_hidden_layers
         self.k = ParameterTuple([_param(shape, dtype, f"cache.k.{i}") for i in range(n)])
         self.v = ParameterTuple([_param(shape, dtype, f"cache.v.{i}") for i in range(n)])
@@ -162,4 +195,4 @@ class CachedDecoder(nn.Cell):
         h = rms_norm(h, self.text.norm.weight, self.eps)
         if states is not None:
             states.append(("text.norm", h))
-        return ops.dense(h, self.lm_head)
+        return self.text.gather_logits(ops.dense(h, self.lm_head))

@@ -9,7 +9,13 @@ Layout changes against the Hugging Face checkpoint:
   the four patches of a merge block, row-major;
 - text q/k/v -> one fused matmul; q and k rows permuted per head from interleaved rotary pairs to rotate-half
   halves (rope.neox_permutation) so that text and vision share one rotary kernel; q.k is unchanged;
-- vision and merger gate/up -> one fused gate_up matmul (the text MLP is fused already).
+- vision and merger gate/up -> one fused gate_up matmul (the text MLP is fused already);
+- GLM-4.5V: q/k rows kept (already rotate-half); the dense MLP's gate/up fused; per-expert gate/up/down stacked
+  into gate_up (E, H, 2I) and down (E, I, H), the grouped-matmul kernel's (E, K, N) layout; the router's weight and
+  e_score_correction_bias in float32.
+Tensor parallel: an entry's `split` names how each source tensor is cut between ranks (parallel.shard); the cut is
+made on the memory map before the transform, so a rank reads only its slices. Expert entries list `per_expert`
+sources per expert, so that expert parallelism reads only the rank's own experts.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import parallel
 from .config import Glm4vConfig
 from .rope import neox_permutation
 
@@ -151,6 +158,8 @@ def _cat(cfg, *xs):
 
 def _text_qkv(cfg, q, k, v):
     t = cfg.text
+    if not t.interleaved_rope_rows:   # GLM-4.5V: the checkpoint is already rotate-half
+        return np.concatenate([q, k, v], axis=0)
     perm = neox_permutation(t.head_dim, t.rotary_dim)
 
     def per_head(x):
@@ -159,11 +168,23 @@ def _text_qkv(cfg, q, k, v):
     return np.concatenate([per_head(q), per_head(k), v], axis=0)
 
 
+def _stack_gate_up(cfg, *xs):
+    """(gate_0, up_0, gate_1, up_1, ...), each (I, H) -> (E, H, 2I): gate columns first, then up."""
+    return np.stack([np.concatenate([g, u], 0).T for g, u in zip(xs[0::2], xs[1::2])])
+
+
+def _stack_down(cfg, *xs):
+    """(down_0, down_1, ...), each (H, I) -> (E, I, H)."""
+    return np.stack([x.T for x in xs])
+
+
 @dataclass(frozen=True)
 class Entry:
     ours: str
     sources: tuple
     fn: Callable = _same
+    split: tuple = ()      # per source: a parallel split kind ("" replicated); empty: all replicated
+    per_expert: int = 0    # sources per expert, for an entry stacking all experts
 
 
 V, T = "model.visual.", "model.language_model."
@@ -202,20 +223,74 @@ _TEXT_LAYER = [
     Entry("text.layers.{i}.post_mlp_norm.weight", (_L + "post_mlp_layernorm.weight",)),
 ]
 _TEXT = [
-    Entry("text.embed.weight", (T + "embed_tokens.weight",)),
+    Entry("text.embed.weight", (T + "embed_tokens.weight",), split=("out",)),
     Entry("text.norm.weight", (T + "norm.weight",)),
+]
+# how each text entry is cut between ranks (by our name's suffix; everything else is replicated)
+_SPLITS = {"attn.qkv.weight": ("out", "kv", "kv"), "attn.qkv.bias": ("out", "kv", "kv"), "attn.o.weight": ("in",),
+           "mlp.down.weight": ("in",), "mlp.shared.down.weight": ("in",)}
+_SPLIT_GATE_UP = {1: ("halves",), 2: ("out", "out")}   # GLM-4.1V's fused gate_up / separate gate and up
+# GLM-4.5V: two norms, separate dense gate/up, MoE layers
+_MOE_ATTN = [e for e in _TEXT_LAYER if ".attn." in e.ours or e.ours.endswith(("input_norm.weight", "pre_mlp_norm.weight"))]
+_MOE_DENSE = [
+    Entry("text.layers.{i}.mlp.gate_up.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), _cat),
+    Entry("text.layers.{i}.mlp.down.weight", (_L + "mlp.down_proj.weight",)),
+]
+_MOE_SHARED = [
+    Entry("text.layers.{i}.mlp.router_weight", (_L + "mlp.gate.weight",)),
+    Entry("text.layers.{i}.mlp.router_bias", (_L + "mlp.gate.e_score_correction_bias",)),
+    Entry("text.layers.{i}.mlp.shared.gate_up.weight", (_L + "mlp.shared_experts.gate_proj.weight",
+                                                        _L + "mlp.shared_experts.up_proj.weight"), _cat),
+    Entry("text.layers.{i}.mlp.shared.down.weight", (_L + "mlp.shared_experts.down_proj.weight",)),
 ]
 
 
+def _expert_entries(i: int, E: int) -> list[Entry]:
+    ex = _L.format(i=i) + "mlp.experts.{e}."
+    gu = tuple(ex.format(e=e) + f"{w}_proj.weight" for e in range(E) for w in ("gate", "up"))
+    dn = tuple(ex.format(e=e) + "down_proj.weight" for e in range(E))
+    return [Entry(f"text.layers.{i}.mlp.gate_up", gu, _stack_gate_up, ("out",) * len(gu), per_expert=2),
+            Entry(f"text.layers.{i}.mlp.down", dn, _stack_down, ("in",) * len(dn), per_expert=1)]
+
+
+# kept in the checkpoint's dtype by the converter whatever --dtype says (the reference keeps it float32: it only
+# steers the choice of experts, and rounding it to bf16 could flip near-ties)
+KEEP_DTYPE = ("mlp.router_bias",)
+
+
 def _expand(entries, n):
-    return [Entry(e.ours.format(i=i), tuple(s.format(i=i) for s in e.sources), e.fn) for i in range(n) for e in entries]
+    return [Entry(e.ours.format(i=i), tuple(s.format(i=i) for s in e.sources), e.fn, e.split, e.per_expert)
+            for i in range(n) for e in entries]
+
+
+def _with_splits(e: Entry) -> Entry:
+    if e.split or not e.ours.startswith("text.layers."):
+        return e
+    suffix = e.ours.split(".", 3)[3]
+    split = _SPLITS.get(suffix) or (_SPLIT_GATE_UP[len(e.sources)] if suffix.endswith("gate_up.weight") else ())
+    return Entry(e.ours, e.sources, e.fn, split, e.per_expert)
+
+
+def _text_layers(cfg: Glm4vConfig) -> list[Entry]:
+    t = cfg.text
+    if t.n_routed_experts == 0:
+        return _expand(_TEXT_LAYER, t.num_hidden_layers)
+    attn = _MOE_ATTN if t.attention_bias else [e for e in _MOE_ATTN if not e.ours.endswith(".bias")]
+    out = []
+    for i in range(t.num_hidden_layers):
+        out += _expand(attn, i + 1)[-len(attn):]
+        if t.is_moe_layer(i):
+            out += _expand(_MOE_SHARED, i + 1)[-len(_MOE_SHARED):] + _expert_entries(i, t.n_routed_experts)
+        else:
+            out += _expand(_MOE_DENSE, i + 1)[-len(_MOE_DENSE):]
+    return out
 
 
 def hf_table(cfg: Glm4vConfig) -> list[Entry]:
     """Hugging Face checkpoint -> ours, for this config."""
     head = "model.language_model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     return (_VISION + _expand(_VISION_BLOCK, cfg.vision.depth) + _TEXT
-            + _expand(_TEXT_LAYER, cfg.text.num_hidden_layers) + [Entry("lm_head.weight", (head,))])
+            + [_with_splits(e) for e in _text_layers(cfg)] + [Entry("lm_head.weight", (head,), split=("out",))])
 
 
 def converted_table(cfg: Glm4vConfig) -> list[Entry]:
@@ -244,6 +319,9 @@ def expected_shapes(cfg: Glm4vConfig) -> dict:
                   p + "attn.qkv.weight": (3 * v.hidden_size, v.hidden_size), p + "attn.proj.weight": (v.hidden_size, v.hidden_size),
                   p + "mlp.gate_up.weight": (2 * v.out_hidden_size, v.hidden_size), p + "mlp.down.weight": (v.hidden_size, v.out_hidden_size)})
     qkv = t.q_size + 2 * t.kv_size
+    if t.n_routed_experts:
+        s.update(_moe_expected_shapes(t))
+        return s
     for i in range(t.num_hidden_layers):
         p = f"text.layers.{i}."
         s.update({p + "input_norm.weight": (t.hidden_size,), p + "attn.qkv.weight": (qkv, t.hidden_size),
@@ -274,6 +352,9 @@ def hf_shapes(cfg: Glm4vConfig) -> dict:
         s.update({p + "norm1.weight": (hv,), p + "norm2.weight": (hv,), p + "attn.qkv.weight": (3 * hv, hv),
                   p + "attn.proj.weight": (hv, hv), p + "mlp.gate_proj.weight": (d, hv), p + "mlp.up_proj.weight": (d, hv),
                   p + "mlp.down_proj.weight": (hv, d)})
+    if t.n_routed_experts:
+        s.update(_moe_hf_shapes(t))
+        return s
     for i in range(t.num_hidden_layers):
         p = _L.format(i=i)
         s.update({p + "input_layernorm.weight": (t.hidden_size,), p + "post_self_attn_layernorm.weight": (t.hidden_size,),
@@ -284,6 +365,51 @@ def hf_shapes(cfg: Glm4vConfig) -> dict:
                   p + "self_attn.o_proj.weight": (t.hidden_size, t.q_size),
                   p + "mlp.gate_up_proj.weight": (2 * t.intermediate_size, t.hidden_size),
                   p + "mlp.down_proj.weight": (t.hidden_size, t.intermediate_size)})
+    return s
+
+
+def _moe_expected_shapes(t) -> dict:
+    H, qkv, E, I = t.hidden_size, t.q_size + 2 * t.kv_size, t.n_routed_experts, t.moe_intermediate_size
+    S = I * t.n_shared_experts
+    s = {}
+    for i in range(t.num_hidden_layers):
+        p = f"text.layers.{i}."
+        s.update({p + "input_norm.weight": (H,), p + "attn.qkv.weight": (qkv, H), p + "attn.o.weight": (H, t.q_size),
+                  p + "pre_mlp_norm.weight": (H,)})
+        if t.attention_bias:
+            s[p + "attn.qkv.bias"] = (qkv,)
+        if t.is_moe_layer(i):
+            s.update({p + "mlp.router_weight": (E, H), p + "mlp.router_bias": (E,), p + "mlp.gate_up": (E, H, 2 * I),
+                      p + "mlp.down": (E, I, H), p + "mlp.shared.gate_up.weight": (2 * S, H),
+                      p + "mlp.shared.down.weight": (H, S)})
+        else:
+            s.update({p + "mlp.gate_up.weight": (2 * t.intermediate_size, H),
+                      p + "mlp.down.weight": (H, t.intermediate_size)})
+    return s
+
+
+def _moe_hf_shapes(t) -> dict:
+    H, E, I = t.hidden_size, t.n_routed_experts, t.moe_intermediate_size
+    S = I * t.n_shared_experts
+    s = {}
+    for i in range(t.num_hidden_layers):
+        p = _L.format(i=i)
+        s.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                  p + "self_attn.q_proj.weight": (t.q_size, H), p + "self_attn.k_proj.weight": (t.kv_size, H),
+                  p + "self_attn.v_proj.weight": (t.kv_size, H), p + "self_attn.o_proj.weight": (H, t.q_size)})
+        if t.attention_bias:
+            s.update({p + "self_attn.q_proj.bias": (t.q_size,), p + "self_attn.k_proj.bias": (t.kv_size,),
+                      p + "self_attn.v_proj.bias": (t.kv_size,)})
+        if not t.is_moe_layer(i):
+            s.update({p + "mlp.gate_proj.weight": (t.intermediate_size, H), p + "mlp.up_proj.weight": (t.intermediate_size, H),
+                      p + "mlp.down_proj.weight": (H, t.intermediate_size)})
+            continue
+        s.update({p + "mlp.gate.weight": (E, H), p + "mlp.gate.e_score_correction_bias": (E,),
+                  p + "mlp.shared_experts.gate_proj.weight": (S, H), p + "mlp.shared_experts.up_proj.weight": (S, H),
+                  p + "mlp.shared_experts.down_proj.weight": (H, S)})
+        for e in range(E):
+            q = p + f"mlp.experts.{e}."
+            s.update({q + "gate_proj.weight": (I, H), q + "up_proj.weight": (I, H), q + "down_proj.weight": (H, I)})
     return s
 
 
@@ -312,16 +438,29 @@ def plan(cfg: Glm4vConfig, ckpt: Checkpoint) -> list[Entry]:
     return table
 
 
-def load(cfg: Glm4vConfig, folder: str, skip=()):
+def load(cfg: Glm4vConfig, folder: str, skip=(), layout: parallel.Layout | None = None):
     """Yield (our name, raw array, safetensors dtype) for every parameter but those in `skip`, shape-checked.
-    Quantized (GPTQ) weights read as float, dequantized (quant.py)."""
+    Quantized (GPTQ) weights read as float, dequantized (quant.py). With a layout of several ranks, each tensor is
+    this rank's slice (the caller checks it against its parameter's shape)."""
     from .quant import view
     ckpt = view(Checkpoint(folder), cfg)
     shapes = expected_shapes(cfg)
+    lay = layout or parallel.Layout()
+    if lay.world > 1 and is_converted(ckpt):
+        raise WeightError(f"{folder}: tensor parallelism reads the Hugging Face checkpoint (it slices the original "
+                          f"tensors); give the source folder, not a glm4v_ms.convert output")
     for e in plan(cfg, ckpt):
         if e.ours in skip:
             continue
-        raws = [ckpt.read(s) for s in e.sources]
+        sources, split = e.sources, e.split or ("",) * len(e.sources)
+        if lay.world > 1 and e.per_expert:
+            if lay.expert_parallel:   # whole experts: only this rank's, uncut
+                ex = lay.experts(len(sources) // e.per_expert)
+                sources = sources[ex.start * e.per_expert:ex.stop * e.per_expert]
+                split = ("",) * len(sources)
+        t = cfg.text
+        raws = [(parallel.shard(k, a, lay, t.head_dim, t.num_key_value_heads), d)
+                for k, (a, d) in zip(split, (ckpt.read(s) for s in sources))]
         dtypes = {d for _, d in raws}
         if len(dtypes) != 1:
             raise WeightError(f"tensors {', '.join(e.sources)} mix dtypes {sorted(dtypes)}")
@@ -329,7 +468,7 @@ def load(cfg: Glm4vConfig, folder: str, skip=()):
             arr = e.fn(cfg, *[a for a, _ in raws])
         except ValueError as err:
             raise WeightError(f"tensor {e.sources[0]}: cannot map to {e.ours} ({err})") from None
-        if tuple(arr.shape) != shapes[e.ours]:
+        if lay.world == 1 and tuple(arr.shape) != shapes[e.ours]:
             shown = [list(ckpt.info(s)[1]) for s in e.sources]
             raise WeightError(f"tensor {e.sources[0] if len(e.sources) == 1 else e.sources} has shape "
                               f"{shown[0] if len(shown) == 1 else shown}, the config implies {list(shapes[e.ours])} "

@@ -13,13 +13,13 @@ from . import report
 
 def load_model(folder, dtype=None, device=None):
     from ..config import ConfigError
-    from ..model import Glm4vForConditionalGeneration
+    from ..model import AutoModelForImageTextToText
     from ..weights import WeightError
 
     if not os.path.isdir(folder):
         raise ParityError(f"model folder not found: {folder}")
     try:
-        return Glm4vForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, device=device)   # GLM-4.1V or 4.5V
     except (ConfigError, WeightError) as e:
         raise ParityError(str(e).splitlines()[0]) from None
     except ValueError as e:   # unknown dtype / device

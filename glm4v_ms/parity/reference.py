@@ -83,7 +83,7 @@ class Reference:
             # reference must be fp32.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        from transformers import AutoProcessor, Glm4vForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
             self.processor = AutoProcessor.from_pretrained(folder, use_fast=False)
@@ -93,7 +93,8 @@ class Reference:
             if _gptq_config(folder) is not None:
                 self.model = _dequantized_gptq_model(folder, TORCH_DTYPES[dtype])
             else:
-                self.model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
+                # Glm4vForConditionalGeneration or Glm4vMoeForConditionalGeneration, by model_type
+                self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
         except ParityError:
             raise
         except Exception as e:

@@ -1,0 +1,44 @@
+"""One msrun worker of tests/test_parallel.py: loads each checkpoint split over the launch's ranks and saves
+(rank 0) the logits and greedy ids of every prepared input; every rank saves its memory plan and parameter count.
+
+    msrun ... tests/parallel_worker.py OUT_DIR SPECS_JSON
+SPECS_JSON: [{"name", "folder", "tp", "ep"}]; inputs come from OUT_DIR/inputs/*.npz (made by the test).
+"""
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+GREEDY_CASE = "padded_batch"   # greedy decoding on one case (a launch is slow): an image row and a text row
+
+
+def main(out, specs):
+    from glm4v_ms import AutoModelForImageTextToText
+    from glm4v_ms import attention
+    cases = {os.path.basename(p)[:-4]: dict(np.load(p)) for p in sorted(glob.glob(os.path.join(out, "inputs", "*.npz")))}
+    for spec in json.loads(specs):
+        m = AutoModelForImageTextToText.from_pretrained(spec["folder"], tensor_parallel_size=spec["tp"],
+                                                        expert_parallel=spec["ep"])
+        r = m.layout.rank
+        n = sum(int(np.prod(p.shape)) for _, p in m.parameters_and_names())
+        with open(os.path.join(out, f"{spec['name']}.rank{r}.json"), "w") as f:
+            json.dump({"plan": m.memory_plan(1024), "params": n, "kv_heads": m.text.kv_heads,
+                       "kernels": attention.mode()}, f)
+        for case, inputs in cases.items():
+            logits = m(**inputs).logits.asnumpy()
+            if r == 0:
+                np.save(os.path.join(out, f"{spec['name']}.{case}.logits.npy"), logits)
+            if case == GREEDY_CASE:
+                ids = m.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+                if r == 0:
+                    np.save(os.path.join(out, f"{spec['name']}.{case}.ids.npy"), ids)
+            if case == "text":   # sampling with no seed given: every rank must draw the same tokens
+                sampled = m.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=20)
+                np.save(os.path.join(out, f"{spec['name']}.{case}.sampled.rank{r}.npy"), sampled)
+    print(f"rank {r}: done", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
