@@ -91,7 +91,8 @@ def _expand_cache(model, st: State, num_beams: int) -> State:
     dec = model.decoder(B * num_beams, st.dec.max_len)
     for src, dst in zip(tuple(st.dec.k) + tuple(st.dec.v), tuple(dec.k) + tuple(dec.v)):
         ops.assign(dst, ops.repeat_interleave(src, num_beams, 0))
-    return State(dec, np.repeat(st.kv_valid, num_beams, 0), st.slot, np.repeat(st.next_pos, num_beams, 0),
+    slot = np.repeat(np.broadcast_to(np.asarray(st.slot), (B,)), num_beams, 0)   # each row's next slot, per beam
+    return State(dec, np.repeat(st.kv_valid, num_beams, 0), slot, np.repeat(st.next_pos, num_beams, 0),
                  st.timings)
 
 
@@ -102,6 +103,7 @@ def _reorder_cache(st: State, rows: np.ndarray):
     for p in tuple(st.dec.k) + tuple(st.dec.v):
         ops.assign(p, ops.gather(p, idx, 0))
     st.kv_valid = st.kv_valid[rows]
+    st.slot = np.asarray(st.slot)[rows]
     st.next_pos = st.next_pos[rows]
 
 
