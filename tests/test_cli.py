@@ -211,7 +211,7 @@ def test_parity_text_file_as_reference_is_one_clear_line(tmp_path):
                        timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not a parity dump" in lines[0] and "pickle" not in lines[0], p.stderr
+    assert len(lines) == 1 and "not an .npz file" in lines[0] and "pickle" not in lines[0], p.stderr
 
 
 def test_demo_150m_tokenizer_covers_its_vocabulary(tmp_path):

@@ -39,7 +39,8 @@ def load(path):
     if not os.path.isfile(path):
         raise ParityError(f"reference dump not found: {path}")
     if not zipfile.is_zipfile(path):   # else numpy guesses a pickle and says so
-        raise ParityError(f"{path} is not a parity dump (not an .npz file: write one with `dump` or `run --out`)")
+        raise ParityError(f"cannot read reference dump {path}: not an .npz file (write one with `dump` or "
+                          f"`run --out`)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "meta" not in z.files:
