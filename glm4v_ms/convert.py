@@ -400,7 +400,8 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     if os.path.lexists(dst) and not overwrite:
         raise WeightError(f"{dst}: already exists (use --overwrite to replace it)")
     if not os.path.isdir(src):
-        raise WeightError(f"{src}: no such folder")
+        raise WeightError(f"{src}: not a folder (give the checkpoint's folder, not one of its files)"
+                          if os.path.exists(src) else f"{src}: no such folder")
     if quantize or _quantized(src):
         return convert_quantized(src, dst, dtype, overwrite, verify, quantize, group_size, keep_float)
     cfg, ckpt, groups = _load_source(src, dtype)

@@ -274,14 +274,17 @@ def test_http_image_with_size_cap(srv):
 
 def test_thinking_budget_and_template_kwargs(srv, monkeypatch):
     """max_thinking_tokens closes the thinking after that many tokens (</think><answer> forced by the engine);
-    chat_template_kwargs reach the template (a wrong type is a 400)."""
+    chat_template_kwargs reach the template (a wrong type, or a variable the template does not read, is a 400;
+    test_moe_cli.py shows enable_thinking reaching GLM-4.5V's template)."""
     tok = srv.state.processor.tokenizer
     script = script_sampler(monkeypatch, tok, "<think>The quick brown fox jumps over the lazy dog")
     r = srv.client.chat.completions.create(model="glm-tiny", messages=user(text("Think.")), max_tokens=12,
-                                           extra_body={"max_thinking_tokens": 3,
-                                                       "chat_template_kwargs": {"enable_thinking": True}})
+                                           extra_body={"max_thinking_tokens": 3})
     m = r.choices[0].message
     assert m.reasoning_content == tok.decode(script[1:3]).strip()
     assert len(script) >= 8 and m.content.startswith(tok.decode(script[5:7]).strip())   # </think><answer> were 4th, 5th
     code, body = srv.post({"messages": user(text("x")), "chat_template_kwargs": "yes"})
     assert code == 400 and "chat_template_kwargs" in body["error"]["message"]
+    # a variable this checkpoint's template does not read is refused by name, never dropped silently
+    code, body = srv.post({"messages": user(text("x")), "chat_template_kwargs": {"enable_thinking": False}})
+    assert code == 400 and "enable_thinking" in body["error"]["message"]
