@@ -303,6 +303,9 @@ class QuantView:
         self.virtual = {}      # "<module>.weight" -> GPTQModule or list of our Packed parts
         self.hidden = set()
         self.converted = is_converted(ckpt)
+        if self.converted != isinstance(qcfg, dict):
+            raise QuantError(f"{ckpt.folder}: quantization_config says {'gptq' if self.converted else OURS!r} but "
+                             f"the tensors are in {'this port' if self.converted else 'the Hugging Face'}'s layout")
         table = hf_table(cfg)
         if self.converted:
             self._ours(table)
@@ -414,7 +417,7 @@ class QuantView:
             out = [concat(parts).columns(order)]
         else:   # separate matmuls: each part's rows must stay one block, in source order
             out = []
-            for j, (p, a, b) in enumerate(zip(parts, offs, offs[1:])):
+            for p, a, b in zip(parts, offs, offs[1:]):
                 block = order[a:b]
                 if block.min() != a or block.max() != b - 1:
                     raise QuantError(f"{e.ours}: its parts differ in bits/group size/order and the table "
