@@ -88,7 +88,8 @@ class GPTQConfig:
                 raise QuantError(f"quantization_config.dynamic[{key!r}]: not a regular expression ({e})") from None
             if not isinstance(over, dict):
                 raise QuantError(f"quantization_config.dynamic[{key!r}] is not a JSON object")
-            rules.append((key, keep_float, rx, None if keep_float else _spec(over, base, f"quantization_config.dynamic[{key!r}]")))
+            spec = None if keep_float else _spec(over, base, f"quantization_config.dynamic[{key!r}]")
+            rules.append((key, keep_float, rx, spec))
         return cls(base, fmt == "gptq_v2", rules)
 
     def resolve(self, module: str):
@@ -216,7 +217,8 @@ class Packed:
 
 def concat(parts: list) -> Packed:
     p = parts[0]
-    return Packed(p.bits, *(np.concatenate([getattr(q, a) for q in parts], 1) for a in ("w", "scale", "offset")), p.perm)
+    w, scale, offset = (np.concatenate([getattr(q, a) for q in parts], 1) for a in ("w", "scale", "offset"))
+    return Packed(p.bits, w, scale, offset, p.perm)
 
 
 class GPTQModule:
