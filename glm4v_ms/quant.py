@@ -88,7 +88,8 @@ class GPTQConfig:
                 raise QuantError(f"quantization_config.dynamic[{key!r}]: not a regular expression ({e})") from None
             if not isinstance(over, dict):
                 raise QuantError(f"quantization_config.dynamic[{key!r}] is not a JSON object")
-            rules.append((key, keep_float, rx, None if keep_float else _spec(over, base, f"quantization_config.dynamic[{key!r}]")))
+            spec = None if keep_float else _spec(over, base, f"quantization_config.dynamic[{key!r}]")
+            rules.append((key, keep_float, rx, spec))
         return cls(base, fmt == "gptq_v2", rules)
 
     def resolve(self, module: str):
@@ -216,7 +217,8 @@ class Packed:
 
 def concat(parts: list) -> Packed:
     p = parts[0]
-    return Packed(p.bits, *(np.concatenate([getattr(q, a) for q in parts], 1) for a in ("w", "scale", "offset")), p.perm)
+    w, scale, offset = (np.concatenate([getattr(q, a) for q in parts], 1) for a in ("w", "scale", "offset"))
+    return Packed(p.bits, w, scale, offset, p.perm)
 
 
 class GPTQModule:
@@ -303,6 +305,9 @@ class QuantView:
         self.virtual = {}      # "<module>.weight" -> GPTQModule or list of our Packed parts
         self.hidden = set()
         self.converted = is_converted(ckpt)
+        if self.converted != isinstance(qcfg, dict):
+            raise QuantError(f"{ckpt.folder}: quantization_config says {'gptq' if self.converted else OURS!r} but "
+                             f"the tensors are in {'this port' if self.converted else 'the Hugging Face'}'s layout")
         table = hf_table(cfg)
         if self.converted:
             self._ours(table)
@@ -414,7 +419,7 @@ class QuantView:
             out = [concat(parts).columns(order)]
         else:   # separate matmuls: each part's rows must stay one block, in source order
             out = []
-            for j, (p, a, b) in enumerate(zip(parts, offs, offs[1:])):
+            for p, a, b in zip(parts, offs, offs[1:]):
                 block = order[a:b]
                 if block.min() != a or block.max() != b - 1:
                     raise QuantError(f"{e.ours}: its parts differ in bits/group size/order and the table "

@@ -107,3 +107,14 @@ def test_quantize_bad_input(split, tmp_path):
     assert p.returncode == 1 and "already quantized" in p.stderr and not os.path.exists(tmp_path / "b")
     p = run_cli("--src", str(d / "gptq-float"), "--dst", str(tmp_path / "c"), "--quantize", "int4", "--keep-float", "(")
     assert p.returncode == 1 and "--keep-float" in p.stderr and not os.path.exists(tmp_path / "c")
+
+
+def test_config_and_layout_must_agree(split, tmp_path):
+    """A repacked folder whose config.json was put back to the GPTQ one (or the reverse): one line, no guessing."""
+    ref, folder, d = split
+    assert main(["--src", folder, "--dst", str(tmp_path / "rep")]) == 0
+    gptq_cfg = json.load(open(os.path.join(folder, "config.json")))
+    json.dump(gptq_cfg, open(tmp_path / "rep" / "config.json", "w"))
+    from glm4v_ms.quant import QuantError
+    with pytest.raises(QuantError, match="this port's layout"):
+        Glm4vForConditionalGeneration.from_pretrained(str(tmp_path / "rep"))
