@@ -14,8 +14,9 @@ same length), and measures per stream the arrival time of each SSE chunk:
   TTFT = request sent -> first content chunk, the mean and max over the S streams (all sent together, so the
   later ones wait for the earlier prefills);
   TTFT under load: one more request sent while 7 streams are decoding (the 8th row free).
-The same run also starts a server with --max-num-seqs 1 (no batching: its decode graph has one row, where the
-8-row server decodes all 8 rows whatever is busy) and measures one stream there: the last column divides by it.
+The same run also starts a server with --max-num-seqs 1 (no batching at all) and measures one stream there: the
+last column divides by it. (A lone stream on the 8-row server runs on its one-row cache too; two or more streams
+decode all 8 rows, busy or not.)
 Each figure is the best of --reps repetitions.
 """
 from __future__ import annotations

@@ -7,6 +7,9 @@ Rows: `max_num_seqs` rows of one static KV cache of `max_model_len` slots each (
 A request waiting in the bounded queue is prefilled into a free row as soon as one exists, while the other rows
 keep their state; then every step decodes all rows with the one compiled (rows, 1) graph (generation.Batch.step,
 the same loop body model.generate() runs). A finished or cancelled request frees its row at the next step.
+A lone request runs in a separate one-row cache instead (the (1, 1) graph: a step of all rows costs ~2.5x one
+row's on CPU); it moves into the big cache, by a copy of its cache row, when a second request arrives, and back
+when it is alone again. Two compiled decode graphs in all, whatever the traffic.
 
 Not done: chunked prefill interleaved with decode steps (a long prompt's prefill stalls the other rows for its
 duration), prefix caching.
@@ -53,10 +56,12 @@ class Engine:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 64")
         self.max_num_seqs = max_num_seqs
         self.batch = Batch.empty(model, max_num_seqs, self.max_model_len)
+        self.solo = Batch.empty(model, 1, self.max_model_len) if max_num_seqs > 1 else None
         self.waiting = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._thread = None
         self.steps = 0            # decode steps run (for tests and /health)
+        self.moves = 0            # rows handed between the one-row and the big cache
         self.error = None         # an unexpected failure that stopped the engine thread
 
     # ------------------------------------------------------------------ client side (any thread)
@@ -111,12 +116,15 @@ class Engine:
             self._thread = None
 
     def busy_rows(self) -> int:
-        return sum(s is not None for s in self.batch.seqs)
+        return sum(s is not None for s in self.batch.seqs) + (self.solo is not None and self.solo.active())
+
+    def _solo_busy(self) -> bool:
+        return self.solo is not None and self.solo.active()
 
     # ------------------------------------------------------------------ the engine thread
     def _admit(self, block: bool):
         """Move waiting requests into free rows; block briefly for one when nothing runs."""
-        for row in self.batch.free_rows():
+        while len(self.batch.free_rows()) > self._solo_busy():   # the lone request needs a big row once joined
             try:
                 req = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
             except queue.Empty:
@@ -125,23 +133,39 @@ class Engine:
             if req.seq.cancelled:
                 req.seq.finish("cancelled")
                 continue
+            if self.solo is not None and not self._solo_busy() and not self.batch.active() and self.waiting.empty():
+                where = (self.solo, 0)
+            else:
+                if self._solo_busy():
+                    self.solo.move(0, self.batch, self.batch.free_rows()[0])
+                    self.moves += 1
+                where = (self.batch, self.batch.free_rows()[0])
             try:
-                self.batch.admit(row, req.inputs, req.seq)
+                where[0].admit(where[1], req.inputs, req.seq)
             except Exception as e:   # a bad prompt fails alone; the engine and the other rows go on
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 req.seq.finish_reason = "error"
                 req.seq._tell("error", msg)
 
+    def _step(self):
+        if self.solo is not None and not self._solo_busy() and self.waiting.empty():
+            busy = [r for r, s in enumerate(self.batch.seqs) if s is not None]
+            if len(busy) == 1:   # alone again: continue on the one-row graph
+                self.batch.move(busy[0], self.solo, 0)
+                self.moves += 1
+        for b in (self.solo, self.batch):
+            if b is not None and b.active():
+                b.step()
+                self.steps += 1
+
     def _loop(self):
         try:
             while not self._stop.is_set():
-                self._admit(block=not self.batch.active())
-                if self.batch.active():
-                    self.batch.step()
-                    self.steps += 1
+                self._admit(block=not (self.batch.active() or self._solo_busy()))
+                self._step()
         except BaseException as e:   # nothing should reach here; tell everyone waiting rather than hang them
             self.error = f"{type(e).__name__}: {e}"
-            for seq in self.batch.seqs:
+            for seq in self.batch.seqs + (self.solo.seqs if self.solo is not None else []):
                 if seq is not None and seq.finish_reason is None:
                     seq.finish_reason = "error"
                     seq._tell("error", self.error)

@@ -269,6 +269,19 @@ class Batch:
         self.seqs[row] = seq
         return one.timings["prefill_s"]
 
+    def move(self, row: int, other: "Batch", to: int):
+        """Hand row `row` (its cache rows, slots, positions, next logits and Sequence) to free row `to` of another
+        batch over caches of the same length; `row` is free afterwards."""
+        assert other.seqs[to] is None and other.max_len == self.max_len
+        idx = Tensor(np.array([[to]], np.int32))
+        for src, dst in zip((*self.st.dec.k, *self.st.dec.v), (*other.st.dec.k, *other.st.dec.v)):
+            ops.scatter_nd_update(dst, idx, src[row:row + 1])
+        other.st.kv_valid[to] = self.st.kv_valid[row]
+        other.st.slot[to], other.st.next_pos[to] = self.st.slot[row], self.st.next_pos[row]
+        other.logits[to] = self.logits[row]
+        other.seqs[to] = self.seqs[row]
+        self._free(row)
+
     def _free(self, row):
         self.seqs[row] = None
         self.st.kv_valid[row] = False

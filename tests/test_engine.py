@@ -42,7 +42,8 @@ def collect(engine, inputs, cfg, n):
 
 def test_concurrent_requests_equal_each_alone(setup):
     """More requests than rows, submitted staggered so that they join while others decode: token for token what
-    model.generate gives each alone, and the compiled decode graph is reused whatever rows are busy."""
+    model.generate gives each alone (also across the moves of a lone request between the one-row cache and the
+    big one), and the compiled decode graphs are reused whatever rows are busy."""
     from mindspore.graph import api
     model, proc = setup
     cfg = model.generation_config.updated(do_sample=False)
@@ -68,6 +69,7 @@ def test_concurrent_requests_equal_each_alone(setup):
         for req, got, done in again:
             assert done.wait(120)
         assert [g for _, g, _ in again] == [g for _, g, _ in runs]
+        assert engine.moves >= 2   # a lone request ran in the one-row cache and moved to the big one and back
         for (req, got, _), want in zip(runs, alone):
             assert got[-1] in ("done:stop", "done:length")
             assert got[:-1] == [int(t) for t in want]

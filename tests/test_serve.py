@@ -288,3 +288,15 @@ def test_thinking_budget_and_template_kwargs(srv, monkeypatch):
     # a variable this checkpoint's template does not read is refused by name, never dropped silently
     code, body = srv.post({"messages": user(text("x")), "chat_template_kwargs": {"enable_thinking": False}})
     assert code == 400 and "enable_thinking" in body["error"]["message"]
+
+
+
+def test_cli_bad_arguments_one_line():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for args, rc, line in ((["--model", "/nonexistent"], 1, "error: model folder not found: /nonexistent"),
+                           (["--model", "x", "--max-num-seqs", "0"], 2, "glm4v_ms.serve: error: --max-num-seqs must be >= 1")):
+        p = subprocess.run([sys.executable, "-m", "glm4v_ms.serve", *args], cwd=root, capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, PYTHONPATH=root))
+        assert p.returncode == rc and p.stderr.strip().startswith(line) and len(p.stderr.strip().splitlines()) == 1
