@@ -143,3 +143,18 @@ def test_missing_experts_is_one_clear_error(pair, tmp_path):
     with pytest.raises(WeightError, match=r"tensor model\.language_model\.layers\.1\.mlp\.experts\.5\.\w+_proj\.weight "
                                           r"is missing .*\(and 5 more\)"):
         Glm4vMoeForConditionalGeneration.from_pretrained(str(dst))
+
+
+@pytest.mark.parametrize("method", ["fp8", "awq"])
+def test_unsupported_quantization_format_is_one_clear_error(pair, tmp_path, method):
+    """GLM-4.5V's published FP8 checkpoint (and other formats) are refused by name, before any weight is read."""
+    _, _, d = pair
+    dst = tmp_path / method
+    shutil.copytree(d, dst)
+    with open(dst / "config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": method}
+    with open(dst / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=rf"'{method}'.*not supported"):
+        AutoModelForImageTextToText.from_pretrained(str(dst))
