@@ -91,7 +91,8 @@ def _expand_cache(model, st: State, num_beams: int) -> State:
     dec = model.decoder(B * num_beams, st.dec.max_len)
     for src, dst in zip(tuple(st.dec.k) + tuple(st.dec.v), tuple(dec.k) + tuple(dec.v)):
         ops.assign(dst, ops.repeat_interleave(src, num_beams, 0))
-    return State(dec, np.repeat(st.kv_valid, num_beams, 0), st.slot, np.repeat(st.next_pos, num_beams, 0),
+    return State(dec, np.repeat(st.kv_valid, num_beams, 0), np.repeat(st.slot, num_beams, 0),
+                 np.repeat(st.next_pos, num_beams, 0),
                  st.timings)
 
 
