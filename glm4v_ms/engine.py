@@ -8,8 +8,12 @@ A request waiting in the bounded queue is prefilled into a free row as soon as o
 keep their state; then every step decodes all rows with the one compiled (rows, 1) graph (generation.Batch.step,
 the same loop body model.generate() runs). A finished or cancelled request frees its row at the next step.
 
+Prefix reuse (prefix_reuse=True, the server's default): a row that finishes remembers what its cache holds; a new
+request goes to the free row whose cache shares the longest prefix of token ids with its prompt (images compared by
+their pixels), and only the rest of the prompt is prefilled (a chat's next turn skips its history and images).
+
 Not done: chunked prefill interleaved with decode steps (a long prompt's prefill stalls the other rows for its
-duration), prefix caching.
+duration).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class Request:
         self.inputs, self.seq, self.prompt_tokens = inputs, seq, prompt_tokens
         self.submitted = time.perf_counter()
         self.first_token_s = None
+        self.reused_tokens = 0    # prompt tokens taken from a row's remembered cache (prefix reuse)
 
     def cancel(self):
         self.seq.cancel()
@@ -45,14 +50,15 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, max_num_seqs: int = 4, max_model_len: int | None = None, max_queue: int = 64):
+    def __init__(self, model, max_num_seqs: int = 4, max_model_len: int | None = None, max_queue: int = 64,
+                 prefix_reuse: bool = False):
         ctx = model.config.text.max_position_embeddings
         self.model = model
         self.max_model_len = min(int(max_model_len or min(ctx, 8192)), ctx)
         if max_num_seqs < 1 or self.max_model_len < 64:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 64")
         self.max_num_seqs = max_num_seqs
-        self.batch = Batch.empty(model, max_num_seqs, self.max_model_len)
+        self.batch = Batch.empty(model, max_num_seqs, self.max_model_len, prefix_reuse)
         self.waiting = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._thread = None
@@ -116,7 +122,7 @@ class Engine:
     # ------------------------------------------------------------------ the engine thread
     def _admit(self, block: bool):
         """Move waiting requests into free rows; block briefly for one when nothing runs."""
-        for row in self.batch.free_rows():
+        for _ in self.batch.free_rows():
             try:
                 req = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
             except queue.Empty:
@@ -126,7 +132,8 @@ class Engine:
                 req.seq.finish("cancelled")
                 continue
             try:
-                self.batch.admit(row, req.inputs, req.seq)
+                self.batch.admit(self.batch.best_row(req.inputs), req.inputs, req.seq)
+                req.reused_tokens = self.batch.last_reused
             except Exception as e:   # a bad prompt fails alone; the engine and the other rows go on
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 req.seq.finish_reason = "error"

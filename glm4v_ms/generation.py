@@ -368,15 +368,39 @@ class Batch:
     def __init__(self, model, st: State, logits: np.ndarray, keep: bool = False):
         """keep: a finished row keeps its cache (parked) for a PromptCache rather than being freed."""
         self.model, self.st, self.keep = model, st, keep
+        self.saved, self.last_reused = None, 0
         self.logits = logits                        # (B, V): each row's logits for its next token
         self.seqs = [None] * st.kv_valid.shape[0]
 
     @classmethod
-    def empty(cls, model, rows: int, max_len: int) -> "Batch":
-        """A batch of free rows over its own cache (the server's: it lives as long as the engine)."""
+    def empty(cls, model, rows: int, max_len: int, prefix_reuse: bool = False) -> "Batch":
+        """A batch of free rows over its own cache (the server's: it lives as long as the engine).
+        prefix_reuse: a freed row remembers what its cache holds, and a new prompt is admitted into the free row
+        sharing the longest prefix with it, reusing that part of the cache (prefill_reusing)."""
         dec = CachedDecoder(model.text, model.lm_head.weight, rows, max_len)
-        st = State(dec, np.zeros((rows, max_len), bool), np.zeros(rows, np.int64), np.zeros(rows, np.int64))
-        return cls(model, st, np.zeros((rows, model.config.text.vocab_size), np.float32))
+        st = State(dec, np.zeros((rows, max_len), bool), np.zeros(rows, np.int64), np.zeros(rows, np.int64),
+                   ids=np.full((rows, max_len), -1, np.int64) if prefix_reuse else None,
+                   media=[[] for _ in range(rows)] if prefix_reuse else None)
+        b = cls(model, st, np.zeros((rows, model.config.text.vocab_size), np.float32))
+        b.saved = [None] * rows if prefix_reuse else None   # per free row: (ids (S,), media) its cache holds
+        return b
+
+    def best_row(self, inputs: dict) -> int:
+        """The free row to admit this prompt into: the one whose remembered cache shares the longest prefix."""
+        free = self.free_rows()
+        if self.saved is None:
+            return free[0]
+        ids = _np(inputs["input_ids"], np.int64).reshape(-1)
+        mask = _np(inputs.get("attention_mask"), np.int64)
+        real = ids if mask is None else ids[mask.reshape(-1) > 0]
+
+        def shared(r):
+            if self.saved[r] is None:
+                return 0
+            held = self.saved[r][0][self.saved[r][0] >= 0][:len(real)]
+            diff = np.nonzero(held != real[:len(held)])[0]
+            return int(diff[0]) if len(diff) else len(held)
+        return max(free, key=shared)
 
     @property
     def max_len(self) -> int:
@@ -392,9 +416,24 @@ class Batch:
         """Prefill one prompt (batch 1) into a scratch cache of the same length, then copy it into `row`: the
         other rows' state is untouched, so they keep decoding from where they were."""
         assert self.seqs[row] is None
-        logits, one = prefill(self.model, inputs, self.max_len)
+        got = None
+        if self.saved is not None and self.saved[row] is not None:
+            # the row's remembered cache into the batch-1 scratch cache, then only the rest of the prompt runs
+            pc = PromptCache()
+            dec = self.model.decoder(1, self.max_len, pc)
+            for src, dst in zip((*self.st.dec.k, *self.st.dec.v), (*dec.k, *dec.v)):
+                ops.assign(dst, src[row:row + 1])
+            held, media = self.saved[row]
+            pc.st = State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
+                          media=[media])
+            got = prefill_reusing(self.model, inputs, pc, seq.max_new)
+        logits, one = got if got is not None else prefill(self.model, inputs, self.max_len)
         for src, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
             ops.scatter_nd_update(dst, Tensor(np.array([[row]], np.int32)), src)
+        if self.st.ids is not None:
+            self.st.ids[row] = one.ids[0] if one.ids is not None else -1
+            self.st.media[row] = one.media[0] if one.media is not None else media_spans(self.model, inputs)[0]
+        self.last_reused = one.timings.get("reused_tokens", 0)
         self.st.kv_valid[row] = one.kv_valid[0]
         self.st.slot[row], self.st.next_pos[row] = one.slot[0], one.next_pos[0]
         self.logits[row] = logits[0]
@@ -402,9 +441,17 @@ class Batch:
         return one.timings["prefill_s"]
 
     def _free(self, row):
+        if self.saved is not None:
+            if self.seqs[row] is not None:   # a request ends: remember what the row's cache holds
+                held = self.st.ids[row].copy()
+                held[-1] = -1                # the slot free rows decode their dummy into
+                self.saved[row] = (held, self.st.media[row])
+            self.st.ids[row] = -1
         self.seqs[row] = None
         self.st.kv_valid[row] = False
-        self.st.slot[row] = self.st.next_pos[row] = 0
+        # a free row decodes a dummy at slot 0, or at the last slot where rows remember their cache (rarely used)
+        self.st.slot[row] = self.max_len - 1 if self.saved is not None else 0
+        self.st.next_pos[row] = 0
 
     def step(self) -> np.ndarray:
         """Each busy row picks its next token from its logits (its own sampler and stop rules); finished and
@@ -421,7 +468,7 @@ class Batch:
             if seq.finish_reason is not None and not self.keep:
                 self._free(r)
         if self.active():
-            for r in self.free_rows():   # a free row decodes a dummy at its slot 0
+            for r in self.free_rows():   # a free row decodes a dummy at its slot 0 (or last slot)
                 self._free(r)
             parked = [r for r, s in enumerate(self.seqs) if s is not None and s.finish_reason is not None]
             self.logits = decode_one(self.model, self.st, np.maximum(tok, 0))
