@@ -113,3 +113,26 @@ def test_past_key_values_must_be_a_prompt_cache(model):
         model.generate(**inputs, max_new_tokens=2, past_key_values=object())
     with pytest.raises(ValueError, match="prefix reuse"):
         model.generate(**inputs, max_new_tokens=2, num_beams=2, past_key_values=PromptCache())
+
+
+def test_later_conversations_compile_nothing_new(model):
+    """The reused turn's suffix is padded to a prompt bucket: a second conversation whose turns differ in length
+    (within the same buckets) and in max_new_tokens runs on the graphs the first one compiled."""
+    from mindspore.graph import api
+
+    def graphs():
+        return {p for p in api.ms_compile_cache if "text.py" in p}
+
+    def conversation(seed, lens, n):
+        cache = PromptCache()
+        turn = tinyref.Prompt(seed).text(lens[0]).image(6, 6).text(3).inputs()
+        for k in lens[1:]:
+            out = model.generate(**turn, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=cache)
+            turn = _extend(turn, out[0, turn["input_ids"].shape[1]:-1], tinyref.Prompt(seed + k).text(k).inputs())
+        model.generate(**turn, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=cache)
+        return model.last_timings["reused_tokens"]
+
+    assert conversation(30, [4, 5, 9], 6) > 0
+    before = graphs()
+    assert conversation(40, [9, 20, 3], 11) > 0
+    assert graphs() == before
