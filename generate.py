@@ -208,6 +208,9 @@ def run(a):
     ctx = model.config.text.max_position_embeddings
     print(f"[memory: {model.memory_plan()}]", file=sys.stderr)
 
+    from glm4v_ms import PromptCache
+    # --chat: each turn reuses the KV cache of what it shares with the last one (the image is not encoded again)
+    cache = PromptCache() if a.chat and model.layout.world == 1 else None
     first = True
     while True:
         if pending is None:
@@ -230,12 +233,13 @@ def run(a):
             print(f"note: max_new_tokens {cfg.max_new_tokens} is cut to {ctx - n_prompt}: the prompt has {n_prompt} "
                   f"tokens of the model's {ctx}-token context", file=sys.stderr)
         display = Display(processor.tokenizer, a.hide_thinking)
-        ids = model.generate(**inputs, streamer=display, **gen)
+        ids = model.generate(**inputs, streamer=display, past_key_values=cache, **gen)
         t = model.last_timings
         tps = t["decode_steps"] / t["decode_s"] if t["decode_s"] > 0 else 0.0
         note = f" (first step {t['first_step_s']:.2f} s)" if "first_step_s" in t else ""
+        reused = f", reused from the last turn: {t['reused_tokens']} tokens" if t.get("reused_tokens") else ""
         print(f"prompt tokens: {t['prompt_tokens']}, new tokens: {t['new_tokens']}, prefill: {t['prefill_s']:.2f} s, "
-              f"decode: {tps:.1f} tokens/s{note}", file=sys.stderr)
+              f"decode: {tps:.1f} tokens/s{note}{reused}", file=sys.stderr)
         reply = processor.decode(ids[0, n_prompt:], skip_special_tokens=True)
         # earlier assistant turns keep only their answer, as the official CLI does; media stay in the first turn
         messages[:] = msgs + [{"role": "assistant", "content": strip_thinking(reply)}]

@@ -5,13 +5,16 @@ The model imports MindSpore; the processors do not. Both are loaded on first use
 """
 __version__ = "0.1.0"
 __all__ = ["Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "AutoModelForImageTextToText",
-           "Glm4vProcessor", "Glm4vConfig"]
+           "Glm4vProcessor", "Glm4vConfig", "PromptCache"]
 
 
 def __getattr__(name):
     if name in ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "AutoModelForImageTextToText"):
         from . import model
         return getattr(model, name)
+    if name == "PromptCache":
+        from .generation import PromptCache
+        return PromptCache
     if name == "Glm4vProcessor":
         from .processing import Glm4vProcessor
         return Glm4vProcessor

@@ -11,8 +11,12 @@ A lone request runs in a separate one-row cache instead (the (1, 1) graph: a ste
 row's on CPU); it moves into the big cache, by a copy of its cache row, when a second request arrives, and back
 when it is alone again. Two compiled decode graphs in all, whatever the traffic.
 
+Prefix reuse (prefix_reuse=True, the server's default): a row that finishes remembers what its cache holds; a new
+request goes to the free row whose cache shares the longest prefix of token ids with its prompt (images compared by
+their pixels), and only the rest of the prompt is prefilled (a chat's next turn skips its history and images).
+
 Not done: chunked prefill interleaved with decode steps (a long prompt's prefill stalls the other rows for its
-duration), prefix caching.
+duration).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Request:
         self.inputs, self.seq, self.prompt_tokens = inputs, seq, prompt_tokens
         self.submitted = time.perf_counter()
         self.first_token_s = None
+        self.reused_tokens = 0    # prompt tokens taken from a row's remembered cache (prefix reuse)
 
     def cancel(self):
         self.seq.cancel()
@@ -48,15 +53,17 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, max_num_seqs: int = 4, max_model_len: int | None = None, max_queue: int = 64):
+    def __init__(self, model, max_num_seqs: int = 4, max_model_len: int | None = None, max_queue: int = 64,
+                 prefix_reuse: bool = False):
         ctx = model.config.text.max_position_embeddings
         self.model = model
         self.max_model_len = min(int(max_model_len or min(ctx, 8192)), ctx)
         if max_num_seqs < 1 or self.max_model_len < 64:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 64")
         self.max_num_seqs = max_num_seqs
-        self.batch = Batch.empty(model, max_num_seqs, self.max_model_len)
-        self.solo = Batch.empty(model, 1, self.max_model_len) if max_num_seqs > 1 else None
+        # both caches remember what their rows hold (prefix reuse), so a row keeps its record when it moves
+        self.batch = Batch.empty(model, max_num_seqs, self.max_model_len, prefix_reuse)
+        self.solo = Batch.empty(model, 1, self.max_model_len, prefix_reuse) if max_num_seqs > 1 else None
         self.waiting = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._thread = None
@@ -139,9 +146,10 @@ class Engine:
                 if self._solo_busy():
                     self.solo.move(0, self.batch, self.batch.free_rows()[0])
                     self.moves += 1
-                where = (self.batch, self.batch.free_rows()[0])
+                where = (self.batch, self.batch.best_row(req.inputs))
             try:
                 where[0].admit(where[1], req.inputs, req.seq)
+                req.reused_tokens = where[0].last_reused
             except Exception as e:   # a bad prompt fails alone; the engine and the other rows go on
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 req.seq.finish_reason = "error"

@@ -11,6 +11,7 @@ tags come from the checkpoint's tokenizer files (read as plain JSON) or from the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 from mindspore import Tensor, ops
 
+from . import rope
 from .model import _np, cache_bucket, prompt_bucket
 from .text import CachedDecoder
 
@@ -132,25 +134,32 @@ class State:
     slot: np.ndarray         # (B,) next cache slot of each row
     next_pos: np.ndarray     # (B,) next text position, rope delta included
     timings: dict = field(default_factory=dict)
+    ids: np.ndarray | None = None     # (B, S) the token id held at each cache slot, -1 where none (for reuse)
+    media: list | None = None         # per row: [(start, end, digest)] of each image's tokens among its real ids
 
 
-def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=None):
+def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=None, owner=None):
     """Run the prompt (vision tower once) into a fresh cache of max_len slots. Returns (last logits (B, V), State).
     `chunk` splits the prompt into pieces of that many tokens (same result; bounds prefill memory). `dec`: the
-    cache to fill (default: the model's shared one of this size)."""
+    cache to fill (default: the model's shared one of this size, claimed for `owner`, a PromptCache or None)."""
     t0 = time.perf_counter()
-    h, pos3, mask, deltas, _ = model.prompt(**{k: inputs.get(k) for k in (
+    h, pos3, mask, deltas, pad = model.prompt(**{k: inputs.get(k) for k in (
         "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
         "inputs_embeds")})
     B, L = mask.shape
-    dec = dec or model.decoder(B, max_len)
+    dec = dec or model.decoder(B, max_len, owner)
     kv_valid = np.zeros((B, max_len), bool)
     kv_valid[:, :L] = mask
+    ids = np.full((B, max_len), -1, np.int64)
+    raw = _np(inputs["input_ids"], np.int64).reshape(B, -1) if inputs.get("input_ids") is not None else None
+    if raw is not None and raw.shape[1] + pad == L:
+        ids[:, :L] = np.where(mask, np.pad(raw, ((0, 0), (pad, 0)), constant_values=-1), -1)
     step = chunk or L
     for s in range(0, L, step):
         logits = model.run(dec, h[:, s:s + step], pos3[:, :, s:s + step], s, kv_valid, last_only=True)
     logits = logits.asnumpy()[:, -1]   # the host copy also waits for the device
-    st = State(dec, kv_valid, np.full(B, L, np.int64), mask.sum(1) + deltas, {"prefill_s": time.perf_counter() - t0})
+    st = State(dec, kv_valid, np.full(B, L, np.int64), mask.sum(1) + deltas, {"prefill_s": time.perf_counter() - t0},
+               ids)
     return logits, st
 
 
@@ -159,11 +168,133 @@ def decode_one(model, st: State, tokens: np.ndarray) -> np.ndarray:
     B = tokens.shape[0]
     h = model.text.embed(Tensor(tokens.reshape(B, 1).astype(np.int32)))
     st.kv_valid[np.arange(B), st.slot] = True
+    if st.ids is not None:
+        st.ids[np.arange(B), st.slot] = tokens
     pos3 = np.broadcast_to(st.next_pos[None, :, None], (3, B, 1))
     logits = model.run(st.dec, h, pos3, st.slot, st.kv_valid, last_only=True).asnumpy()[:, -1]
     st.slot = st.slot + 1
     st.next_pos = st.next_pos + 1
     return logits
+
+
+def media_spans(model, inputs: dict) -> list:
+    """Per row, [(start, end, digest)] of each image's run of tokens among the row's real ids: what tells two
+    images with the same grid (hence the same token ids) apart when a cached prefix is matched."""
+    c = model.config
+    ids = _np(inputs["input_ids"], np.int64)
+    ids = ids[None] if ids.ndim == 1 else ids
+    mask = _np(inputs.get("attention_mask"), np.int64)
+    mask = np.ones(ids.shape, bool) if mask is None else mask.reshape(ids.shape) > 0
+    grids = _np(inputs.get("image_grid_thw"), np.int64)
+    grids = np.zeros((0, 3), np.int64) if grids is None else grids.reshape(-1, 3)
+    pixels = _np(inputs.get("pixel_values"))
+    edges = np.concatenate([[0], np.cumsum(grids.prod(-1))])
+    out, k = [], 0
+    for b in range(ids.shape[0]):
+        real = ids[b][mask[b]]
+        img = rope.token_types(real, c.image_token_id, c.video_start_token_id, c.video_end_token_id) == rope.IMAGE
+        starts = np.nonzero(img & ~np.r_[False, img[:-1]])[0]
+        ends = np.nonzero(img & ~np.r_[img[1:], False])[0] + 1
+        row = []
+        for a, e in zip(starts, ends):
+            digest = None
+            if pixels is not None and k < len(grids):
+                digest = hashlib.blake2b(grids[k].tobytes() + np.ascontiguousarray(
+                    pixels[edges[k]:edges[k + 1]]).tobytes(), digest_size=16).digest()
+            row.append((int(a), int(e), digest, k))
+            k += 1
+        out.append(row)
+    return out
+
+
+class PromptCache:
+    """`past_key_values` for generate(): keeps the static KV cache of the call that filled it, and the next call
+    with the same batch size reuses, row by row, the longest common prefix of token ids (images compared by
+    their pixels) with what that cache holds: only the rest of the prompt is run, its images alone through the
+    vision tower. The output is that of a run without reuse. Where nothing can be reused (another batch size,
+    videos, inputs_embeds, a cache too short for the new turn, or the model's shared cache taken meanwhile by a
+    call without this PromptCache), the prompt is prefilled afresh into it."""
+
+    def __init__(self):
+        self.st = None
+        self.reused = 0     # prompt tokens taken from the cache by the last call (summed over rows)
+
+    def usable(self, B: int) -> bool:
+        st = self.st
+        return st is not None and st.ids is not None and st.ids.shape[0] == B and getattr(st.dec, "owner", None) is self
+
+
+def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int):
+    """prefill() that starts from the longest prefix each row shares with `cache`; None where it cannot.
+
+    Row b keeps its first k_b cached tokens (the slots they sit in); the rest of its prompt (s_b tokens) is
+    left-padded to one length P for all rows and written at slots [S0, S0 + P), S0 past every kept token: a row's
+    slots between its kept tokens and its suffix are masked holes (attention goes by the mask, positions by
+    pos3, so holes change nothing). Slots the row held past k_b are dropped from its mask."""
+    t0 = time.perf_counter()
+    if inputs.get("inputs_embeds") is not None or inputs.get("pixel_values_videos") is not None:
+        return None
+    ids = _np(inputs["input_ids"], np.int64)
+    ids = ids[None] if ids.ndim == 1 else ids
+    B, L = ids.shape
+    if not cache.usable(B):
+        return None
+    old = cache.st
+    mask = _np(inputs.get("attention_mask"), np.int64)
+    mask = np.ones((B, L), bool) if mask is None else mask.reshape(B, L) > 0
+    media = media_spans(model, inputs)
+    keep, tails, kept_slots = [], [], []
+    for b in range(B):
+        real = ids[b][mask[b]]
+        slots = np.nonzero(old.ids[b] >= 0)[0]
+        held = old.ids[b][slots]
+        n = min(len(held), len(real) - 1)   # at least one token runs: it gives the next logits
+        diff = np.nonzero(held[:n] != real[:n])[0]
+        k = int(diff[0]) if len(diff) else n
+        olds = old.media[b] if old.media is not None else []
+        for i, (a, e, digest, _) in enumerate(media[b]):   # an image is reused whole and only if it is the same
+            if a < k and (i >= len(olds) or olds[i][:3] != (a, e, digest) or digest is None or e > k):
+                k = a
+                break
+        keep.append(k)
+        kept_slots.append(slots[:k])
+        tails.append(real[k:])
+    S0 = max(int(s[-1]) + 1 if len(s) else 0 for s in kept_slots)
+    P = prompt_bucket(max(len(t) for t in tails))
+    max_len = old.kv_valid.shape[1]
+    if S0 + P + new > max_len:
+        return None
+    # the suffix's embeddings: its images only through the vision tower
+    suffix = np.zeros((B, P), np.int64)
+    smask = np.zeros((B, P), bool)
+    for b, t in enumerate(tails):
+        suffix[b, P - len(t):], smask[b, P - len(t):] = t, True
+    want = [k for b in range(B) for a, e, d, k in media[b] if a >= keep[b]]
+    pixels = grid = None
+    if want:
+        g = _np(inputs["image_grid_thw"], np.int64).reshape(-1, 3)
+        edges = np.concatenate([[0], np.cumsum(g.prod(-1))])
+        pv = _np(inputs["pixel_values"], np.float32)
+        pixels = np.concatenate([pv[edges[k]:edges[k + 1]] for k in want])
+        grid = g[want]
+    h = model.embed(suffix, pixels, grid)
+    # positions of the whole new prompt (host-side), then each row's suffix part
+    pos_full, deltas = model.positions(ids, mask.astype(np.int64), inputs.get("image_grid_thw"))
+    pos3 = np.zeros((3, B, P), np.int64)
+    for b, t in enumerate(tails):
+        pos3[:, b, P - len(t):] = pos_full[:, b][:, mask[b]][:, keep[b]:]
+    kv_valid = np.zeros_like(old.kv_valid)
+    cached = np.full_like(old.ids, -1)
+    for b in range(B):
+        kv_valid[b, kept_slots[b]] = True
+        cached[b, kept_slots[b]] = old.ids[b, kept_slots[b]]
+    kv_valid[:, S0:S0 + P] = smask
+    cached[:, S0:S0 + P] = np.where(smask, suffix, -1)
+    logits = model.run(old.dec, h, pos3, S0, kv_valid, last_only=True).asnumpy()[:, -1]
+    cache.reused = int(sum(keep))
+    st = State(old.dec, kv_valid, np.full(B, S0 + P, np.int64), mask.sum(1) + deltas,
+               {"prefill_s": time.perf_counter() - t0, "reused_tokens": cache.reused}, cached, media)
+    return logits, st
 
 
 class Sequence:
@@ -234,17 +365,42 @@ class Batch:
     fed a dummy token at its slot 0 (wasted work, harmless: rows never see each other's slots), as engines pad
     a live batch up to the captured graph's size."""
 
-    def __init__(self, model, st: State, logits: np.ndarray):
-        self.model, self.st = model, st
+    def __init__(self, model, st: State, logits: np.ndarray, keep: bool = False):
+        """keep: a finished row keeps its cache (parked) for a PromptCache rather than being freed."""
+        self.model, self.st, self.keep = model, st, keep
+        self.saved, self.last_reused = None, 0
         self.logits = logits                        # (B, V): each row's logits for its next token
         self.seqs = [None] * st.kv_valid.shape[0]
 
     @classmethod
-    def empty(cls, model, rows: int, max_len: int) -> "Batch":
-        """A batch of free rows over its own cache (the server's: it lives as long as the engine)."""
+    def empty(cls, model, rows: int, max_len: int, prefix_reuse: bool = False) -> "Batch":
+        """A batch of free rows over its own cache (the server's: it lives as long as the engine).
+        prefix_reuse: a freed row remembers what its cache holds, and a new prompt is admitted into the free row
+        sharing the longest prefix with it, reusing that part of the cache (prefill_reusing)."""
         dec = CachedDecoder(model.text, model.lm_head.weight, rows, max_len)
-        st = State(dec, np.zeros((rows, max_len), bool), np.zeros(rows, np.int64), np.zeros(rows, np.int64))
-        return cls(model, st, np.zeros((rows, model.config.text.vocab_size), np.float32))
+        st = State(dec, np.zeros((rows, max_len), bool), np.zeros(rows, np.int64), np.zeros(rows, np.int64),
+                   ids=np.full((rows, max_len), -1, np.int64) if prefix_reuse else None,
+                   media=[[] for _ in range(rows)] if prefix_reuse else None)
+        b = cls(model, st, np.zeros((rows, model.config.text.vocab_size), np.float32))
+        b.saved = [None] * rows if prefix_reuse else None   # per free row: (ids (S,), media) its cache holds
+        return b
+
+    def best_row(self, inputs: dict) -> int:
+        """The free row to admit this prompt into: the one whose remembered cache shares the longest prefix."""
+        free = self.free_rows()
+        if self.saved is None:
+            return free[0]
+        ids = _np(inputs["input_ids"], np.int64).reshape(-1)
+        mask = _np(inputs.get("attention_mask"), np.int64)
+        real = ids if mask is None else ids[mask.reshape(-1) > 0]
+
+        def shared(r):
+            if self.saved[r] is None:
+                return 0
+            held = self.saved[r][0][self.saved[r][0] >= 0][:len(real)]
+            diff = np.nonzero(held != real[:len(held)])[0]
+            return int(diff[0]) if len(diff) else len(held)
+        return max(free, key=shared)
 
     @property
     def max_len(self) -> int:
@@ -254,15 +410,30 @@ class Batch:
         return [r for r, s in enumerate(self.seqs) if s is None]
 
     def active(self) -> bool:
-        return any(s is not None for s in self.seqs)
+        return any(s is not None and s.finish_reason is None for s in self.seqs)
 
     def admit(self, row: int, inputs: dict, seq: Sequence):
         """Prefill one prompt (batch 1) into a scratch cache of the same length, then copy it into `row`: the
         other rows' state is untouched, so they keep decoding from where they were."""
         assert self.seqs[row] is None
-        logits, one = prefill(self.model, inputs, self.max_len)
+        got = None
+        if self.saved is not None and self.saved[row] is not None:
+            # the row's remembered cache into the batch-1 scratch cache, then only the rest of the prompt runs
+            pc = PromptCache()
+            dec = self.model.decoder(1, self.max_len, pc)
+            for src, dst in zip((*self.st.dec.k, *self.st.dec.v), (*dec.k, *dec.v)):
+                ops.assign(dst, src[row:row + 1])
+            held, media = self.saved[row]
+            pc.st = State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
+                          media=[media])
+            got = prefill_reusing(self.model, inputs, pc, seq.max_new)
+        logits, one = got if got is not None else prefill(self.model, inputs, self.max_len)
         for src, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
             ops.scatter_nd_update(dst, Tensor(np.array([[row]], np.int32)), src)
+        if self.st.ids is not None:
+            self.st.ids[row] = one.ids[0] if one.ids is not None else -1
+            self.st.media[row] = one.media[0] if one.media is not None else media_spans(self.model, inputs)[0]
+        self.last_reused = one.timings.get("reused_tokens", 0)
         self.st.kv_valid[row] = one.kv_valid[0]
         self.st.slot[row], self.st.next_pos[row] = one.slot[0], one.next_pos[0]
         self.logits[row] = logits[0]
@@ -280,12 +451,23 @@ class Batch:
         other.st.slot[to], other.st.next_pos[to] = self.st.slot[row], self.st.next_pos[row]
         other.logits[to] = self.logits[row]
         other.seqs[to] = self.seqs[row]
+        if other.st.ids is not None:   # what the cache row holds travels with it (prefix reuse)
+            assert self.st.ids is not None, "both batches must remember their rows, or neither"
+            other.st.ids[to], other.st.media[to] = self.st.ids[row], self.st.media[row]
         self._free(row)
 
     def _free(self, row):
+        if self.saved is not None:
+            if self.seqs[row] is not None:   # a request ends: remember what the row's cache holds
+                held = self.st.ids[row].copy()
+                held[-1] = -1                # the slot free rows decode their dummy into
+                self.saved[row] = (held, self.st.media[row])
+            self.st.ids[row] = -1
         self.seqs[row] = None
         self.st.kv_valid[row] = False
-        self.st.slot[row] = self.st.next_pos[row] = 0
+        # a free row decodes a dummy at slot 0, or at the last slot where rows remember their cache (rarely used)
+        self.st.slot[row] = self.max_len - 1 if self.saved is not None else 0
+        self.st.next_pos[row] = 0
 
     def step(self) -> np.ndarray:
         """Each busy row picks its next token from its logits (its own sampler and stop rules); finished and
@@ -293,18 +475,25 @@ class Batch:
         rows that made none."""
         tok = np.full(len(self.seqs), -1, np.int64)
         for r, seq in enumerate(self.seqs):
-            if seq is None:
+            if seq is None or seq.finish_reason is not None:   # free, or parked (keep)
                 continue
             if seq.cancelled:
                 seq.finish("cancelled")
             else:
                 tok[r] = seq.next_token(self.logits[r])
-            if seq.finish_reason is not None:
+            if seq.finish_reason is not None and not self.keep:
                 self._free(r)
         if self.active():
-            for r in self.free_rows():   # a free row decodes a dummy at its slot 0
+            for r in self.free_rows():   # a free row decodes a dummy at its slot 0 (or last slot)
                 self._free(r)
+            parked = [r for r, s in enumerate(self.seqs) if s is not None and s.finish_reason is not None]
             self.logits = decode_one(self.model, self.st, np.maximum(tok, 0))
+            for r in parked:   # its dummy went to its next unused slot: forget it, the row's cache stays as it was
+                s = self.st.slot[r] - 1
+                self.st.kv_valid[r, s] = False
+                if self.st.ids is not None:
+                    self.st.ids[r, s] = -1
+                self.st.slot[r], self.st.next_pos[r] = s, self.st.next_pos[r] - 1
         return tok
 
 
@@ -317,11 +506,14 @@ def _emit(streamer, tokens):
         streamer(tokens)
 
 
-def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None = None, streamer=None):
+def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None = None, streamer=None,
+             cache: PromptCache | None = None):
     """Token ids (B, prompt + new) as numpy int64, as transformers' generate returns them.
 
     Rows that finished (an eos id after min_new_tokens) are filled with the pad id. With max_thinking_tokens,
-    a row that has made that many tokens without </think> is made to continue with </think><answer>."""
+    a row that has made that many tokens without </think> is made to continue with </think><answer>.
+    `cache`: a PromptCache whose longest common prefix with this prompt is reused, and which keeps this call's
+    cache for the next one."""
     ids = _np(inputs["input_ids"], np.int64)
     if ids.ndim == 1:
         ids = ids[None]
@@ -335,8 +527,16 @@ def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None 
     rng = np.random.default_rng(cfg.seed)            # one generator, drawn from row by row
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
 
-    logits, st = prefill(model, inputs, max_len)
-    batch = Batch(model, st, logits)
+    got = prefill_reusing(model, inputs, cache, new) if cache is not None else None
+    if got is None:
+        logits, st = prefill(model, inputs, max_len, owner=cache)
+        if cache is not None:
+            cache.reused, st.media, st.timings["reused_tokens"] = 0, media_spans(model, inputs), 0
+    else:
+        logits, st = got
+    if cache is not None:
+        cache.st = st
+    batch = Batch(model, st, logits, keep=cache is not None)
     mask = _np(inputs.get("attention_mask", np.ones((B, L))), np.int64).reshape(B, L) > 0
     batch.seqs = [Sequence(ids[b][mask[b]], cfg, new, force, rng) for b in range(B)]
     out = np.full((B, new), pad, np.int64)

@@ -180,7 +180,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, streamer=None, mm_token_type_ids=None,
-                 inputs_embeds=None, **kwargs):
+                 inputs_embeds=None, past_key_values=None, **kwargs):
         """Token ids (B, prompt + new), numpy int64. kwargs: max_new_tokens, min_new_tokens, do_sample,
         temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, max_thinking_tokens, seed.
         Defaults come from the checkpoint's generation_config.json. `streamer`: a callable taking the new
@@ -189,7 +189,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
         sequences, sequences_scores, scores and beam_indices as transformers does.
 
         `inputs_embeds` (B, L, D), as transformers takes it: the prompt runs from these embeddings (positions
-        then run 0..L-1, no M-RoPE, as in the reference); given without input_ids, only the new tokens return."""
+        then run 0..L-1, no M-RoPE, as in the reference); given without input_ids, only the new tokens return.
+
+        `past_key_values`: a glm4v_ms.PromptCache (as transformers takes a Cache object): the next call reuses the
+        KV cache of the longest prefix its prompt shares with the last one (multi-turn chat), same output."""
         from .generation import generate
         beam_args = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences", "length_penalty",
                                                 "early_stopping", "output_scores", "return_dict_in_generate")
@@ -210,6 +213,11 @@ class Glm4vForConditionalGeneration(nn.Cell):
                       image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                       video_grid_thw=video_grid_thw, inputs_embeds=inputs_embeds)
         inputs = {k: v for k, v in inputs.items() if v is not None}
+        from .generation import PromptCache
+        if past_key_values is not None and not isinstance(past_key_values, PromptCache):
+            raise ValueError("past_key_values must be a glm4v_ms.PromptCache (the static cache is this package's own)")
+        if past_key_values is not None and (beam_args.get("num_beams", 1) > 1 or self.layout.world > 1):
+            raise ValueError("past_key_values (prefix reuse) works with greedy or sampled search on one rank only")
         if beam_args.get("num_beams", 1) > 1 or beam_args.get("return_dict_in_generate"):
             from . import beam
             if beam_args.get("num_beams", 1) == 1:
@@ -221,7 +229,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
             if beam_args.get("num_return_sequences", 1) != 1:
                 raise ValueError("num_return_sequences > 1 needs num_beams >= num_return_sequences (no sampling "
                                  "of several sequences here)")
-            out = generate(self, inputs, cfg, self.think_ids, streamer)
+            out = generate(self, inputs, cfg, self.think_ids, streamer, past_key_values)
         if input_ids is None:   # the reference returns only the new tokens when it was given embeddings alone
             if hasattr(out, "sequences"):
                 out.sequences = out.sequences[:, np.shape(inputs_embeds)[1]:]
@@ -263,13 +271,16 @@ class Glm4vForConditionalGeneration(nn.Cell):
                 f"tokens; activations <= {act / gb:.2f} GB; total {(wbytes + per_tok * n + act) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation
-    def decoder(self, batch: int, max_len: int) -> CachedDecoder:
-        """The decoder bound to a static cache of this size; reused (and its graphs with it) across calls."""
+    def decoder(self, batch: int, max_len: int, owner=None) -> CachedDecoder:
+        """The decoder bound to a static cache of this size; reused (and its graphs with it) across calls.
+        `owner`: the PromptCache that now holds its contents (None: nobody's); a PromptCache reuses the cache only
+        while it is still the owner, i.e. no other call has written into it since."""
         key = (batch, max_len)
         if key not in self._decoders:
             if len(self._decoders) >= 2:   # keep memory bounded: caches are large on the real model
                 self._decoders.pop(next(iter(self._decoders)))
             self._decoders[key] = CachedDecoder(self.text, self.lm_head.weight, batch, max_len)
+        self._decoders[key].owner = owner
         return self._decoders[key]
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,

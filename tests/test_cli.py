@@ -82,6 +82,9 @@ def test_chat_through_stdin(env, media):
     assert len(lines) == 2
     first, second = (int(l.split(",")[0].split(": ")[1]) for l in lines)
     assert second > first            # the second turn carries the history (and the image stays in turn one)
+    # and reuses the first turn's cache for it: at least the whole first prompt
+    assert "reused from the last turn" not in lines[0]
+    assert int(lines[1].split("reused from the last turn: ")[1].split()[0]) >= first
 
 
 @pytest.mark.parametrize("case", ["missing_image", "corrupt_image", "corrupt_video", "not_a_checkpoint",

@@ -120,3 +120,40 @@ def test_sampling_settings_are_per_request(setup):
         assert [int(t) for t in want[0, inp["input_ids"].shape[1]:]][:len(mine)] == mine
     finally:
         engine.stop()
+
+
+def test_prefix_reuse_across_turns_of_two_conversations(setup):
+    """prefix_reuse: each next turn goes to the row holding its conversation's cache and prefills only the new
+    part (the image not encoded again); every reply equals model.generate's without reuse."""
+    model, proc = setup
+    cfg = model.generation_config.updated(do_sample=False)
+    rng = np.random.default_rng(3)
+    im = lambda w, h: Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))  # noqa: E731
+    convs = [[{"role": "user", "content": [{"type": "image", "image": im(84, 56)}, {"type": "text", "text": "What is it?"}]}],
+             [{"role": "user", "content": [{"type": "text", "text": "Compare:"}, {"type": "image", "image": im(56, 56)}]}]]
+    follow = [["And the colours?", "Thanks. Anything else?"], ["Which is larger?", "Why?"]]
+    n = 6
+    engine = Engine(model, max_num_seqs=2, max_model_len=512, prefix_reuse=True).start()
+    prev = {}
+    try:
+        for turn in range(3):
+            inputs = [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)
+                      for c in convs]
+            runs = [collect(engine, inp, cfg, n) for inp in inputs]   # both at once: each to its own row
+            for (req, got, done), inp, c in zip(runs, inputs, convs):
+                assert done.wait(120)
+                want = model.generate(**inp, max_new_tokens=n, do_sample=False)[0, inp["input_ids"].shape[1]:]
+                stop = np.flatnonzero(np.isin(want, cfg.eos_token_id))
+                want = want[:stop[0] + 1] if len(stop) else want
+                assert got[:-1] == [int(t) for t in want]
+                if turn == 0:
+                    assert req.reused_tokens == 0
+                else:   # at least the whole previous prompt came from the row's cache
+                    assert req.reused_tokens >= prev[id(c)]
+                prev[id(c)] = inp["input_ids"].shape[1]
+                if turn < 2:
+                    reply = proc.decode([t for t in got[:-1] if t not in cfg.eos_token_id], skip_special_tokens=True)
+                    c += [{"role": "assistant", "content": reply},
+                          {"role": "user", "content": follow[convs.index(c)][turn]}]
+    finally:
+        engine.stop()
