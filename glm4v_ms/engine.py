@@ -140,13 +140,15 @@ class Engine:
             if req.seq.cancelled:
                 req.seq.finish("cancelled")
                 continue
-            if self.solo is not None and not self._solo_busy() and not self.batch.active() and self.waiting.empty():
+            row = self.batch.best_row(req.inputs)
+            if (self.solo is not None and not self._solo_busy() and not self.batch.active() and self.waiting.empty()
+                    and self.solo.shared(req.inputs, 0) >= self.batch.shared(req.inputs, row)):
                 where = (self.solo, 0)
             else:
-                if self._solo_busy():
-                    self.solo.move(0, self.batch, self.batch.free_rows()[0])
+                if self._solo_busy():   # the lone request moves to a free row this request does not want
+                    self.solo.move(0, self.batch, next(r for r in self.batch.free_rows() if r != row))
                     self.moves += 1
-                where = (self.batch, self.batch.best_row(req.inputs))
+                where = (self.batch, row)
             try:
                 where[0].admit(where[1], req.inputs, req.seq)
                 req.reused_tokens = where[0].last_reused

@@ -385,22 +385,20 @@ class Batch:
         b.saved = [None] * rows if prefix_reuse else None   # per free row: (ids (S,), media) its cache holds
         return b
 
-    def best_row(self, inputs: dict) -> int:
-        """The free row to admit this prompt into: the one whose remembered cache shares the longest prefix."""
-        free = self.free_rows()
-        if self.saved is None:
-            return free[0]
+    def shared(self, inputs: dict, row: int) -> int:
+        """How many leading prompt ids free row `row`'s remembered cache holds (0 without prefix reuse)."""
+        if self.saved is None or self.saved[row] is None:
+            return 0
         ids = _np(inputs["input_ids"], np.int64).reshape(-1)
         mask = _np(inputs.get("attention_mask"), np.int64)
         real = ids if mask is None else ids[mask.reshape(-1) > 0]
+        held = self.saved[row][0][self.saved[row][0] >= 0][:len(real)]
+        diff = np.nonzero(held != real[:len(held)])[0]
+        return int(diff[0]) if len(diff) else len(held)
 
-        def shared(r):
-            if self.saved[r] is None:
-                return 0
-            held = self.saved[r][0][self.saved[r][0] >= 0][:len(real)]
-            diff = np.nonzero(held != real[:len(held)])[0]
-            return int(diff[0]) if len(diff) else len(held)
-        return max(free, key=shared)
+    def best_row(self, inputs: dict) -> int:
+        """The free row to admit this prompt into: the one whose remembered cache shares the longest prefix."""
+        return max(self.free_rows(), key=lambda r: self.shared(inputs, r))
 
     @property
     def max_len(self) -> int:
