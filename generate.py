@@ -64,6 +64,9 @@ def parse(argv):
                    help="passed to the chat template (GLM-4.5V thinks unless false; GLM-4.1V's template ignores it)")
     p.add_argument("--tensor_parallel_size", type=int, default=1, help="ranks of this msrun launch (default 1)")
     p.add_argument("--expert_parallel", action="store_true", help="whole experts per rank instead of split experts")
+    p.add_argument("--no_compile_cache", action="store_true",
+                   help="do not keep compiled graphs for the next run (default: kept in $GLM4V_MS_COMPILE_CACHE, "
+                        "else ~/.cache/glm4v_ms/compile; a second run of the same command then compiles nothing)")
     a = p.parse_args(argv)
     if not a.chat and not a.prompt:
         p.error("--prompt is required (or use --chat)")
@@ -279,6 +282,11 @@ def main(argv=None):
         os.dup2(null, 2)
     a = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GLOG_v", "3")   # MindSpore's own log: errors only
+    from glm4v_ms import compile_cache
+    if a.no_compile_cache:
+        os.environ[compile_cache.ENV] = "off"
+    else:
+        os.environ.setdefault(compile_cache.ENV, compile_cache.DEFAULT_DIR)
     try:
         return run(a)
     except KeyboardInterrupt:

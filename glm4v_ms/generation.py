@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 from mindspore import Tensor, ops
 
-from . import rope
+from . import compile_cache, rope
 from .model import _np, cache_bucket, prompt_bucket
 from .text import CachedDecoder
 
@@ -504,6 +504,17 @@ def _emit(streamer, tokens):
         streamer(tokens)
 
 
+def plan_compiles(model, B: int, L: int, max_len: int, new: int):
+    """Tell the persistent compile cache (compile_cache.py) which graphs this call compiles: its prompt's chunk
+    graph, then the decode graph (model.run's rules)."""
+    from .model import extent_of, prompt_chunk
+    extent = extent_of(L, max_len)
+    sigs = [compile_cache.signature(B, prompt_chunk(model.config.text, B, L, extent), max_len, True, extent)]
+    if new > 1:
+        sigs.append(compile_cache.signature(B, 1, max_len, True, max_len))
+    compile_cache.plan(model, sigs)
+
+
 def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None = None, streamer=None,
              cache: PromptCache | None = None):
     """Token ids (B, prompt + new) as numpy int64, as transformers' generate returns them.
@@ -527,6 +538,7 @@ def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None 
 
     got = prefill_reusing(model, inputs, cache, new) if cache is not None else None
     if got is None:
+        plan_compiles(model, B, prompt_bucket(L), max_len, new)
         logits, st = prefill(model, inputs, max_len, owner=cache)
         if cache is not None:
             cache.reused, st.media, st.timings["reused_tokens"] = 0, media_spans(model, inputs), 0

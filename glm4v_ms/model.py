@@ -16,6 +16,7 @@ Deliberate deviations from the reference:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from . import attention, parallel, rope
+from . import attention, compile_cache, parallel, rope
 from .config import ConfigError, Glm4vConfig
 from .text import CachedDecoder, Linear, TextModel
 from .vision import VisionModel
@@ -57,6 +58,10 @@ def select_device(device: str | None = None) -> str:
             ms.set_device(want)
             if want == "CPU":
                 ms.device_context.cpu.op_tuning.threads_num(os.cpu_count() or 1)
+                # eager ops (the vision tower, the embedding) launch synchronously: MindSpore's async launch
+                # queue costs more than it overlaps on CPU (vision tower of the benchmark image: 0.55-0.65 s
+                # blocking against 0.9-1.5 s queued; BENCHMARKS.md, issue 14)
+                ms.runtime.launch_blocking()
         except RuntimeError:
             # ops already ran (MindSpore's default device is CPU): keep it if that is what was asked for
             if ms.get_context("device_target") != want:
@@ -98,28 +103,42 @@ def cache_bucket(n: int) -> int:
     return max(256, 1 << (int(n) - 1).bit_length())
 
 
+LONG_PROMPT = 512   # prompts up to this many tokens run in 64-token chunks, longer ones in 256-token chunks
+
+
 def prompt_bucket(n: int) -> int:
-    """Prompt length rounded up to a multiple of 64, or of 1/16 of its power of two when longer (<= ~6% waste)."""
-    step = max(64, 1 << max(0, int(n).bit_length() - 5))
+    """Prompt length rounded up to a whole number of chunks: a multiple of 64 up to LONG_PROMPT tokens, of 256
+    beyond (<= 255 padded slots on a prompt of > 512)."""
+    step = 64 if int(n) <= LONG_PROMPT else 256
     return -(-int(n) // step) * step
+
+
+def extent_of(end: int, max_len: int) -> int:
+    """Cache slots a prompt ending at slot `end` attends over: the next power of two (>= 256), within the cache.
+    Every chunk of one prompt uses its prompt's extent, so a prompt compiles one graph, whatever its length."""
+    return min(int(max_len), max(256, 1 << (max(int(end), 1) - 1).bit_length()))
 
 
 SCORES_BUDGET = 256 << 20   # bytes of one (B, heads, chunk, extent) float32 score tensor in a prompt chunk
 
 
-def prompt_chunk(t, batch: int, n: int) -> int:
-    """Tokens per prompt chunk for a prompt ending at cache slot n: the largest power of two (>= 64) whose
-    attention scores over the n filled slots fit SCORES_BUDGET, or the whole prompt if that fits."""
-    per_query = batch * t.num_attention_heads * 4 * (1 << (max(n, 1) - 1).bit_length())
-    c = max(64, 1 << max(0, (SCORES_BUDGET // per_query).bit_length() - 1))
-    return n if c >= n else c
+def prompt_chunk(t, batch: int, n: int, extent: int | None = None) -> int:
+    """Tokens per prompt chunk for a prompt of n (bucketed) tokens attending over `extent` slots (default: the
+    power of two >= n): 64 up to LONG_PROMPT tokens, 256 beyond, halved (not below 64) until a chunk's scores
+    fit SCORES_BUDGET. Fixed chunk shapes are what bound the number of compiled prefill graphs: one per
+    (chunk, extent, cache size), never one per prompt length."""
+    e = extent or (1 << (max(n, 1) - 1).bit_length())
+    c = 64 if n <= LONG_PROMPT else 256
+    while c > 64 and batch * t.num_attention_heads * 4 * e * c > SCORES_BUDGET:
+        c //= 2
+    return c
 
 
 def activation_bytes(t, batch: int, n: int, item: int) -> int:
     """Bound on the text decoder's activations for a prompt of up to n tokens (one layer at a time): a few copies
     of the float32 scores and the mask over a chunk's extent, and the chunk's projections and MLP."""
-    c = prompt_chunk(t, batch, n)
     e = 1 << (max(n, 1) - 1).bit_length()
+    c = max(prompt_chunk(t, batch, m, e) for m in {min(n, LONG_PROMPT), n})
     scores = batch * c * e * (4 * t.num_attention_heads * 4 + 5)
     rows = batch * c * (3 * (t.q_size + 2 * t.kv_size) + 4 * t.intermediate_size + 6 * t.hidden_size) * max(item, 4)
     return scores + rows + batch * t.vocab_size * 4 * 2
@@ -147,6 +166,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
         self.think_ids = {}
         self.last_timings = {}
+        self.config_digest = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -171,6 +191,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
             raise parallel.ParallelError("GPTQ weights kept quantized (the Ascend path) are not split across ranks "
                                          "yet: run a quantized checkpoint with tensor_parallel_size 1")
         model.load_weights(folder, skip=skip)
+        with open(os.path.join(folder, "config.json"), "rb") as f:   # part of the compile cache's key
+            model.config_digest = hashlib.sha256(f.read()).hexdigest()
         from .generation import GenerationConfig, thinking_ids
         model.generation_config = GenerationConfig.from_pretrained(folder, fallback_eos=cfg.eos_token_id)
         if model.generation_config.pad_token_id is None and cfg.pad_token_id is not None:
@@ -334,8 +356,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         kv_valid (B, S): which slots hold real tokens once these are written. With a `states` list the layers run
         eagerly (not compiled) and record their outputs.
 
-        A prompt (L > 1) attends over the filled part of the cache only, in chunks of `prompt_chunk` tokens: its
-        activations stay within `activation_bytes` whatever the cache length (max_new_tokens)."""
+        A prompt (L > 1) runs in chunks of `prompt_chunk` tokens (64, or 256 for long prompts) that attend over
+        the cache up to the prompt's `extent_of` only: one compiled graph serves every prompt length with that
+        extent, and the activations stay within `activation_bytes` whatever the cache length (max_new_tokens)."""
         B, L = h.shape[0], h.shape[1]
         first = np.broadcast_to(np.asarray(slot0, np.int64).reshape(-1), (B,))
         if first.max() + L > dec.max_len:
@@ -345,13 +368,12 @@ class Glm4vForConditionalGeneration(nn.Cell):
         if first.min() != first.max():
             raise ValueError("a prompt of several tokens starts at one cache slot for all rows")
         slot0 = int(first[0])
-        step = L if states is not None else prompt_chunk(self.config.text, B, slot0 + L)
+        if states is not None:   # eager (the parity harness's trace): the whole prompt at once, no graph to share
+            return self._run(dec, h, pos3, slot0, kv_valid, last_only, slot0 + L, states)
+        extent = extent_of(slot0 + L, dec.max_len)
+        step = prompt_chunk(self.config.text, B, L, extent)
         out = []
         for s in range(0, L, step):
-            e = slot0 + min(s + step, L)
-            # a graph per (chunk length, extent): the extent is exact for a whole prompt from slot 0 (one graph per
-            # prompt bucket, as before) and a power of two otherwise (a handful of graphs for a chunked prompt)
-            extent = e if (s == 0 and step >= L and slot0 == 0) else min(dec.max_len, 1 << (e - 1).bit_length())
             out.append(self._run(dec, h[:, s:s + step], pos3[:, :, s:s + step], slot0 + s, kv_valid, last_only,
                                  extent, states))
         return out[-1] if last_only or len(out) == 1 else ops.cat(out, 1)
@@ -367,7 +389,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
         write = np.stack([b, hh, q_slot[b, s]], -1).astype(np.int32)
         args = (h, Tensor(cos), Tensor(sin), Tensor(q_slot), Tensor(np.asarray(kv_valid, bool)), Tensor(write),
                 last_only, int(extent))
-        return dec(*args) if states is None else dec.forward(*args, states=states)
+        if states is not None:
+            return dec.forward(*args, states=states)
+        compile_cache.before_compile(compile_cache.signature(B, L, dec.max_len, last_only, extent))
+        return dec(*args)
 
     def positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
         c = self.config

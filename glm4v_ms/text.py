@@ -54,6 +54,9 @@ class Embedding(nn.Cell):
         return self.reduce(h * mine[..., None].astype(h.dtype))
 
 
+_mm_nt = ops.MatMul(transpose_b=True)
+
+
 class Linear(nn.Cell):
     """`reduce`: an all-reduce after the matmul (a row-parallel linear: each rank holds some input columns)."""
     def __init__(self, n_in, n_out, dtype, bias=False, reduce=None):
@@ -63,7 +66,10 @@ class Linear(nn.Cell):
         self.reduce = reduce
 
     def construct(self, x):
-        y = ops.dense(x, self.weight, self.bias)
+        # MatMul(transpose_b), not ops.dense: eager (PyNative) dense runs ~2.5x slower on CPU; same kernel in a graph
+        y = _mm_nt(x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[:-1] + (self.weight.shape[0],))
+        if self.bias is not None:
+            y = y + self.bias
         return y if self.reduce is None else self.reduce(y)
 
 

@@ -6,6 +6,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("GLM4V_MS_DEVICE", "cpu")
 os.environ.setdefault("GLOG_v", "3")   # MindSpore: errors only
+# generate.py keeps compiled graphs in ~/.cache by default: tests do not (test_compile_cache.py opts in)
+os.environ.setdefault("GLM4V_MS_COMPILE_CACHE", "off")
 
 
 def pytest_sessionstart(session):

@@ -1,0 +1,98 @@
+"""A persistent compile cache that is safe: the second run of the same command compiles nothing, and no run ever
+loads a graph compiled for other shapes.
+
+MindSpore's own cache (MS_COMPILER_CACHE_ENABLE / MS_COMPILER_CACHE_PATH) stores the i-th graph a process
+compiles as compile_cache_i.mindir and loads it back for the i-th compile of a later run, checking only a hash of
+the entry script (not the Parameters' shapes, not a package importable from sys.path): a decode graph compiled
+for a 256-slot KV cache was loaded for a 512-slot one (a crash in that case; with compatible shapes it could
+run silently wrong). Its folder is fixed at the process's first compile; whether to use it is read at each one.
+
+So the folder is keyed on everything that shapes the graphs (this package's sources, MindSpore's version, the
+checkpoint's config.json, dtype, kernel mode, device, parallel layout) and on the exact sequence of graph
+signatures the run will compile, planned before the first compile (generate(): its prompt graph, then its decode
+graph). The cache stays on while the compiles follow that plan and goes off for the rest of the process at the
+first one that does not (a chat's next turn, a server's other shapes): those compile as usual, never cached.
+
+GLM4V_MS_COMPILE_CACHE=DIR turns it on (generate.py sets its default folder, ~/.cache/glm4v_ms/compile, unless
+--no_compile_cache); unset, nothing is written or read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+ENV = "GLM4V_MS_COMPILE_CACHE"
+DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", "compile")
+
+_plan = None        # the signatures this process was planned to compile, in order (None: not planned)
+_done = []          # the signatures compiled so far in this process (through model._run)
+_off = False        # the process left its plan (or compiled before planning): no caching from then on
+
+
+def folder() -> str | None:
+    d = os.environ.get(ENV, "").strip()
+    return None if d.lower() in ("", "0", "off", "none") else os.path.abspath(os.path.expanduser(d))
+
+
+def _source_digest() -> str:
+    import mindspore as ms
+    h = hashlib.sha256(ms.__version__.encode())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root, dirs, files in os.walk(here):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith(".py"):
+                with open(os.path.join(root, f), "rb") as fh:
+                    h.update(f.encode() + b"\0" + fh.read())
+    return h.hexdigest()
+
+
+def _model_key(model) -> dict:
+    from . import attention
+    lay = model.layout
+    return {"config": repr(model.config), "files": getattr(model, "config_digest", None), "dtype": str(model.dtype),
+            "mode": attention.mode(), "layout": [lay.rank, lay.world, lay.expert_parallel]}
+
+
+def plan(model, signatures: list):
+    """Before a process's first compile: the graphs it is about to compile, in order. Sets MindSpore's cache
+    folder to one keyed on them; does nothing when the cache is off or something was compiled already."""
+    global _plan, _off
+    base = folder()
+    from . import attention
+    # the fused kernels' own small graphs (the vision tower's varlen attention) compile before the prompt's,
+    # with shapes that follow the images: only the plain path's graph sequence is known in advance
+    if base is None or _plan is not None or _off or attention.mode() != "plain":
+        return
+    from mindspore.graph.api import ms_compile_cache
+    if len(ms_compile_cache) or _done:
+        return
+    key = json.dumps({"sources": _source_digest(), "model": _model_key(model), "graphs": signatures},
+                     sort_keys=True, default=str)
+    path = os.path.join(base, hashlib.sha256(key.encode()).hexdigest()[:24])
+    os.makedirs(path, exist_ok=True)
+    os.environ["MS_COMPILER_CACHE_PATH"] = path
+    os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+    _plan = [tuple(s) for s in signatures]
+
+
+def before_compile(signature: tuple):
+    """Called before every graph call with its signature: a new one either follows the plan (cached) or ends
+    caching for the rest of the process."""
+    global _off
+    sig = tuple(signature)
+    if sig in _done:
+        return
+    _done.append(sig)
+    if _off:
+        return
+    if _plan is None or len(_done) > len(_plan) or _plan[len(_done) - 1] != sig:
+        _off = True
+        if os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1":
+            os.environ["MS_COMPILER_CACHE_ENABLE"] = "0"
+
+
+def signature(batch: int, tokens: int, max_len: int, last_only: bool, extent: int) -> tuple:
+    """What tells one decoder graph from another (with the model key): its input and cache shapes."""
+    return (int(batch), int(tokens), int(max_len), bool(last_only), int(extent))
