@@ -190,6 +190,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         if skip and model.layout.world > 1:
             raise parallel.ParallelError("GPTQ weights kept quantized (the Ascend path) are not split across ranks "
                                          "yet: run a quantized checkpoint with tensor_parallel_size 1")
+        if attention.mode() == "ascend":
+            model.text.share_layer_graphs()   # after the GPTQ swap: layer structures are final
         model.load_weights(folder, skip=skip)
         with open(os.path.join(folder, "config.json"), "rb") as f:   # part of the compile cache's key
             model.config_digest = hashlib.sha256(f.read()).hexdigest()

@@ -151,6 +151,19 @@ class TextModel(nn.Cell):
         self.norm = Norm(cfg.hidden_size, dtype)
         self.gather = all_gather(lay)   # the vocab-parallel lm_head's slices of the logits
 
+    def share_layer_graphs(self):
+        """Ascend: layers of the same structure become one subgraph, compiled once and called per layer (what
+        `mindspore.lazy_inline` does for mindformers' decoders: its decorator sets `cell_init_args`, the key by
+        which the compiler finds reusable cells; set here from each layer's structure, not its index, and again
+        after GPTQ layers were swapped in, which may differ layer by layer). Compiling then does not grow with
+        the depth. Not on CPU: its backend cannot run an un-inlined subgraph (MindSpore 2.10: "Input[0] must be
+        a Primitive ValueNode"), and inlining after parsing (policy "front") compiled no faster there."""
+        import hashlib
+        for layer in self.layers:
+            parts = [f"{n}:{type(c).__name__}" for n, c in layer.cells_and_names()]
+            parts += [f"{tuple(p.shape)}:{p.dtype}" for p in layer.get_parameters()]
+            layer.cell_init_args = "lazy_inline_DecoderLayer_" + hashlib.sha256("|".join(parts).encode()).hexdigest()
+
     def gather_logits(self, logits):
         """(B, L, V/world) on each rank -> (B, L, V) everywhere (all-gather concatenates on axis 0)."""
         if self.gather is None:

@@ -100,3 +100,20 @@ def test_neox_permutation_preserves_dot_products():
         return x
     p = rope.neox_permutation(hd, r)
     assert np.isclose(interleaved(q) @ interleaved(k), halves(q[p]) @ halves(k[p]))
+
+
+def test_layers_share_a_graph_key_by_structure_not_index():
+    """Ascend compiles each layer structure once (lazy_inline's reuse key): dense and MoE layers get different
+    keys, layers of one structure one key, and a layer whose linear was swapped (GPTQ, per layer) its own."""
+    import mindspore as ms
+    import tinymoe
+    from glm4v_ms.config import Glm4vConfig
+    from glm4v_ms.text import Linear, TextModel
+    cfg = Glm4vConfig.from_dict(tinymoe.tiny_config(num_hidden_layers=4).to_dict()).text
+    t = TextModel(cfg, ms.float32)
+    t.share_layer_graphs()
+    keys = [layer.cell_init_args for layer in t.layers]
+    assert keys[0] != keys[1] and keys[1] == keys[2] == keys[3] and keys[0].startswith("lazy_inline_")
+    t.layers[3].attn.o = Linear(t.layers[3].attn.q_size, cfg.hidden_size, ms.float16)
+    t.share_layer_graphs()
+    assert t.layers[3].cell_init_args != t.layers[2].cell_init_args == keys[2]
