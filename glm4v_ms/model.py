@@ -144,6 +144,14 @@ def activation_bytes(t, batch: int, n: int, item: int) -> int:
     return scores + rows + batch * t.vocab_size * 4 * 2
 
 
+def _refuse(extra: dict, what: str):
+    """The processor's token-type arrays are accepted (derived from the ids here); anything else is named."""
+    bad = sorted(k for k in extra if k not in ("mm_token_type_ids", "token_type_ids"))
+    if bad:
+        raise TypeError(f"{what}() does not take {', '.join(bad)} (this port computes logits for a whole prompt; "
+                        f"use generate() for decoding, past_key_values=PromptCache() for reuse)")
+
+
 @dataclass
 class Output:
     logits: Tensor               # (B, L, vocab)
@@ -404,19 +412,22 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, **unused) -> Output:
-        """Logits for every position of a full prompt (extra processor keys such as mm_token_type_ids are ignored).
-        Exactly one of input_ids and inputs_embeds (B, L, D), as in transformers."""
+                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, **extra) -> Output:
+        """Logits for every position of a full prompt. Exactly one of input_ids and inputs_embeds (B, L, D), as in
+        transformers. The processor's mm_token_type_ids / token_type_ids are taken and not needed (the token types
+        follow from the ids); any other argument is refused by name."""
+        _refuse(extra, "forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                              inputs_embeds=inputs_embeds)
 
     def trace(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-              pixel_values_videos=None, video_grid_thw=None, **unused) -> dict:
+              pixel_values_videos=None, video_grid_thw=None, **extra) -> dict:
         """Hidden states for the parity harness, run eagerly: {"image.visual.blocks.{i}", "image.visual.merger"
         (and "video.*"), "text.layers.{i}", "text.norm", "logits"} -> numpy arrays. Vision states are (N, D) over
         all patches / merged tokens; text states (B, L, D)."""
+        _refuse(extra, "trace")
         states = []
         out = self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                             video_grid_thw, states)

@@ -117,3 +117,19 @@ def test_layers_share_a_graph_key_by_structure_not_index():
     t.layers[3].attn.o = Linear(t.layers[3].attn.q_size, cfg.hidden_size, ms.float16)
     t.share_layer_graphs()
     assert t.layers[3].cell_init_args != t.layers[2].cell_init_args == keys[2]
+
+
+def test_forward_refuses_unknown_arguments_by_name(tmp_path):
+    """The processor's extra arrays are taken; an argument the port does not implement is named, not dropped."""
+    from glm4v_ms import Glm4vForConditionalGeneration
+    tinyref.build(str(tmp_path), seed=3)
+    m = Glm4vForConditionalGeneration.from_pretrained(str(tmp_path))
+    inputs = {k: v for k, v in tinyref.Prompt(3).text(5).inputs().items() if "type_ids" not in k}
+    ids = inputs["input_ids"]
+    base = m(**inputs).logits.asnumpy()
+    np.testing.assert_array_equal(m(**inputs, mm_token_type_ids=np.zeros_like(ids),
+                                    token_type_ids=np.zeros_like(ids)).logits.asnumpy(), base)
+    with pytest.raises(TypeError, match="logits_to_keep"):
+        m(**inputs, logits_to_keep=1)
+    with pytest.raises(TypeError, match="output_hidden_states"):
+        m.trace(**inputs, output_hidden_states=True)
