@@ -510,10 +510,11 @@ def install(model, folder: str) -> set:
     v = view(Checkpoint(folder), model.config)
     if not isinstance(v, QuantView):
         return set()
-    skip = set()
+    skip, floats = set(), []
     for e in v.quantized_entries():
         parts = v.packed(e)
         if parts is None:
+            floats.append(e.ours[:-len(".weight")])
             continue
         *path, attr = e.ours[:-len(".weight")].split(".")
         parent = model
@@ -523,6 +524,11 @@ def install(model, folder: str) -> set:
         cell = QuantLinear(parts[0], model.dtype, bias) if len(parts) == 1 else SplitLinear(parts, model.dtype, bias)
         setattr(parent, attr, cell)
         skip.add(e.ours)
+    if floats:   # said once, not silently: these cost float memory and speed
+        import warnings
+        warnings.warn(f"{len(floats)} GPTQ module(s) run dequantized in {model.dtype} (e.g. {floats[0]}): the "
+                      f"quantized matmul needs equal-size groups, group sizes a multiple of 32 and float16-range "
+                      f"scales", stacklevel=3)
     return skip
 
 

@@ -142,3 +142,22 @@ def test_quant_linear_parameters_follow_the_contract(dtype):
     one = quant.QuantLinear(quant.Packed(8, w, np.ones((1, 32), np.float16), np.zeros((1, 32), np.float16), None),
                             dtype, False)
     assert one.qweight.dtype == ms.int8 and one.group == 0 and one.scales.shape == (1, 32)
+
+
+def test_modules_the_kernel_cannot_take_are_named(tmp_path, monkeypatch):
+    """Group size 16 (the kernel needs multiples of 32): those linears stay float, and install() says so once."""
+    import warnings
+    import gptq_fixtures
+    from glm4v_ms import Glm4vForConditionalGeneration, attention
+    d = str(tmp_path / "g16")
+    gptq_fixtures.build(d, dict(bits=4, group_size=16, desc_act=False, sym=True,
+                                            checkpoint_format="gptq"), seed=4)
+    monkeypatch.setattr(attention, "_MODE", "emulated")   # install() only builds cells: no op runs here
+    from glm4v_ms.config import Glm4vConfig
+    m = Glm4vForConditionalGeneration(Glm4vConfig.from_pretrained(d))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        skip = quant.install(m, d)
+    assert not skip
+    msgs = [str(x.message) for x in w if "GPTQ" in str(x.message)]
+    assert len(msgs) == 1 and "dequantized" in msgs[0] and "multiple of 32" in msgs[0], msgs
