@@ -103,7 +103,7 @@ def cache_bucket(n: int) -> int:
     return max(256, 1 << (int(n) - 1).bit_length())
 
 
-LONG_PROMPT = 512   # prompts up to this many tokens run in 64-token chunks, longer ones in 256-token chunks
+LONG_PROMPT = 512   # prompts up to this many tokens run as one chunk (their length bucketed by 64), longer ones in 256-token chunks
 
 
 def prompt_bucket(n: int) -> int:
@@ -115,7 +115,7 @@ def prompt_bucket(n: int) -> int:
 
 def extent_of(end: int, max_len: int) -> int:
     """Cache slots a prompt ending at slot `end` attends over: the next power of two (>= 256), within the cache.
-    Every chunk of one prompt uses its prompt's extent, so a prompt compiles one graph, whatever its length."""
+    Every chunk of one prompt uses its prompt's extent, so a long prompt compiles one graph, whatever its length."""
     return min(int(max_len), max(256, 1 << (max(int(end), 1) - 1).bit_length()))
 
 
@@ -124,13 +124,14 @@ SCORES_BUDGET = 256 << 20   # bytes of one (B, heads, chunk, extent) float32 sco
 
 def prompt_chunk(t, batch: int, n: int, extent: int | None = None) -> int:
     """Tokens per prompt chunk for a prompt of n (bucketed) tokens attending over `extent` slots (default: the
-    power of two >= n): 64 up to LONG_PROMPT tokens, 256 beyond, halved (not below 64) until a chunk's scores
-    fit SCORES_BUDGET. Fixed chunk shapes are what bound the number of compiled prefill graphs: one per
-    (chunk, extent, cache size), never one per prompt length."""
+    power of two >= n): the whole prompt up to LONG_PROMPT tokens, 256 beyond, halved (not below 64) until a
+    chunk's scores fit SCORES_BUDGET. So a prompt graph's shape is its length bucket (<= 8 of them) or a 256-token
+    chunk: the number of compiled prompt graphs is bounded, whatever the prompt length. (64-token chunks for short
+    prompts too were tried: a 320-token prompt took 0.54 s against 0.36 s in one piece; BENCHMARKS.md.)"""
     e = extent or (1 << (max(n, 1) - 1).bit_length())
-    c = 64 if n <= LONG_PROMPT else 256
+    c = n if n <= LONG_PROMPT else 256
     while c > 64 and batch * t.num_attention_heads * 4 * e * c > SCORES_BUDGET:
-        c //= 2
+        c = max(64, 1 << ((c - 1).bit_length() - 1)) if c & (c - 1) else c // 2
     return c
 
 
@@ -366,9 +367,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         kv_valid (B, S): which slots hold real tokens once these are written. With a `states` list the layers run
         eagerly (not compiled) and record their outputs.
 
-        A prompt (L > 1) runs in chunks of `prompt_chunk` tokens (64, or 256 for long prompts) that attend over
-        the cache up to the prompt's `extent_of` only: one compiled graph serves every prompt length with that
-        extent, and the activations stay within `activation_bytes` whatever the cache length (max_new_tokens)."""
+        A prompt (L > 1) runs in one piece (up to LONG_PROMPT tokens) or in chunks of 256 (`prompt_chunk`),
+        attending over the cache up to the prompt's `extent_of` only: the prompt graphs are bounded in number, and
+        the activations stay within `activation_bytes` whatever the cache length (max_new_tokens)."""
         B, L = h.shape[0], h.shape[1]
         first = np.broadcast_to(np.asarray(slot0, np.int64).reshape(-1), (B,))
         if first.max() + L > dec.max_len:

@@ -43,16 +43,18 @@ def first_tokens(m, inputs, new, n=2):
 
 
 def test_graph_count_bounded_by_cache_size(model):
-    """Every prompt length from 5 to 420 tokens (text and image prompts) and every max_new_tokens that keeps the
-    KV cache at 512 slots compile at most log2(512 / 256) + 2 = 3 decoder graphs in all: one decode graph and one
-    64-token prompt-chunk graph per extent (256 and 512 slots). The rule: per cache size S, at most
-    log2(S / 256) + 2 graphs; S is a power of two from 256 to the context."""
+    """Prompt graphs have a prompt's length bucket as their shape up to 512 tokens (multiples of 64: at most 8),
+    and 256-token chunks beyond: per KV cache size S at most 1 decode graph + 8 + one per extent above 512
+    (powers of two up to S), whatever the prompt lengths and max_new_tokens that share S. Here: 9 prompt lengths
+    from 5 to 420 tokens (text and image) with three max_new_tokens values in a 512-slot cache compile one graph
+    per bucket and one decode graph; then long prompts of two different lengths in a 2048-slot cache share one
+    chunk graph (one extent)."""
     from mindspore.graph import api
 
     def graphs():
         return {p for p in api.ms_compile_cache if "text.py" in p}
     before = graphs()
-    lengths = []
+    lengths, buckets = [], set()
     for i, n in enumerate((5, 40, 63, 64, 65, 130, 250, 300, 420)):
         p = tinyref.Prompt(30 + i)
         inputs = (p.text(n) if i % 2 else p.text(2).image(4, 4).text(max(n - 8, 1))).inputs()
@@ -61,12 +63,16 @@ def test_graph_count_bounded_by_cache_size(model):
         assert model_mod.cache_bucket(model_mod.prompt_bucket(L) + new) == 512
         first_tokens(model, inputs, new)
         lengths.append(L)
-    assert len(set(lengths)) == len(lengths) and max(lengths) > 256 >= min(lengths) + 200
-    assert len(graphs() - before) <= 3, sorted(graphs() - before)
-    # and again with other max_new_tokens in the same cache size: nothing new
-    now = graphs()
+        buckets.add(model_mod.prompt_bucket(L))
+    assert len(set(lengths)) == len(lengths) and len(buckets) <= 8
+    assert len(graphs() - before) == len(buckets) + 1, sorted(graphs() - before)
+    now = graphs()   # other lengths in those buckets, other max_new_tokens: nothing new
     first_tokens(model, tinyref.Prompt(50).text(77).inputs(), 300)
+    first_tokens(model, tinyref.Prompt(51).text(270).inputs(), 100)
     assert graphs() == now
+    for n in (600, 900):   # long prompts: 256-token chunks over a 1024-slot extent, one graph for both lengths
+        first_tokens(model, tinyref.Prompt(60 + n).text(n).inputs(), 2048 - 1280)
+    assert len(graphs() - now) == 2, sorted(graphs() - now)    # the chunk graph and the 2048-slot decode graph
 
 
 def cli(cache_dir, new, cache_on=True):

@@ -86,8 +86,8 @@ def test_activation_bound_printed_and_bounded():
         # the bound does not grow with the context: a few score copies plus per-chunk rows
         assert model_mod.activation_bytes(t, 1, n, 4) <= 6 * model_mod.SCORES_BUDGET
     assert model_mod.prompt_chunk(t, 1, 65536) < 65536            # long prompts are chunked
-    # fixed chunk shapes (64 tokens up to 512, 256 beyond): a handful of prefill graphs, whatever the length
-    assert model_mod.prompt_chunk(t, 1, 256) == 64 and model_mod.prompt_chunk(t, 1, 4096) == 256
+    # one piece up to 512 tokens, 256-token chunks beyond: a bounded set of prompt graphs, whatever the length
+    assert model_mod.prompt_chunk(t, 1, 256) == 256 and model_mod.prompt_chunk(t, 1, 4096) == 256
 
 
 @pytest.fixture(scope="module")
