@@ -22,6 +22,7 @@ MODES = ("plain", "ascend", "emulated")
 _MODE = "plain"
 
 _bmm_nt = ops.BatchMatMul(transpose_b=True)   # q @ k^T without materialising k^T
+VISION_SCORES_BUDGET = 256 << 20   # bytes of one (heads, query block, segment) float32 score tensor (plain path)
 
 
 def set_mode(mode: str):
@@ -116,11 +117,18 @@ def vision_attention(q, k, v, seg_lens, scale):
             _VARLEN.clear()   # one image layout at a time: the graphs are small, compiling one is cheap
             _VARLEN[key] = _VarlenAttention(*key)
         return _VARLEN[key](q.reshape(T, H * D), k.reshape(T, H * D), v.reshape(T, H * D))
-    # Segment by segment: a block-diagonal mask over all N patches would cost N^2 memory (a 4K image is ~24000).
+    # Segment by segment: a block-diagonal mask over all N patches would cost N^2 memory (a 4K image is ~24000),
+    # and within a segment queries in blocks whose float32 scores fit VISION_SCORES_BUDGET (a 4K image in one
+    # segment: 2 heads x 24128^2 x 4 bytes = 4.7 GB at once otherwise). Each query row sees all its keys either
+    # way: the same result.
     out = []
+    H = q.shape[1]
     for qs, ks, vs in zip(*(ops.split(t.transpose(1, 0, 2), list(seg_lens), 1) for t in (q, k, v))):  # (H, n, D)
-        s = _bmm_nt(qs, ks).astype(ms.float32) * scale
-        out.append(ops.matmul(ops.softmax(s, -1).astype(q.dtype), vs))
+        n = qs.shape[1]
+        step = max(1, VISION_SCORES_BUDGET // (H * n * 4))
+        for qb in (ops.split(qs, step, 1) if step < n else (qs,)):
+            s = _bmm_nt(qb, ks).astype(ms.float32) * scale
+            out.append(ops.matmul(ops.softmax(s, -1).astype(q.dtype), vs))
     o = (out[0] if len(out) == 1 else ops.cat(out, 1)).transpose(1, 0, 2)
     return o.reshape(o.shape[0], -1)
 

@@ -118,3 +118,15 @@ def test_mindspore_tensor_inputs(pair):
     as_tensors = {k: Tensor(v) for k, v in inputs.items()}
     np.testing.assert_array_equal(ours(**as_tensors).logits.asnumpy(), ours(**inputs).logits.asnumpy())
     check(ref, ours, inputs)
+
+
+def test_vision_attention_in_query_blocks(pair, monkeypatch):
+    """A score budget so small that every image's attention runs in blocks of a few queries (what a 4K image
+    does with the real budget): still transformers' logits, and the same as in one block."""
+    from glm4v_ms import attention
+    ref, ours, _ = pair
+    inputs = tinyref.Prompt(40).text(3).image(10, 30).text(2).image(6, 8).text(4).inputs()
+    whole = ours(**inputs).logits.asnumpy()
+    monkeypatch.setattr(attention, "VISION_SCORES_BUDGET", 2 * 300 * 4 * 7)   # 2 heads: 7 queries of 300 keys
+    check(ref, ours, inputs)
+    np.testing.assert_allclose(ours(**inputs).logits.asnumpy(), whole, rtol=0, atol=1e-5 * np.abs(whole).max())
