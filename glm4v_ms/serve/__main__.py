@@ -72,8 +72,7 @@ def main(argv=None):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
-    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  rows {engine.max_num_seqs} x {engine.max_model_len} tokens]",
-          file=sys.stderr)
+    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}]", file=sys.stderr)
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     finally:
