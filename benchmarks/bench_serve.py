@@ -16,6 +16,8 @@ that every reply has the same length), and measures per stream the arrival time 
   the first stream); the ratio columns divide by the one-stream figure of the same server;
   TTFT = request sent -> first content chunk, the mean and max over the S streams (all sent together, so the
   later ones wait for the earlier prefills);
+  all decoding = tokens/s while every stream of the S decodes (the last stream's first token to the first
+  stream's last): the steps alone, without the prefills of the later streams that pause the earlier ones;
   TTFT under load: one more request sent while 7 streams are decoding (the 8th row free).
 Each figure is the best of --reps repetitions. The load average (1 minute) is printed at the start and the end.
 """
@@ -89,7 +91,10 @@ def run_streams(url, s, n):
     last = max(o["times"][-1] for o in outs)
     decoded = sum(o["tokens"] - 1 for o in outs)
     ttft = [o["times"][0] - o["sent"] for o in outs]
-    return decoded / (last - first), sum(ttft) / s, max(ttft)
+    # while every stream decodes: from the last stream's first token to the first stream's last one
+    a, b = max(o["times"][0] for o in outs), min(o["times"][-1] for o in outs)
+    steady = sum(a < t <= b for o in outs for t in o["times"]) / (b - a) if b > a else float("nan")
+    return decoded / (last - first), sum(ttft) / s, max(ttft), steady
 
 
 def ttft_under_load(url, n, busy=7):
@@ -143,14 +148,14 @@ def main(argv=None):
     single = res["1-row"][1][0]
     print(f"model {a.model or 'bench-serve-150m'}, {rows} rows, {a.max_tokens} tokens per stream, best of {a.reps}; "
           f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
-    print("| streams | row groups: tokens/s | vs 1 stream | TTFT mean / max (s) | one 8-row cache: tokens/s "
-          "| vs 1 stream | TTFT mean / max (s) | groups / one cache |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    g1, o1 = res["groups"][a.streams[0]][0], res["one cache"][a.streams[0]][0]
+    print("| streams | row groups: tokens/s | vs 1 stream | all decoding (vs 1) | TTFT mean / max (s) "
+          "| one 8-row cache: tokens/s | vs 1 stream | all decoding (vs 1) | TTFT mean / max (s) | groups / one cache |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    g1, o1 = res["groups"][a.streams[0]], res["one cache"][a.streams[0]]
     for s in a.streams:
-        (g, gm, gx), (o, om, ox) = res["groups"][s], res["one cache"][s]
-        print(f"| {s} | {g:.1f} | {g / g1:.2f}x | {gm:.2f} / {gx:.2f} | {o:.1f} | {o / o1:.2f}x | {om:.2f} / {ox:.2f} "
-              f"| {g / o:.2f}x |")
+        (g, gm, gx, gs), (o, om, ox, os_) = res["groups"][s], res["one cache"][s]
+        print(f"| {s} | {g:.1f} | {g / g1[0]:.2f}x | {gs:.1f} ({gs / g1[3]:.2f}x) | {gm:.2f} / {gx:.2f} | {o:.1f} "
+              f"| {o / o1[0]:.2f}x | {os_:.1f} ({os_ / o1[3]:.2f}x) | {om:.2f} / {ox:.2f} | {g / o:.2f}x |")
     print(f"one stream on a 1-row server (--max-num-seqs 1): {single:.1f} tokens/s; 8 streams on the row groups: "
           f"{res['groups'][max(a.streams)][0] / single:.2f}x that")
     print(f"TTFT of one request arriving while 7 streams decode: {under['groups']:.2f} s (row groups), "
