@@ -93,7 +93,9 @@ def run_streams(url, s, n):
     ttft = [o["times"][0] - o["sent"] for o in outs]
     # while every stream decodes: from the last stream's first token to the first stream's last one
     a, b = max(o["times"][0] for o in outs), min(o["times"][-1] for o in outs)
-    steady = sum(a < t <= b for o in outs for t in o["times"]) / (b - a) if b > a else float("nan")
+    # (a chunk may carry several tokens: the text of a token that ends inside a character waits for the next)
+    steady = sum(sum(a < t <= b for t in o["times"]) * (o["tokens"] - 1) / max(len(o["times"]) - 1, 1)
+                 for o in outs) / (b - a) if b > a else float("nan")
     return decoded / (last - first), sum(ttft) / s, max(ttft), steady
 
 
