@@ -20,6 +20,12 @@ that every reply has the same length), and measures per stream the arrival time 
   stream's last): the steps alone, without the prefills of the later streams that pause the earlier ones;
   TTFT under load: one more request sent while 7 streams are decoding (the 8th row free).
 Each figure is the best of --reps repetitions. The load average (1 minute) is printed at the start and the end.
+
+    .venv/bin/python benchmarks/bench_serve.py --step-costs [--model DIR]
+
+prints instead the time of one decode step of each row group's cache (1, 2, 4, 8 rows, every row at slot 40 of
+512), in this process, no server: the bound on what batching can give (8 streams over one stream <= 8 x the
+one-row step / the 8-row step).
 """
 from __future__ import annotations
 
@@ -114,13 +120,44 @@ def ttft_under_load(url, n, busy=7):
     return one["times"][0] - one["sent"]
 
 
+def step_costs(model_dir, rows=(1, 2, 4, 8), n=15):
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from glm4v_ms import Glm4vForConditionalGeneration
+    from glm4v_ms.generation import Batch, decode_one
+    model = Glm4vForConditionalGeneration.from_pretrained(model_dir)
+    load0, t = os.getloadavg()[0], {}
+    for b in rows:
+        batch = Batch.empty(model, b, 512)
+        batch.st.kv_valid[:, :40] = True
+        tok = np.zeros(b, np.int64)
+        times = []
+        for i in range(n + 1):   # the first compiles
+            batch.st.slot[:], batch.st.next_pos[:] = 40, 40
+            t0 = time.perf_counter()
+            decode_one(model, batch.st, tok)
+            times.append(time.perf_counter() - t0)
+        t[b] = float(np.median(times[1:]))
+    print(f"decode step of one cache, median of {n}; load average {load0:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    print("| rows | step (ms) | vs 1 row | tokens/s | vs 1 row |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in rows:
+        print(f"| {b} | {t[b] * 1e3:.1f} | {t[b] / t[rows[0]]:.2f}x | {b / t[b]:.1f} | "
+              f"{b / t[b] / (rows[0] / t[rows[0]]):.2f}x |")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint folder (default: the bench-serve-150m random checkpoint)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--step-costs", action="store_true", help="time one decode step per row-group size instead")
     a = ap.parse_args(argv)
+    if a.step_costs:
+        return step_costs(a.model or checkpoint())
     rows = max(8, max(a.streams))
     model = a.model or checkpoint()
     load0 = os.getloadavg()[0]
