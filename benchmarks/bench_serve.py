@@ -188,7 +188,8 @@ def main(argv=None):
     print(f"model {a.model or 'bench-serve-150m'}, {rows} rows, {a.max_tokens} tokens per stream, best of {a.reps}; "
           f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print("| streams | row groups: tokens/s | vs 1 stream | all decoding (vs 1) | TTFT mean / max (s) "
-          "| one 8-row cache: tokens/s | vs 1 stream | all decoding (vs 1) | TTFT mean / max (s) | groups / one cache |")
+          "| one 8-row cache: tokens/s | vs 1 stream | all decoding (vs 1) | TTFT mean / max (s) "
+          "| groups / one cache |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     g1, o1 = res["groups"][a.streams[0]], res["one cache"][a.streams[0]]
     for s in a.streams:

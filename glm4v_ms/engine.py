@@ -3,16 +3,16 @@
 Callers (the HTTP server, tests) only `submit` work and read what comes back through the listener they pass; the
 listener runs on the engine thread, so it must only hand the event on (e.g. `loop.call_soon_threadsafe`).
 
-Row groups: static KV caches of 1, 2, 4, ... rows up to `max_num_seqs` (`group_sizes`), each of `max_model_len` slots
-per row (llama.cpp's per-slot context) and each with its own compiled (rows, 1) decode graph (vLLM likewise captures
-its decode graph for a list of batch sizes and pads a live batch up to the nearest). All busy rows live in one
-group: the smallest that holds them. A step decodes that group's rows (generation.Batch.step, the loop body
+Row groups: static KV caches of 1, 2, 4, ... rows up to `max_num_seqs` (`group_sizes`), each of `max_model_len`
+slots per row (llama.cpp's per-slot context) and each with its own compiled (rows, 1) decode graph (vLLM likewise
+captures its decode graph for a list of batch sizes and pads a live batch up to the nearest). All busy rows live in
+one group: the smallest that holds them. A step decodes that group's rows (generation.Batch.step, the loop body
 model.generate() runs), free rows decoding a dummy token, so a step costs about what the busy rows need (on CPU a
-step of 8 rows costs ~2.5x a step of one). A waiting request is prefilled into a free row as soon as one exists
-while the other rows keep their state; when the busy rows and the newcomers outgrow the group, the busy rows move
-to the bigger group first (a copy of their cache rows); when requests finish and nothing waits, they move down to
-the smallest group that holds them. A finished or cancelled request frees its row at the next step. One compiled
-decode graph per group, all compiled at start (`warmup`), whatever the traffic afterwards.
+step of 8 rows costs 2.1-2.5x a step of one, of 2 rows about the same). A waiting request is prefilled into a free
+row as soon as one exists while the other rows keep their state; when the busy rows and the newcomers outgrow the
+group, the busy rows move to the bigger group first (a copy of their cache rows); when requests finish and nothing
+waits, they move down to the smallest group that holds them. A finished or cancelled request frees its row at the
+next step. One compiled decode graph per group, all compiled at start (`warmup`), whatever the traffic afterwards.
 
 Prefix reuse (prefix_reuse=True, the server's default): a row that finishes remembers what its cache holds (in
 whichever group it is); a new request starts from the free row, in any group, whose cache shares the longest prefix
