@@ -1,23 +1,31 @@
 """Continuous batching in the server: aggregate decode tokens/s at 1, 4 and 8 concurrent streams against one
-stream, and time to first token (TTFT) under load, in one run against one server.
+stream, and time to first token (TTFT) under load, for the row groups and for one cache of all rows, in one run.
 
     .venv/bin/python benchmarks/bench_serve.py [--model demo-150m] [--max-tokens 64] [--streams 1 4 8] [--reps 2]
 
-Starts `python -m glm4v_ms.serve --max-num-seqs 8` on a free localhost port, by default on a random checkpoint of
-demo-150m's shape (text 8 x 1024, vision 4 x 256; fp32, CPU) but with the tiny tokenizer's vocabulary of 512 instead
-of 32768, so that every token decodes to text the stream can be timed by (demo-150m's ids past the tokenizer's 471
-decode to nothing); built once into $GLM4V_MS_CACHE/bench-serve-150m. It warms the server up (graph compiles), then for each stream count S sends
-S streamed greedy requests at once (different text prompts, min_tokens = max_tokens so that every reply has the
-same length), and measures per stream the arrival time of each SSE chunk:
+Starts three `python -m glm4v_ms.serve` processes on free localhost ports, side by side: `--max-num-seqs 8` (row
+groups of 1, 2, 4, 8 rows), `--max-num-seqs 8 --no-row-groups` (a one-row cache and one of 8 rows: the layout before
+row groups, where 2 to 8 streams all decode 8 rows) and `--max-num-seqs 1` (no batching at all). By default on a
+random checkpoint of demo-150m's shape (text 8 x 1024, vision 4 x 256; fp32, CPU) but with the tiny tokenizer's
+vocabulary of 512 instead of 32768, so that every token decodes to text the stream can be timed by (demo-150m's ids
+past the tokenizer's 471 decode to nothing); built once into $GLM4V_MS_CACHE/bench-serve-150m. It warms each server
+up, then for each repetition, each stream count S and each server in turn (interleaved, so that the servers see the
+same machine load) sends S streamed greedy requests at once (different text prompts, min_tokens = max_tokens so
+that every reply has the same length), and measures per stream the arrival time of each SSE chunk:
   aggregate decode tokens/s = sum over streams of (tokens - 1) / (last chunk of the last stream - first token of
-  the first stream); the ratio column divides by the one-stream figure measured in the same run;
+  the first stream); the ratio columns divide by the one-stream figure of the same server;
   TTFT = request sent -> first content chunk, the mean and max over the S streams (all sent together, so the
   later ones wait for the earlier prefills);
+  all decoding = tokens/s while every stream of the S decodes (the last stream's first token to the first
+  stream's last): the steps alone, without the prefills of the later streams that pause the earlier ones;
   TTFT under load: one more request sent while 7 streams are decoding (the 8th row free).
-The same run also starts a server with --max-num-seqs 1 (no batching at all) and measures one stream there: the
-last column divides by it. (A lone stream on the 8-row server runs on its one-row cache too; two or more streams
-decode all 8 rows, busy or not.)
-Each figure is the best of --reps repetitions.
+Each figure is the best of --reps repetitions. The load average (1 minute) is printed at the start and the end.
+
+    .venv/bin/python benchmarks/bench_serve.py --step-costs [--model DIR]
+
+prints instead the time of one decode step of each row group's cache (1, 2, 4, 8 rows, every row at slot 40 of
+512), in this process, no server: the bound on what batching can give (8 streams over one stream <= 8 x the
+one-row step / the 8-row step).
 """
 from __future__ import annotations
 
@@ -89,7 +97,12 @@ def run_streams(url, s, n):
     last = max(o["times"][-1] for o in outs)
     decoded = sum(o["tokens"] - 1 for o in outs)
     ttft = [o["times"][0] - o["sent"] for o in outs]
-    return decoded / (last - first), sum(ttft) / s, max(ttft)
+    # while every stream decodes: from the last stream's first token to the first stream's last one
+    a, b = max(o["times"][0] for o in outs), min(o["times"][-1] for o in outs)
+    # (a chunk may carry several tokens: the text of a token that ends inside a character waits for the next)
+    steady = sum(sum(a < t <= b for t in o["times"]) * (o["tokens"] - 1) / max(len(o["times"]) - 1, 1)
+                 for o in outs) / (b - a) if b > a else float("nan")
+    return decoded / (last - first), sum(ttft) / s, max(ttft), steady
 
 
 def ttft_under_load(url, n, busy=7):
@@ -107,41 +120,86 @@ def ttft_under_load(url, n, busy=7):
     return one["times"][0] - one["sent"]
 
 
+def step_costs(model_dir, rows=(1, 2, 4, 8), n=15):
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from glm4v_ms import Glm4vForConditionalGeneration
+    from glm4v_ms.generation import Batch, decode_one
+    model = Glm4vForConditionalGeneration.from_pretrained(model_dir)
+    load0, t = os.getloadavg()[0], {}
+    for b in rows:
+        batch = Batch.empty(model, b, 512)
+        batch.st.kv_valid[:, :40] = True
+        tok = np.zeros(b, np.int64)
+        times = []
+        for i in range(n + 1):   # the first compiles
+            batch.st.slot[:], batch.st.next_pos[:] = 40, 40
+            t0 = time.perf_counter()
+            decode_one(model, batch.st, tok)
+            times.append(time.perf_counter() - t0)
+        t[b] = float(np.median(times[1:]))
+    print(f"decode step of one cache, median of {n}; load average {load0:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    print("| rows | step (ms) | vs 1 row | tokens/s | vs 1 row |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in rows:
+        print(f"| {b} | {t[b] * 1e3:.1f} | {t[b] / t[rows[0]]:.2f}x | {b / t[b]:.1f} | "
+              f"{b / t[b] / (rows[0] / t[rows[0]]):.2f}x |")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint folder (default: the bench-serve-150m random checkpoint)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--step-costs", action="store_true", help="time one decode step per row-group size instead")
     a = ap.parse_args(argv)
+    if a.step_costs:
+        return step_costs(a.model or checkpoint())
     rows = max(8, max(a.streams))
     model = a.model or checkpoint()
-    proc, url = start_server(model, ["--max-num-seqs", str(rows), "--max-model-len", "512"], timeout=900)
+    load0 = os.getloadavg()[0]
+    kinds = {"groups": ["--max-num-seqs", str(rows)], "one cache": ["--max-num-seqs", str(rows), "--no-row-groups"],
+             "1-row": ["--max-num-seqs", "1"]}
+    servers = {}
     try:
-        for s in sorted(set(a.streams)):   # warm-up: the prefill graph and the decode graph
-            run_streams(url, s, 4)
-        res = {}
-        for s in a.streams:
-            best = max((run_streams(url, s, a.max_tokens) for _ in range(a.reps)), key=lambda r: r[0])
-            res[s] = best
-        under = min(ttft_under_load(url, a.max_tokens) for _ in range(a.reps))
+        for k, extra in kinds.items():
+            servers[k] = start_server(model, [*extra, "--max-model-len", "512"], timeout=900)
+        for k, (_, url) in servers.items():   # warm-up: the prefill graphs (the decode graphs compile at start)
+            for s in sorted(set(a.streams)) if k != "1-row" else [1]:
+                run_streams(url, s, 4)
+        res = {k: {} for k in kinds}
+        for _ in range(a.reps):
+            for s in a.streams:
+                for k, (_, url) in servers.items():
+                    if k == "1-row" and s != 1:
+                        continue
+                    r = run_streams(url, s, a.max_tokens)
+                    if s not in res[k] or r[0] > res[k][s][0]:
+                        res[k][s] = r
+        under = {k: min(ttft_under_load(servers[k][1], a.max_tokens) for _ in range(a.reps))
+                 for k in ("groups", "one cache")}
     finally:
-        stop_server(proc)
-    proc, url = start_server(model, ["--max-num-seqs", "1", "--max-model-len", "512"], timeout=900)
-    try:
-        run_streams(url, 1, 4)
-        single = max(run_streams(url, 1, a.max_tokens)[0] for _ in range(a.reps))
-    finally:
-        stop_server(proc)
-    base = res[a.streams[0]][0]
-    print(f"model {a.model or 'bench-serve-150m'}, {rows} rows, {a.max_tokens} tokens per stream, best of {a.reps}")
-    print("| streams | aggregate decode tokens/s | vs 1 stream | TTFT mean (s) | TTFT max (s) | vs a 1-row server |")
-    print("|---:|---:|---:|---:|---:|---:|")
+        for proc, _ in servers.values():
+            stop_server(proc)
+    single = res["1-row"][1][0]
+    print(f"model {a.model or 'bench-serve-150m'}, {rows} rows, {a.max_tokens} tokens per stream, best of {a.reps}; "
+          f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print("| streams | row groups: tokens/s | vs 1 stream | all decoding (vs 1) | TTFT mean / max (s) "
+          "| one 8-row cache: tokens/s | vs 1 stream | all decoding (vs 1) | TTFT mean / max (s) "
+          "| groups / one cache |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    g1, o1 = res["groups"][a.streams[0]], res["one cache"][a.streams[0]]
     for s in a.streams:
-        tps, mean, mx = res[s]
-        print(f"| {s} | {tps:.1f} | {tps / base:.2f}x | {mean:.2f} | {mx:.2f} | {tps / single:.2f}x |")
-    print(f"one stream on a 1-row server (--max-num-seqs 1): {single:.1f} tokens/s")
-    print(f"TTFT of one request arriving while 7 streams decode: {under:.2f} s")
+        (g, gm, gx, gs), (o, om, ox, os_) = res["groups"][s], res["one cache"][s]
+        print(f"| {s} | {g:.1f} | {g / g1[0]:.2f}x | {gs:.1f} ({gs / g1[3]:.2f}x) | {gm:.2f} / {gx:.2f} | {o:.1f} "
+              f"| {o / o1[0]:.2f}x | {os_:.1f} ({os_ / o1[3]:.2f}x) | {om:.2f} / {ox:.2f} | {g / o:.2f}x |")
+    print(f"one stream on a 1-row server (--max-num-seqs 1): {single:.1f} tokens/s; 8 streams on the row groups: "
+          f"{res['groups'][max(a.streams)][0] / single:.2f}x that")
+    print(f"TTFT of one request arriving while 7 streams decode: {under['groups']:.2f} s (row groups), "
+          f"{under['one cache']:.2f} s (one cache)")
     return 0
 
 

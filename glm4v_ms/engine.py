@@ -3,17 +3,22 @@
 Callers (the HTTP server, tests) only `submit` work and read what comes back through the listener they pass; the
 listener runs on the engine thread, so it must only hand the event on (e.g. `loop.call_soon_threadsafe`).
 
-Rows: `max_num_seqs` rows of one static KV cache of `max_model_len` slots each (llama.cpp's per-slot context).
-A request waiting in the bounded queue is prefilled into a free row as soon as one exists, while the other rows
-keep their state; then every step decodes all rows with the one compiled (rows, 1) graph (generation.Batch.step,
-the same loop body model.generate() runs). A finished or cancelled request frees its row at the next step.
-A lone request runs in a separate one-row cache instead (the (1, 1) graph: a step of all rows costs ~2.5x one
-row's on CPU); it moves into the big cache, by a copy of its cache row, when a second request arrives, and back
-when it is alone again. Two compiled decode graphs in all, whatever the traffic.
+Row groups: static KV caches of 1, 2, 4, ... rows up to `max_num_seqs` (`group_sizes`), each of `max_model_len`
+slots per row (llama.cpp's per-slot context) and each with its own compiled (rows, 1) decode graph (vLLM likewise
+captures its decode graph for a list of batch sizes and pads a live batch up to the nearest). All busy rows live in
+one group: the smallest that holds them. A step decodes that group's rows (generation.Batch.step, the loop body
+model.generate() runs), free rows decoding a dummy token, so a step costs about what the busy rows need (on CPU a
+step of 8 rows costs 2.1-2.5x a step of one, of 2 rows about the same). A waiting request is prefilled into a free
+row as soon as one exists while the other rows keep their state; when the busy rows and the newcomers outgrow the
+group, the busy rows move to the bigger group first (a copy of their cache rows); when requests finish and nothing
+waits, they move down to the smallest group that holds them. A finished or cancelled request frees its row at the
+next step. One compiled decode graph per group, all compiled at start (`warmup`), whatever the traffic afterwards.
 
-Prefix reuse (prefix_reuse=True, the server's default): a row that finishes remembers what its cache holds; a new
-request goes to the free row whose cache shares the longest prefix of token ids with its prompt (images compared by
-their pixels), and only the rest of the prompt is prefilled (a chat's next turn skips its history and images).
+Prefix reuse (prefix_reuse=True, the server's default): a row that finishes remembers what its cache holds (in
+whichever group it is); a new request starts from the free row, in any group, whose cache shares the longest prefix
+of token ids with its prompt (images compared by their pixels), and only the rest of the prompt is prefilled (a
+chat's next turn skips its history and images). A row's record moves with it between groups, and the row it left
+keeps a copy. Rows without a record are overwritten first, then the oldest records.
 
 Not done: chunked prefill interleaved with decode steps (a long prompt's prefill stalls the other rows for its
 duration).
@@ -28,6 +33,16 @@ import numpy as np
 
 from .generation import Batch, GenerationConfig, GenerationError, Sequence, thinking_force
 from .model import _np, prompt_bucket
+
+
+def group_sizes(max_num_seqs: int) -> list:
+    """Rows of each cache group: the powers of two below max_num_seqs, then max_num_seqs itself, at most
+    2 x max_num_seqs rows in all (for a size that is no power of two, the largest power below it is dropped
+    where it would pass that: 6 -> 1, 2, 6)."""
+    sizes = [1 << i for i in range(max_num_seqs.bit_length()) if 1 << i < max_num_seqs] + [max_num_seqs]
+    while sum(sizes) > 2 * max_num_seqs:
+        sizes.pop(-2)
+    return sizes
 
 
 class QueueFull(RuntimeError):
@@ -54,22 +69,39 @@ class Request:
 
 class Engine:
     def __init__(self, model, max_num_seqs: int = 4, max_model_len: int | None = None, max_queue: int = 64,
-                 prefix_reuse: bool = False):
+                 prefix_reuse: bool = False, row_groups: bool = True):
+        """row_groups False: only a one-row cache and one of max_num_seqs rows (max_num_seqs + 1 rows in all)."""
         ctx = model.config.text.max_position_embeddings
         self.model = model
         self.max_model_len = min(int(max_model_len or min(ctx, 8192)), ctx)
         if max_num_seqs < 1 or self.max_model_len < 64:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 64")
         self.max_num_seqs = max_num_seqs
-        # both caches remember what their rows hold (prefix reuse), so a row keeps its record when it moves
-        self.batch = Batch.empty(model, max_num_seqs, self.max_model_len, prefix_reuse)
-        self.solo = Batch.empty(model, 1, self.max_model_len, prefix_reuse) if max_num_seqs > 1 else None
+        sizes = group_sizes(max_num_seqs) if row_groups else sorted({1, max_num_seqs})
+        # every group remembers what its rows hold (prefix reuse), so a row keeps its record when it moves. Each
+        # group's cache and compiled graph belong to it (Batch.empty), apart from the model's own decoders
+        self.groups = [Batch.empty(model, n, self.max_model_len, prefix_reuse) for n in sizes]
+        self.cur = 0              # the group holding the busy rows
+        self.warm = 0             # groups whose decode graph is compiled
         self.waiting = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._thread = None
         self.steps = 0            # decode steps run (for tests and /health)
-        self.moves = 0            # rows handed between the one-row and the big cache
+        self.moves = 0            # rows handed from one group to another
+        self.group_steps = dict.fromkeys(sizes, 0)   # decode steps run per group size
         self.error = None         # an unexpected failure that stopped the engine thread
+
+    def kv_bytes(self) -> int:
+        """Bytes of the groups' KV caches together (allocated on first use; all of them by warmup)."""
+        return sum(int(np.prod(p.shape)) * p.itemsize for g in self.groups for p in (*g.st.dec.k, *g.st.dec.v))
+
+    def plan(self) -> str:
+        """The groups and what their caches cost, for the server's start line."""
+        sizes = [len(g.seqs) for g in self.groups]
+        size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+        return (f"rows {self.max_num_seqs} x {self.max_model_len} tokens; KV cache in groups of "
+                f"{', '.join(map(str, sizes))} rows: {sum(sizes)} rows x {size(self.kv_bytes() / sum(sizes))} "
+                f"= {size(self.kv_bytes())}")
 
     # ------------------------------------------------------------------ client side (any thread)
     def check_prompt(self, prompt_tokens: int, max_new_tokens: int | None) -> int:
@@ -112,6 +144,7 @@ class Engine:
 
     def start(self) -> "Engine":
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="glm4v-engine", daemon=True)
             self._thread.start()
         return self
@@ -123,59 +156,100 @@ class Engine:
             self._thread = None
 
     def busy_rows(self) -> int:
-        return sum(s is not None for s in self.batch.seqs) + (self.solo is not None and self.solo.active())
-
-    def _solo_busy(self) -> bool:
-        return self.solo is not None and self.solo.active()
+        return sum(s is not None for g in self.groups for s in g.seqs)
 
     # ------------------------------------------------------------------ the engine thread
-    def _admit(self, block: bool):
-        """Move waiting requests into free rows; block briefly for one when nothing runs."""
-        while len(self.batch.free_rows()) > self._solo_busy():   # the lone request needs a big row once joined
+    def _fit(self, n: int) -> int:
+        """The smallest group holding n rows."""
+        return next(i for i, g in enumerate(self.groups) if len(g.seqs) >= n)
+
+    @staticmethod
+    def _spare(g: Batch, rows) -> list:
+        """Free rows of `g` among `rows`, the cheapest to overwrite first: no record, then the oldest record."""
+        return sorted(rows, key=lambda r: -1.0 if g.saved is None or g.saved[r] is None else g.saved[r][2])
+
+    def _take(self, block: bool) -> list:
+        """Waiting requests, as many as rows are free (the first one waited for briefly when `block`)."""
+        room = self.max_num_seqs - sum(s is not None for s in self.groups[self.cur].seqs)
+        out = []
+        while len(out) < room:
             try:
                 req = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             block = False
             if req.seq.cancelled:
                 req.seq.finish("cancelled")
-                continue
-            row = self.batch.best_row(req.inputs)
-            if (self.solo is not None and not self._solo_busy() and not self.batch.active() and self.waiting.empty()
-                    and self.solo.shared(req.inputs, 0) >= self.batch.shared(req.inputs, row)):
-                where = (self.solo, 0)
             else:
-                if self._solo_busy():   # the lone request moves to a free row this request does not want
-                    self.solo.move(0, self.batch, next(r for r in self.batch.free_rows() if r != row))
-                    self.moves += 1
-                where = (self.batch, row)
+                out.append(req)
+        return out
+
+    def _admit(self, block: bool):
+        """Move waiting requests into free rows of the smallest group that holds them and the busy rows (the busy
+        rows move there first); block briefly for one when nothing runs."""
+        reqs = self._take(block)
+        if not reqs:
+            return
+        cur = self.groups[self.cur]
+        busy = [r for r, s in enumerate(cur.seqs) if s is not None]
+        ti = max(self._fit(len(busy) + len(reqs)), self.cur)
+        tgt = self.groups[ti]
+        free = set(tgt.free_rows())
+        # each request's origin: the free row, in any group, remembering the longest prefix of its prompt; one
+        # in the target group is taken as the request's own row (and kept from the moved rows)
+        plan = []
+        for req in reqs:
+            best = max(((g.shared(req.inputs, r), gi, r) for gi, g in enumerate(self.groups) for r in g.free_rows()
+                        if gi != ti or r in free), default=(0, None, None))
+            row = None
+            if best[0] > 0 and best[1] == ti:
+                row = best[2]
+                free.discard(row)
+            plan.append([req, row, (self.groups[best[1]], best[2]) if best[0] > 0 else None])
+        spare = self._spare(tgt, free)
+        if ti != self.cur:
+            tos, spare = spare[:len(busy)], spare[len(busy):]
+            cur.move(busy, tgt, tos)
+            self.moves += len(busy)
+            self.cur = ti
+        for p in plan:
+            if p[1] is None:
+                p[1] = spare.pop(0)
+        for req, row, origin in plan:
             try:
-                where[0].admit(where[1], req.inputs, req.seq)
-                req.reused_tokens = where[0].last_reused
+                tgt.admit(row, req.inputs, req.seq, origin)
+                req.reused_tokens = tgt.last_reused
             except Exception as e:   # a bad prompt fails alone; the engine and the other rows go on
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 req.seq.finish_reason = "error"
                 req.seq._tell("error", msg)
 
     def _step(self):
-        if self.solo is not None and not self._solo_busy() and self.waiting.empty():
-            busy = [r for r, s in enumerate(self.batch.seqs) if s is not None]
-            if len(busy) == 1:   # alone again: continue on the one-row graph
-                self.batch.move(busy[0], self.solo, 0)
-                self.moves += 1
-        for b in (self.solo, self.batch):
-            if b is not None and b.active():
-                b.step()
-                self.steps += 1
+        g = self.groups[self.cur]
+        busy = [r for r, s in enumerate(g.seqs) if s is not None]
+        fit = self._fit(len(busy))
+        if fit < self.cur and self.waiting.empty():   # fewer rows busy: continue in the smallest group holding them
+            if busy:
+                small = self.groups[fit]
+                g.move(busy, small, self._spare(small, small.free_rows())[:len(busy)])
+                self.moves += len(busy)
+            self.cur, g = fit, self.groups[fit]
+        if g.active():
+            g.step()
+            self.steps += 1
+            self.group_steps[len(g.seqs)] += 1
 
     def _loop(self):
         try:
+            while self.warm < len(self.groups):   # compile every group's decode graph before serving
+                self.groups[self.warm].warmup()
+                self.warm += 1
             while not self._stop.is_set():
-                self._admit(block=not (self.batch.active() or self._solo_busy()))
+                self._admit(block=not self.groups[self.cur].active())
                 self._step()
         except BaseException as e:   # nothing should reach here; tell everyone waiting rather than hang them
             self.error = f"{type(e).__name__}: {e}"
-            for seq in self.batch.seqs + (self.solo.seqs if self.solo is not None else []):
+            for seq in (s for g in self.groups for s in g.seqs):
                 if seq is not None and seq.finish_reason is None:
                     seq.finish_reason = "error"
                     seq._tell("error", self.error)

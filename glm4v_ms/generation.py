@@ -410,24 +410,28 @@ class Batch:
     def active(self) -> bool:
         return any(s is not None and s.finish_reason is None for s in self.seqs)
 
-    def admit(self, row: int, inputs: dict, seq: Sequence):
+    def admit(self, row: int, inputs: dict, seq: Sequence, origin: tuple | None = None):
         """Prefill one prompt (batch 1) into a scratch cache of the same length, then copy it into `row`: the
-        other rows' state is untouched, so they keep decoding from where they were."""
+        other rows' state is untouched, so they keep decoding from where they were. With prefix reuse, the
+        prefill starts from the remembered cache of free row `origin` = (batch, row) (default: this row), which
+        may belong to another batch over caches of the same length (the engine's row groups)."""
         assert self.seqs[row] is None
+        src, srow = origin if origin is not None else (self, row)
         got = None
-        if self.saved is not None and self.saved[row] is not None:
+        if src.saved is not None and src.saved[srow] is not None:
+            assert src.seqs[srow] is None and src.max_len == self.max_len
             # the row's remembered cache into the batch-1 scratch cache, then only the rest of the prompt runs
             pc = PromptCache()
             dec = self.model.decoder(1, self.max_len, pc)
-            for src, dst in zip((*self.st.dec.k, *self.st.dec.v), (*dec.k, *dec.v)):
-                ops.assign(dst, src[row:row + 1])
-            held, media = self.saved[row]
+            for a, dst in zip((*src.st.dec.k, *src.st.dec.v), (*dec.k, *dec.v)):
+                ops.assign(dst, a[srow:srow + 1])
+            held, media, _ = src.saved[srow]
             pc.st = State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
                           media=[media])
             got = prefill_reusing(self.model, inputs, pc, seq.max_new)
         logits, one = got if got is not None else prefill(self.model, inputs, self.max_len)
-        for src, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
-            ops.scatter_nd_update(dst, Tensor(np.array([[row]], np.int32)), src)
+        for a, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
+            ops.scatter_nd_update(dst, Tensor(np.array([[row]], np.int32)), a)
         if self.st.ids is not None:
             self.st.ids[row] = one.ids[0] if one.ids is not None else -1
             self.st.media[row] = one.media[0] if one.media is not None else media_spans(self.model, inputs)[0]
@@ -438,28 +442,41 @@ class Batch:
         self.seqs[row] = seq
         return one.timings["prefill_s"]
 
-    def move(self, row: int, other: "Batch", to: int):
-        """Hand row `row` (its cache rows, slots, positions, next logits and Sequence) to free row `to` of another
-        batch over caches of the same length; `row` is free afterwards."""
-        assert other.seqs[to] is None and other.max_len == self.max_len
-        idx = Tensor(np.array([[to]], np.int32))
-        for src, dst in zip((*self.st.dec.k, *self.st.dec.v), (*other.st.dec.k, *other.st.dec.v)):
-            ops.scatter_nd_update(dst, idx, src[row:row + 1])
-        other.st.kv_valid[to] = self.st.kv_valid[row]
-        other.st.slot[to], other.st.next_pos[to] = self.st.slot[row], self.st.next_pos[row]
-        other.logits[to] = self.logits[row]
-        other.seqs[to] = self.seqs[row]
-        if other.st.ids is not None:   # what the cache row holds travels with it (prefix reuse)
-            assert self.st.ids is not None, "both batches must remember their rows, or neither"
-            other.st.ids[to], other.st.media[to] = self.st.ids[row], self.st.media[row]
-        self._free(row)
+    def move(self, rows, other: "Batch", to):
+        """Hand busy rows `rows` (their cache rows, slots, positions, next logits and Sequences) to free rows `to`
+        of another batch over caches of the same length (ints or equal-length lists); `rows` are free afterwards
+        and remember what their caches hold. One gather and one scatter per cache tensor, whatever the count."""
+        rows, to = np.atleast_1d(rows).astype(np.int64), np.atleast_1d(to).astype(np.int64)
+        assert len(rows) == len(to) and other.max_len == self.max_len and all(other.seqs[t] is None for t in to)
+        src, idx = Tensor(rows.astype(np.int32)), Tensor(to.astype(np.int32)[:, None])
+        for a, dst in zip((*self.st.dec.k, *self.st.dec.v), (*other.st.dec.k, *other.st.dec.v)):
+            ops.scatter_nd_update(dst, idx, ops.gather(a, src, 0))
+        for r, t in zip(rows, to):
+            other.st.kv_valid[t] = self.st.kv_valid[r]
+            other.st.slot[t], other.st.next_pos[t] = self.st.slot[r], self.st.next_pos[r]
+            other.logits[t] = self.logits[r]
+            other.seqs[t] = self.seqs[r]
+            if other.st.ids is not None:   # what the cache row holds travels with it (prefix reuse)
+                assert self.st.ids is not None, "both batches must remember their rows, or neither"
+                other.st.ids[t], other.st.media[t] = self.st.ids[r], self.st.media[r]
+            self._free(r)
+
+    def warmup(self):
+        """One decode step of dummy tokens in every (free) row, leaving the rows as they were: compiles this
+        cache's decode graph before any request needs it."""
+        assert not any(s is not None for s in self.seqs), "warm up a batch of free rows only"
+        for r in range(len(self.seqs)):
+            self._free(r)
+        self.logits = decode_one(self.model, self.st, np.zeros(len(self.seqs), np.int64))
+        for r in range(len(self.seqs)):
+            self._free(r)
 
     def _free(self, row):
         if self.saved is not None:
             if self.seqs[row] is not None:   # a request ends: remember what the row's cache holds
                 held = self.st.ids[row].copy()
                 held[-1] = -1                # the slot free rows decode their dummy into
-                self.saved[row] = (held, self.st.media[row])
+                self.saved[row] = (held, self.st.media[row], time.monotonic())   # when: the oldest goes first
             self.st.ids[row] = -1
         self.seqs[row] = None
         self.st.kv_valid[row] = False

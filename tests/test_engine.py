@@ -1,4 +1,5 @@
-"""The serving engine: requests decoded together in rows of one static cache return what each returns alone."""
+"""The serving engine: requests decoded together in rows of the row groups' static caches return what each returns
+alone, whichever group they decode in and however often they move."""
 import threading
 import time
 
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor, demo
-from glm4v_ms.engine import Engine, QueueFull
+from glm4v_ms.engine import Engine, QueueFull, group_sizes
 from glm4v_ms.generation import GenerationError
 
 
@@ -40,21 +41,43 @@ def collect(engine, inputs, cfg, n):
     return engine.submit(inputs, cfg, n, listener), got, done
 
 
+def alone_outputs(model, cfg, inputs, lens):
+    out = []
+    for inp, n in zip(inputs, lens):
+        got = model.generate(**inp, max_new_tokens=n, do_sample=False)[0, inp["input_ids"].shape[1]:]
+        stop = np.flatnonzero(np.isin(got, cfg.eos_token_id))
+        out.append(got[:stop[0] + 1] if len(stop) else got)   # generate() pads after the eos
+    return out
+
+
+def group_graphs(engine):
+    """The compiled decode graphs of the engine's groups (a graph's key holds its Cell's id)."""
+    from mindspore.graph import api
+    ids = [str(id(g.st.dec)) for g in engine.groups]
+    return {k for k in api.ms_compile_cache if "text.py" in k and any(i in k for i in ids)}
+
+
+def test_group_sizes_bound_the_rows():
+    assert group_sizes(1) == [1] and group_sizes(2) == [1, 2] and group_sizes(8) == [1, 2, 4, 8]
+    assert group_sizes(6) == [1, 2, 6]
+    for n in range(1, 40):
+        g = group_sizes(n)
+        assert g[0] == 1 and g[-1] == n and g == sorted(set(g)) and sum(g) <= 2 * n
+
+
 def test_concurrent_requests_equal_each_alone(setup):
     """More requests than rows, submitted staggered so that they join while others decode: token for token what
-    model.generate gives each alone (also across the moves of a lone request between the one-row cache and the
-    big one), and the compiled decode graphs are reused whatever rows are busy."""
+    model.generate gives each alone, while the busy rows move up through the groups of 1, 2 and 4 rows as
+    requests join and back down as they finish; one compiled decode graph per group (compiled at start), and no
+    graph compiled by a repeat of the same traffic."""
     from mindspore.graph import api
     model, proc = setup
     cfg = model.generation_config.updated(do_sample=False)
     lens = [9, 14, 6, 11, 8]
-    alone = []
-    for inp, n in zip(prompts(proc), lens):
-        out = model.generate(**inp, max_new_tokens=n, do_sample=False)[0, inp["input_ids"].shape[1]:]
-        stop = np.flatnonzero(np.isin(out, cfg.eos_token_id))
-        alone.append(out[:stop[0] + 1] if len(stop) else out)   # generate() pads after the eos
-    engine = Engine(model, max_num_seqs=2, max_model_len=512).start()
+    alone = alone_outputs(model, cfg, prompts(proc), lens)
+    engine = Engine(model, max_num_seqs=4, max_model_len=512).start()
     try:
+        assert [len(g.seqs) for g in engine.groups] == [1, 2, 4]
         decoder_graphs = lambda: {p for p in api.ms_compile_cache if "text.py" in p}  # noqa: E731
         runs = []
         for inp, n in zip(prompts(proc), lens):
@@ -64,17 +87,37 @@ def test_concurrent_requests_equal_each_alone(setup):
                 time.sleep(0.005)
         for req, got, done in runs:
             assert done.wait(120)
+        assert len(group_graphs(engine)) == 3   # compiled by the warm-up, before the first request
         graphs = decoder_graphs()
+        assert all(engine.group_steps[n] > 0 for n in (1, 2, 4)), engine.group_steps
         again = [collect(engine, inp, cfg, n) for inp, n in zip(prompts(proc), lens)]   # all at once this time
         for req, got, done in again:
             assert done.wait(120)
         assert [g for _, g, _ in again] == [g for _, g, _ in runs]
-        assert engine.moves >= 2   # a lone request ran in the one-row cache and moved to the big one and back
+        assert engine.moves >= 4
         for (req, got, _), want in zip(runs, alone):
             assert got[-1] in ("done:stop", "done:length")
             assert got[:-1] == [int(t) for t in want]
         assert engine.busy_rows() == 0
         assert decoder_graphs() == graphs
+    finally:
+        engine.stop()
+
+
+def test_two_groups_one_and_max_rows(setup):
+    """row_groups=False: a one-row cache and one of max_num_seqs rows only; the same outputs."""
+    model, proc = setup
+    cfg = model.generation_config.updated(do_sample=False)
+    lens = [7, 5, 6]
+    alone = alone_outputs(model, cfg, prompts(proc)[:3], lens)
+    engine = Engine(model, max_num_seqs=3, max_model_len=512, row_groups=False)
+    assert [len(g.seqs) for g in engine.groups] == [1, 3] and "4 rows" in engine.plan()
+    runs = [collect(engine, inp, cfg, n) for inp, n in zip(prompts(proc), lens)]   # queued before the start:
+    engine.start()                                                                 # admitted together
+    try:
+        for (req, got, done), want in zip(runs, alone):
+            assert done.wait(120) and got[:-1] == [int(t) for t in want]
+        assert engine.group_steps[3] > 0
     finally:
         engine.stop()
 
@@ -155,5 +198,42 @@ def test_prefix_reuse_across_turns_of_two_conversations(setup):
                     reply = proc.decode([t for t in got[:-1] if t not in cfg.eos_token_id], skip_special_tokens=True)
                     c += [{"role": "assistant", "content": reply},
                           {"role": "user", "content": follow[convs.index(c)][turn]}]
+    finally:
+        engine.stop()
+
+
+def test_prefix_reuse_from_a_row_of_another_group(setup):
+    """A conversation's next turn starts from its record wherever it is: turns 1 of two conversations decode in
+    the 2-row group; turns 2 and a new request then decode in the 4-row group, both turns 2 prefilling only what
+    their records do not hold; the replies are model.generate's."""
+    model, proc = setup
+    cfg = model.generation_config.updated(do_sample=False)
+    convs = [[{"role": "user", "content": "Describe the quick brown fox."}],
+             [{"role": "user", "content": "A cat is sitting on the table."}]]
+    n = 5
+    engine = Engine(model, max_num_seqs=4, max_model_len=512, prefix_reuse=True)
+    try:
+        first = [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)
+                 for c in convs]
+        runs = [collect(engine, inp, cfg, n) for inp in first]
+        engine.start()   # both were queued: admitted together into the 2-row group
+        for (_, got, done), c in zip(runs, convs):
+            assert done.wait(120)
+            c += [{"role": "assistant", "content": proc.decode([t for t in got[:-1] if t not in cfg.eos_token_id],
+                                                               skip_special_tokens=True)},
+                  {"role": "user", "content": "And then?"}]
+        engine.stop()
+        assert engine.group_steps == {1: 0, 2: engine.steps, 4: 0}
+        second = [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)
+                  for c in convs] + [prompts(proc)[2]]
+        runs = [collect(engine, inp, cfg, n) for inp in second]
+        engine.start()
+        for i, ((req, got, done), inp) in enumerate(zip(runs, second)):
+            assert done.wait(120)
+            want = alone_outputs(model, cfg, [inp], [n])[0]
+            assert got[:-1] == [int(t) for t in want]
+            if i < 2:
+                assert req.reused_tokens >= first[i]["input_ids"].shape[1]
+        assert engine.group_steps[4] > 0
     finally:
         engine.stop()

@@ -22,6 +22,9 @@ def parse(argv):
     p.add_argument("--max-model-len", type=int, help="context per row: prompt + reply (default min(model, 8192))")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="do not reuse a finished request's cache for a new prompt sharing its prefix (a chat's next turn)")
+    p.add_argument("--no-row-groups", action="store_true",
+                   help="decode in one cache of --max-num-seqs rows (and a one-row cache for a lone request) instead "
+                        "of row groups of 1, 2, 4, ... rows: max_num_seqs + 1 rows of KV cache instead of up to 2x")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond it: 503")
     p.add_argument("--served-model-name", help="the name clients send as `model` (default: the folder's name)")
     p.add_argument("--allowed-local-media-path", help="local image/video files are allowed only under this folder")
@@ -52,7 +55,8 @@ def build(a):
     processor = Glm4vProcessor.from_pretrained(folder)
     model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=a.dtype,
                                                           device=None if a.device in (None, "auto") else a.device)
-    engine = Engine(model, a.max_num_seqs, a.max_model_len, a.max_queue, prefix_reuse=not a.no_prefix_reuse).start()
+    engine = Engine(model, a.max_num_seqs, a.max_model_len, a.max_queue, prefix_reuse=not a.no_prefix_reuse,
+                    row_groups=not a.no_row_groups).start()
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     server = Server(engine, processor, name, a.api_key, a.allowed_local_media_path, a.max_images)
     return create_app(server), engine
@@ -72,8 +76,7 @@ def main(argv=None):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
-    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  rows {engine.max_num_seqs} x {engine.max_model_len} tokens]",
-          file=sys.stderr)
+    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}]", file=sys.stderr)
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     finally:
