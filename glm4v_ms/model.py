@@ -122,27 +122,37 @@ def extent_of(end: int, max_len: int) -> int:
 SCORES_BUDGET = 256 << 20   # bytes of one (B, heads, chunk, extent) float32 score tensor in a prompt chunk
 
 
+def live_layers(t) -> int:
+    """Layers whose intermediates are alive at once in a compiled prompt graph: on CPU (plain or emulated) the
+    graph keeps every layer's (measured: the peak rises ~0.35 GB per layer for a 256-token chunk over 8192
+    slots, linear in depth), so the budget is shared by all of them. On Ascend the graph compiler reuses memory
+    across layers; assumed one layer's worth there (only hardware can confirm)."""
+    return 1 if attention.mode() == "ascend" else t.num_hidden_layers
+
+
 def prompt_chunk(t, batch: int, n: int, extent: int | None = None) -> int:
     """Tokens per prompt chunk for a prompt of n (bucketed) tokens attending over `extent` slots (default: the
-    power of two >= n): the whole prompt up to LONG_PROMPT tokens, 256 beyond, halved (not below 64) until a
-    chunk's scores fit SCORES_BUDGET. So a prompt graph's shape is its length bucket (<= 8 of them) or a 256-token
-    chunk: the number of compiled prompt graphs is bounded, whatever the prompt length. (64-token chunks for short
-    prompts too were tried: a 320-token prompt took 0.54 s against 0.36 s in one piece; BENCHMARKS.md.)"""
+    power of two >= n): the whole prompt up to LONG_PROMPT tokens, 256 beyond, halved (not below 16) until the
+    float32 scores of all live layers (`live_layers`) fit SCORES_BUDGET. So a prompt graph's shape is its length
+    bucket (<= 8 of them) or one chunk length per extent: the number of compiled prompt graphs is bounded, whatever
+    the prompt length. (64-token chunks for short prompts too were tried: a 320-token prompt took 0.54 s against
+    0.36 s in one piece; BENCHMARKS.md.)"""
     e = extent or (1 << (max(n, 1) - 1).bit_length())
     c = n if n <= LONG_PROMPT else 256
-    while c > 64 and batch * t.num_attention_heads * 4 * e * c > SCORES_BUDGET:
-        c = max(64, 1 << ((c - 1).bit_length() - 1)) if c & (c - 1) else c // 2
+    while c > 16 and live_layers(t) * batch * t.num_attention_heads * 4 * e * c > SCORES_BUDGET:
+        c = max(16, 1 << ((c - 1).bit_length() - 1)) if c & (c - 1) else c // 2
     return c
 
 
 def activation_bytes(t, batch: int, n: int, item: int) -> int:
-    """Bound on the text decoder's activations for a prompt of up to n tokens (one layer at a time): a few copies
-    of the float32 scores and the mask over a chunk's extent, and the chunk's projections and MLP."""
+    """Bound on the text decoder's activations for a prompt of up to n tokens: per live layer (`live_layers`), a
+    few copies of the float32 scores and the mask over a chunk's extent and the chunk's projections and MLP; plus
+    the logits."""
     e = 1 << (max(n, 1) - 1).bit_length()
     c = max(prompt_chunk(t, batch, m, e) for m in {min(n, LONG_PROMPT), n})
     scores = batch * c * e * (4 * t.num_attention_heads * 4 + 5)
     rows = batch * c * (3 * (t.q_size + 2 * t.kv_size) + 4 * t.intermediate_size + 6 * t.hidden_size) * max(item, 4)
-    return scores + rows + batch * t.vocab_size * 4 * 2
+    return (scores + rows) * live_layers(t) + batch * t.vocab_size * 4 * 2
 
 
 def _refuse(extra: dict, what: str):
