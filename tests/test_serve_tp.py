@@ -148,9 +148,8 @@ def test_tp2_server(folder, single, tmp_path):
         assert [r for _, r in ranks] == [0, 1], ranks
         os.kill(ranks[0][0], signal.SIGTERM)   # rank 0 stops: it tells rank 1, both exit, msrun ends
         rc = p.wait(90)                        # (no hang: a timeout here fails the test)
-        assert rc != 0, "a server stopped by a signal exits non-zero"   # uvicorn re-raises SIGTERM after shutdown
+        assert rc != 0, "a server stopped by a signal exits non-zero"
         assert workers(p.pid) == []
-        assert "glm4v_ms.serve: stopped" in log(0), log(0)[-3000:]
         assert "Traceback" not in log(0) + log(1), log(0)[-3000:] + log(1)[-3000:]
     finally:
         if p.poll() is None:

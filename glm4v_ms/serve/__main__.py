@@ -105,7 +105,6 @@ def main(argv=None):
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     finally:
         engine.stop()   # under msrun: the engine thread's last message stops the other ranks
-        print("glm4v_ms.serve: stopped", file=sys.stderr, flush=True)
     return 0
 
 
