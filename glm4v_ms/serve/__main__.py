@@ -1,5 +1,10 @@
 """python -m glm4v_ms.serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-num-seqs 4] [--max-model-len N]
-[--served-model-name NAME] [--allowed-local-media-path DIR] [--api-key KEY]"""
+[--served-model-name NAME] [--allowed-local-media-path DIR] [--api-key KEY]
+
+On several cards, one process per card under msrun (a script path: serve.py at the repository root); rank 0 serves
+HTTP, the other ranks follow its engine (glm4v_ms.serve.ranks):
+  msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True serve.py --model DIR \
+        --tensor_parallel_size 2 --port 8000"""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +38,13 @@ def parse(argv):
     p.add_argument("--device", choices=["auto", "cpu", "ascend"], default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--tensor_parallel_size", "--tensor-parallel-size", type=int, default=1,
+                   help="ranks of this msrun launch (default 1); rank 0 serves HTTP")
+    p.add_argument("--expert_parallel", "--expert-parallel", action="store_true",
+                   help="whole experts per rank instead of split experts")
     a = p.parse_args(argv)
+    if a.tensor_parallel_size < 1:
+        p.error(f"--tensor_parallel_size must be >= 1, got {a.tensor_parallel_size}")
     if a.max_num_seqs < 1 or a.max_queue < 0 or (a.max_model_len is not None and a.max_model_len < 64):
         p.error("--max-num-seqs must be >= 1, --max-queue >= 0, --max-model-len >= 64")
     if a.allowed_local_media_path and not os.path.isdir(a.allowed_local_media_path):
@@ -42,10 +53,12 @@ def parse(argv):
 
 
 def build(a):
-    """The app and its engine (started) for parsed arguments."""
-    from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor
+    """The app and its engine (started) for parsed arguments; under msrun, on a rank other than 0: (None, its
+    engine, not started: `ranks.follow` drives it)."""
+    from glm4v_ms import AutoModelForImageTextToText, Glm4vProcessor
     from glm4v_ms.engine import Engine
     from .app import Server, create_app
+    from .ranks import LeaderEngine
     folder = a.model
     if a.model in ("demo-tiny", "demo-150m"):
         from glm4v_ms import demo
@@ -53,16 +66,27 @@ def build(a):
     if not os.path.isdir(folder):
         raise ValueError(f"model folder not found: {a.model}")
     processor = Glm4vProcessor.from_pretrained(folder)
-    model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=a.dtype,
-                                                          device=None if a.device in (None, "auto") else a.device)
-    engine = Engine(model, a.max_num_seqs, a.max_model_len, a.max_queue, prefix_reuse=not a.no_prefix_reuse,
-                    row_groups=not a.no_row_groups).start()
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, dtype=a.dtype, device=None if a.device in (None, "auto") else a.device,
+        tensor_parallel_size=a.tensor_parallel_size, expert_parallel=a.expert_parallel)
+    # rank 0 under msrun tells the other ranks what its engine does; theirs only replay it (ranks.follow)
+    kind = LeaderEngine if model.layout.world > 1 and model.layout.rank == 0 else Engine
+    engine = kind(model, a.max_num_seqs, a.max_model_len, a.max_queue, prefix_reuse=not a.no_prefix_reuse,
+                  row_groups=not a.no_row_groups)
+    if model.layout.rank != 0:
+        return None, engine
+    engine.start()
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     server = Server(engine, processor, name, a.api_key, a.allowed_local_media_path, a.max_images)
     return create_app(server), engine
 
 
 def main(argv=None):
+    from glm4v_ms.parallel import rank   # no MindSpore import yet
+    if rank() != 0:   # under msrun: rank 0 speaks for all, the others only compute (their exit code still counts)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
     a = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GLOG_v", "3")
     try:
@@ -76,11 +100,14 @@ def main(argv=None):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
+    if app is None:   # a rank other than 0: follow rank 0's engine until it stops
+        from .ranks import follow
+        return follow(engine)
     print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}]", file=sys.stderr)
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     finally:
-        engine.stop()
+        engine.stop()   # under msrun: the engine thread's last message stops the other ranks
     return 0
 
 
