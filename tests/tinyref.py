@@ -141,3 +141,16 @@ def reference_logits(model, inputs):
     with torch.no_grad():
         t = {k: torch.from_numpy(v) for k, v in inputs.items()}
         return model(**t).logits.float().numpy()
+
+
+def check_logits(ref, ours, inputs, tol=1e-4):
+    """Our logits against the transformers model's over every real position: max |ours - ref| <= tol * max |ref|
+    and the same argmax. Returns the relative error."""
+    r = reference_logits(ref, inputs)
+    o = ours(**inputs).logits.asnumpy()
+    assert o.shape == r.shape
+    real = inputs["attention_mask"].astype(bool)
+    err = np.abs(o - r)[real].max() / np.abs(r[real]).max()
+    assert err <= tol, f"relative error {err:.2e}"
+    assert (o.argmax(-1)[real] == r.argmax(-1)[real]).all()
+    return err
