@@ -282,6 +282,8 @@ def main(argv=None):
         os.dup2(null, 2)
     a = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GLOG_v", "3")   # MindSpore's own log: errors only
+    import warnings   # the package's warnings (compile cache off, GPTQ layers in float) as one line each
+    warnings.formatwarning = lambda message, *_, **__: f"note: {message}\n"
     from glm4v_ms import compile_cache
     if a.no_compile_cache:
         os.environ[compile_cache.ENV] = "off"

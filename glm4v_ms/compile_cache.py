@@ -71,7 +71,13 @@ def plan(model, signatures: list):
     key = json.dumps({"sources": _source_digest(), "model": _model_key(model), "graphs": signatures},
                      sort_keys=True, default=str)
     path = os.path.join(base, hashlib.sha256(key.encode()).hexdigest()[:24])
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:   # a cache is an optimisation: an unwritable folder costs the compile, not the run
+        import warnings
+        warnings.warn(f"compile cache off: cannot create {path} ({e.strerror})", stacklevel=2)
+        _off = True
+        return
     os.environ["MS_COMPILER_CACHE_PATH"] = path
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
     _plan = [tuple(s) for s in signatures]

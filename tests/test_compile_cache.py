@@ -102,3 +102,16 @@ def test_second_run_compiles_nothing_and_shapes_never_mix(tmp_path):
     longer = cli(tmp_path, 300)
     assert sum(f.endswith(".mindir") for f in snapshot(tmp_path)) == 4
     assert longer == cli(tmp_path, 300, cache_on=False)
+
+
+def test_unwritable_cache_folder_costs_the_compile_not_the_run(tmp_path):
+    """A cache folder that cannot be made: one note line, the run goes on and succeeds."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    env = dict(os.environ, GLM4V_MS_DEVICE="cpu", PYTHONPATH=ROOT, GLM4V_MS_COMPILE_CACHE=str(blocker / "cache"))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model_name", "demo-tiny", "--prompt",
+                        "Hello there", "--max_new_tokens", "3", "--greedy"], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    notes = [line for line in p.stderr.splitlines() if "compile cache off" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: ") and "Traceback" not in p.stderr, p.stderr
