@@ -13,14 +13,23 @@ signatures the run will compile, planned before the first compile (generate(): i
 graph). The cache stays on while the compiles follow that plan and goes off for the rest of the process at the
 first one that does not (a chat's next turn, a server's other shapes): those compile as usual, never cached.
 
+A folder is written under a private name (KEY.partial-PID) and renamed to KEY when the process exits, so a run
+killed mid-write never leaves a truncated graph where a later run would load it (MindSpore then logs an ERROR
+and compiles anyway). A run whose folder holds fewer graphs than it plans works on a copy the same way. At most
+KEEP folders are kept, the least recently used go first; a folder of a few graphs is ~0.1-1 MB (no weights).
+
 GLM4V_MS_COMPILE_CACHE=DIR turns it on (generate.py sets its default folder, ~/.cache/glm4v_ms/compile, unless
 --no_compile_cache); unset, nothing is written or read.
 """
 from __future__ import annotations
 
+import atexit
+import glob
 import hashlib
 import json
 import os
+import shutil
+import time
 
 ENV = "GLM4V_MS_COMPILE_CACHE"
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", "compile")
@@ -28,6 +37,8 @@ DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", "compi
 _plan = None        # the signatures this process was planned to compile, in order (None: not planned)
 _done = []          # the signatures compiled so far in this process (through model._run)
 _off = False        # the process left its plan (or compiled before planning): no caching from then on
+KEEP = 32           # finished folders kept (least recently used evicted)
+PARTIAL = ".partial-"
 
 
 def folder() -> str | None:
@@ -46,6 +57,16 @@ def _source_digest() -> str:
                 with open(os.path.join(root, f), "rb") as fh:
                     h.update(f.encode() + b"\0" + fh.read())
     return h.hexdigest()
+
+
+def _entry_digest() -> str:
+    """MindSpore's cache also checks a hash of the entry script: a folder is only ever used by one script."""
+    import sys
+    try:
+        with open(sys.argv[0], "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except (OSError, IndexError):
+        return ""
 
 
 def _model_key(model) -> dict:
@@ -68,19 +89,83 @@ def plan(model, signatures: list):
     from mindspore.graph.api import ms_compile_cache
     if len(ms_compile_cache) or _done:
         return
-    key = json.dumps({"sources": _source_digest(), "model": _model_key(model), "graphs": signatures},
+    key = json.dumps({"sources": _source_digest(), "entry": _entry_digest(), "model": _model_key(model), "graphs": signatures},
                      sort_keys=True, default=str)
-    path = os.path.join(base, hashlib.sha256(key.encode()).hexdigest()[:24])
     try:
-        os.makedirs(path, exist_ok=True)
+        path = open_folder(base, hashlib.sha256(key.encode()).hexdigest()[:24], len(signatures))
     except OSError as e:   # a cache is an optimisation: an unwritable folder costs the compile, not the run
         import warnings
-        warnings.warn(f"compile cache off: cannot create {path} ({e.strerror})", stacklevel=2)
+        warnings.warn(f"compile cache off: cannot create {e.filename or base} ({e.strerror})", stacklevel=2)
         _off = True
         return
     os.environ["MS_COMPILER_CACHE_PATH"] = path
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
     _plan = [tuple(s) for s in signatures]
+
+
+def graphs_in(path: str) -> int:
+    return len(glob.glob(os.path.join(path, "rank_*", "graph_cache", "compile_cache_*.mindir")))
+
+
+def open_folder(base: str, name: str, n_graphs: int) -> str:
+    """The folder MindSpore should use for the key `name`: the finished one when it holds all n_graphs graphs
+    (nothing is written then), else a private copy that close_folder publishes at exit."""
+    final = os.path.join(base, name)
+    os.makedirs(base, exist_ok=True)
+    if graphs_in(final) >= n_graphs:
+        os.utime(final)   # recently used: evicted last
+        return final
+    work = final + PARTIAL + str(os.getpid())
+    shutil.rmtree(work, ignore_errors=True)
+    if os.path.isdir(final):
+        shutil.copytree(final, work)
+        for r, _, fs in os.walk(work):   # MindSpore stores its files read-only; this copy gets more of them
+            os.chmod(r, 0o700)
+    else:
+        os.makedirs(work)
+    atexit.register(close_folder, work, final)
+    return work
+
+
+def close_folder(work: str, final: str, keep: int = None):
+    """At exit: publish `work` as `final` (replacing an older, smaller one), then evict beyond `keep`."""
+    try:
+        if graphs_in(work) > graphs_in(final):
+            old = final + PARTIAL + "old-" + str(os.getpid())
+            if os.path.isdir(final):
+                os.rename(final, old)
+            os.rename(work, final)
+            shutil.rmtree(old, ignore_errors=True)
+        evict(os.path.dirname(final), KEEP if keep is None else keep)
+    except OSError:
+        pass   # another run published the same key meanwhile, or the folder went away: nothing is lost
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def evict(base: str, keep: int):
+    """Remove all but the `keep` most recently used finished folders, and private folders whose process is gone."""
+    done = []
+    for name in os.listdir(base):
+        p = os.path.join(base, name)
+        if PARTIAL in name:
+            pid = name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)) or time.time() - os.stat(p).st_mtime > 86400:
+                shutil.rmtree(p, ignore_errors=True)
+        elif os.path.isdir(p):
+            done.append((os.stat(p).st_mtime, p))
+    for _, p in sorted(done, reverse=True)[keep:]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def before_compile(signature: tuple):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tinyref
-from glm4v_ms import Glm4vForConditionalGeneration
+from glm4v_ms import Glm4vForConditionalGeneration, compile_cache
 from glm4v_ms import model as model_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +97,7 @@ def test_second_run_compiles_nothing_and_shapes_never_mix(tmp_path):
     first = cli(tmp_path, 6)
     stored = snapshot(tmp_path)
     assert sum(f.endswith(".mindir") for f in stored) == 2, stored
+    assert not any(compile_cache.PARTIAL in f for f in stored), stored   # published at exit
     assert cli(tmp_path, 6) == first
     assert snapshot(tmp_path) == stored
     longer = cli(tmp_path, 300)
@@ -115,3 +116,47 @@ def test_unwritable_cache_folder_costs_the_compile_not_the_run(tmp_path):
     assert p.returncode == 0, p.stderr
     notes = [line for line in p.stderr.splitlines() if "compile cache off" in line]
     assert len(notes) == 1 and notes[0].startswith("note: ") and "Traceback" not in p.stderr, p.stderr
+
+
+def test_cache_folders_are_published_whole_and_bounded(tmp_path):
+    """A run writes into a private folder, published under its key only at exit: a run killed mid-write leaves
+    nothing a later run loads (its leftovers go once its process is gone). A run planning more graphs than a
+    folder holds extends a copy. At most `keep` folders stay, the least recently used go first."""
+    def write_graphs(path, *idx):   # what MindSpore writes: read-only files in private folders
+        d = os.path.join(path, "rank_0", "graph_cache")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        for i in idx:
+            f = os.path.join(d, f"compile_cache_{i}.mindir")
+            with open(f, "wb") as fh:
+                fh.write(b"graph")
+            os.chmod(f, 0o400)
+
+    base = str(tmp_path / "cache")
+    work = compile_cache.open_folder(base, "k", 2)
+    final = os.path.join(base, "k")
+    assert work != final and not os.path.exists(final)
+    write_graphs(work, 0, 1)
+    compile_cache.close_folder(work, final)
+    assert compile_cache.graphs_in(final) == 2 and not os.path.exists(work)
+    assert compile_cache.open_folder(base, "k", 2) == final   # complete: used as it is, nothing to write
+    work = compile_cache.open_folder(base, "k", 3)            # one graph more: a copy with the two
+    assert work != final and compile_cache.graphs_in(work) == 2
+    write_graphs(work, 2)
+    compile_cache.close_folder(work, final)
+    assert compile_cache.graphs_in(final) == 3 and sorted(os.listdir(base)) == ["k"]
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = os.path.join(base, "j" + compile_cache.PARTIAL + str(dead.pid))   # a run killed mid-write
+    write_graphs(killed, 0)
+    work = compile_cache.open_folder(base, "j", 1)
+    assert work != killed and compile_cache.graphs_in(work) == 0
+    write_graphs(work, 0)
+    compile_cache.close_folder(work, os.path.join(base, "j"))
+    assert sorted(os.listdir(base)) == ["j", "k"]
+
+    for i in range(5):
+        os.makedirs(os.path.join(base, f"old{i}"))
+        os.utime(os.path.join(base, f"old{i}"), (1000 + i, 1000 + i))
+    compile_cache.evict(base, 3)
+    assert sorted(os.listdir(base)) == ["j", "k", "old4"]
