@@ -154,3 +154,17 @@ def check_logits(ref, ours, inputs, tol=1e-4):
     assert err <= tol, f"relative error {err:.2e}"
     assert (o.argmax(-1)[real] == r.argmax(-1)[real]).all()
     return err
+
+
+def check_batch_and_greedy(ref, ours, new_tokens):
+    """An image prompt and a padded batch: logits (check_logits) and `new_tokens` greedy tokens against
+    transformers' generate. Returns the logits' relative error."""
+    import torch
+    inp = batch(Prompt(1).text(3).image(6, 10).text(7).inputs(), Prompt(2).text(2).image(4, 4).text(2).inputs())
+    err = check_logits(ref, ours, inp)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    got = ours.generate(**inp, **kw)
+    with torch.no_grad():
+        want = ref.generate(**{k: torch.from_numpy(v) for k, v in inp.items()}, **kw).numpy()
+    assert (got == want).all()
+    return err
