@@ -26,6 +26,12 @@ Each figure is the best of --reps repetitions. The load average (1 minute) is pr
 prints instead the time of one decode step of each row group's cache (1, 2, 4, 8 rows, every row at slot 40 of
 512), in this process, no server: the bound on what batching can give (8 streams over one stream <= 8 x the
 one-row step / the 8-row step).
+
+    .venv/bin/python benchmarks/bench_serve.py --long-prompt [--model DIR] [--reps 2]
+
+prints instead, for an engine with chunked prefill (the default) and one without, in this process, interleaved:
+while one stream decodes, a 1080p image prompt (the real processor's pixel budget) arrives; the time to its first
+token, the stream's longest wait between two tokens meanwhile and how many tokens the stream got meanwhile.
 """
 from __future__ import annotations
 
@@ -148,6 +154,67 @@ def step_costs(model_dir, rows=(1, 2, 4, 8), n=15):
     return 0
 
 
+def long_prompt(model_dir, reps=2, size=(1920, 1080)):
+    """Chunked prefill: a stream decodes while a 1080p image prompt (the real processor's pixel budget, as
+    bench_ttft) is prefilled, on engines with and without chunked prefill, in this process, interleaved."""
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench_generate import drawn_image
+    from bench_ttft import QUESTION, REAL_SIZE
+    from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor
+    from glm4v_ms.engine import Engine
+    model = Glm4vForConditionalGeneration.from_pretrained(model_dir)
+    proc = Glm4vProcessor.from_pretrained(model_dir)
+    chat = lambda content: proc.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
+        images_kwargs={"size": REAL_SIZE})
+    big = chat([{"type": "image", "image": drawn_image(*size)}, {"type": "text", "text": QUESTION}])
+    small = chat(PROMPTS[0])
+    cfg = model.generation_config.updated(do_sample=False, min_new_tokens=10 ** 6)   # never stops early
+    load0 = os.getloadavg()[0]
+    # one engine thread at a time: MindSpore's eager ops are not to be run from two threads at once
+    engines = {k: Engine(model, 2, 4096, chunked_prefill=k) for k in (True, False)}
+    res = {k: [] for k in engines}
+
+    def run(eng):
+        eng.start()
+        times, first = [], []
+        done = threading.Event()
+        eng.submit(small, cfg, None, lambda kind, v: times.append(time.perf_counter()) if kind == "token" else None)
+        while len(times) < 5:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        eng.submit(big, cfg, 1, lambda kind, v: (first.append(time.perf_counter()) if kind == "token"
+                                                       else done.set()))
+        done.wait()
+        t1 = first[0]
+        for g in eng.groups:   # stop the stream
+            for q in g.seqs:
+                if q is not None:
+                    q.cancel()
+        while eng.busy_rows():
+            time.sleep(0.01)
+        eng.stop()
+        during = [t for t in times if t0 <= t <= t1]
+        gaps = np.diff([t0, *during, t1])
+        return t1 - t0, float(gaps.max()), len(during)
+
+    for eng in engines.values():   # warm-up: the prompt graphs
+        run(eng)
+    for _ in range(reps):
+        for k, eng in engines.items():
+            res[k].append(run(eng))
+    print(f"a stream decoding while a {size[0]}x{size[1]} image prompt ({big['input_ids'].shape[1]} tokens) is "
+          f"prefilled; 2 rows x 4096; best of {reps}; load average {load0:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    print("| prefill | image prompt's first token (s) | stream's longest wait for a token (s) | stream's tokens meanwhile |")
+    print("|---|---:|---:|---:|")
+    for k, name in ((True, "chunked (default)"), (False, "whole (--no-chunked-prefill)")):
+        ttft, gap, n = min(res[k], key=lambda r: r[1])
+        print(f"| {name} | {ttft:.2f} | {gap:.2f} | {n} |")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint folder (default: the bench-serve-150m random checkpoint)")
@@ -155,9 +222,13 @@ def main(argv=None):
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--step-costs", action="store_true", help="time one decode step per row-group size instead")
+    ap.add_argument("--long-prompt", action="store_true",
+                    help="instead: a stream's waits while a 1080p image prompt is prefilled, chunked or whole")
     a = ap.parse_args(argv)
     if a.step_costs:
         return step_costs(a.model or checkpoint())
+    if a.long_prompt:
+        return long_prompt(a.model or checkpoint(), a.reps)
     rows = max(8, max(a.streams))
     model = a.model or checkpoint()
     load0 = os.getloadavg()[0]

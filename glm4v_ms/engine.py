@@ -20,8 +20,11 @@ of token ids with its prompt (images compared by their pixels), and only the res
 chat's next turn skips its history and images). A row's record moves with it between groups, and the row it left
 keeps a copy. Rows without a record are overwritten first, then the oldest records.
 
-Not done: chunked prefill interleaved with decode steps (a long prompt's prefill stalls the other rows for its
-duration).
+Chunked prefill: a prompt is prefilled in pieces (each vision block, each 256-token chunk of a long prompt:
+model.run) and the busy rows take one decode step between two pieces, so a long prompt (a 4K image: ~6000 tokens)
+slows the running streams rather than stalling them for its whole prefill (vLLM's chunked prefill, with one
+prompt piece per step as its budget). A request cancelled (or an engine stopped) mid-prefill stops at the next
+piece. Requests still join one at a time, in order: a short prompt waits behind a long one's prefill.
 """
 from __future__ import annotations
 
@@ -49,6 +52,10 @@ class QueueFull(RuntimeError):
     """Every row is busy and the waiting queue is full: try again later (HTTP 503)."""
 
 
+class Cancelled(Exception):
+    """Raised between two pieces of a prefill whose request was cancelled (or whose engine stops)."""
+
+
 class Request:
     """A submitted prompt: cancel() from any thread stops it (waiting: never admitted; running: its row is freed
     at the engine's next step). The listener hears ("token", id), then ("done", finish_reason) or ("error", msg)."""
@@ -69,8 +76,9 @@ class Request:
 
 class Engine:
     def __init__(self, model, max_num_seqs: int = 4, max_model_len: int | None = None, max_queue: int = 64,
-                 prefix_reuse: bool = False, row_groups: bool = True):
-        """row_groups False: only a one-row cache and one of max_num_seqs rows (max_num_seqs + 1 rows in all)."""
+                 prefix_reuse: bool = False, row_groups: bool = True, chunked_prefill: bool = True):
+        """row_groups False: only a one-row cache and one of max_num_seqs rows (max_num_seqs + 1 rows in all).
+        chunked_prefill False: a prompt is prefilled whole while the busy rows wait."""
         ctx = model.config.text.max_position_embeddings
         self.model = model
         self.max_model_len = min(int(max_model_len or min(ctx, 8192)), ctx)
@@ -89,6 +97,9 @@ class Engine:
         self.steps = 0            # decode steps run (for tests and /health)
         self.moves = 0            # rows handed from one group to another
         self.group_steps = dict.fromkeys(sizes, 0)   # decode steps run per group size
+        self.chunked_prefill = chunked_prefill
+        self.prefilling = None    # the request being prefilled (its pieces interleave with decode steps)
+        self.steps_between = 0    # decode steps run between the pieces of a prefill (chunked prefill)
         self.error = None         # an unexpected failure that stopped the engine thread
 
     def kv_bytes(self) -> int:
@@ -216,13 +227,40 @@ class Engine:
             if p[1] is None:
                 p[1] = spare.pop(0)
         for req, row, origin in plan:
+            self.prefilling = req
             try:
-                tgt.admit(row, req.inputs, req.seq, origin)
+                between = (lambda seq=req.seq: self._between(seq)) if self.chunked_prefill else None
+                tgt.admit(row, req.inputs, req.seq, origin, between=between)
                 req.reused_tokens = tgt.last_reused
+            except Cancelled:
+                req.seq.finish("cancelled")
             except Exception as e:   # a bad prompt fails alone; the engine and the other rows go on
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 req.seq.finish_reason = "error"
                 req.seq._tell("error", msg)
+            finally:
+                self.prefilling = None
+
+    def _between(self, seq: Sequence):
+        """Between two pieces of a prefill: one decode step of the busy rows (the current group: the prefill's
+        own row and its origin are free rows there, which a step leaves alone), or Cancelled."""
+        stop = seq.cancelled or self._stop.is_set()
+        if not stop:
+            g = self.groups[self.cur]
+            if g.active():
+                self._decode(g)
+                self.steps_between += 1
+        self._resume(stop)
+        if stop:
+            raise Cancelled()
+
+    def _resume(self, stop: bool):
+        """The prefill goes on (or stops): nothing to do on one rank (LeaderEngine tells the other ranks)."""
+
+    def _decode(self, g: Batch):
+        g.step()
+        self.steps += 1
+        self.group_steps[len(g.seqs)] += 1
 
     def _step(self):
         g = self.groups[self.cur]
@@ -235,9 +273,7 @@ class Engine:
                 self.moves += len(busy)
             self.cur, g = fit, self.groups[fit]
         if g.active():
-            g.step()
-            self.steps += 1
-            self.group_steps[len(g.seqs)] += 1
+            self._decode(g)
 
     def _loop(self):
         try:

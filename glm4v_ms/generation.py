@@ -138,14 +138,15 @@ class State:
     media: list | None = None         # per row: [(start, end, digest)] of each image's tokens among its real ids
 
 
-def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=None, owner=None):
+def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=None, owner=None, between=None):
     """Run the prompt (vision tower once) into a fresh cache of max_len slots. Returns (last logits (B, V), State).
     `chunk` splits the prompt into pieces of that many tokens (same result; bounds prefill memory). `dec`: the
-    cache to fill (default: the model's shared one of this size, claimed for `owner`, a PromptCache or None)."""
+    cache to fill (default: the model's shared one of this size, claimed for `owner`, a PromptCache or None).
+    `between()`: called between vision blocks and prompt chunks (the serving engine's chunked prefill)."""
     t0 = time.perf_counter()
     h, pos3, mask, deltas, pad = model.prompt(**{k: inputs.get(k) for k in (
         "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-        "inputs_embeds")})
+        "inputs_embeds")}, between=between)
     B, L = mask.shape
     dec = dec or model.decoder(B, max_len, owner)
     kv_valid = np.zeros((B, max_len), bool)
@@ -156,7 +157,10 @@ def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=Non
         ids[:, :L] = np.where(mask, np.pad(raw, ((0, 0), (pad, 0)), constant_values=-1), -1)
     step = chunk or L
     for s in range(0, L, step):
-        logits = model.run(dec, h[:, s:s + step], pos3[:, :, s:s + step], s, kv_valid, last_only=True)
+        if s and between is not None:
+            between()
+        logits = model.run(dec, h[:, s:s + step], pos3[:, :, s:s + step], s, kv_valid, last_only=True,
+                           between=between)
     logits = logits.asnumpy()[:, -1]   # the host copy also waits for the device
     st = State(dec, kv_valid, np.full(B, L, np.int64), mask.sum(1) + deltas, {"prefill_s": time.perf_counter() - t0},
                ids)
@@ -224,7 +228,7 @@ class PromptCache:
         return st is not None and st.ids is not None and st.ids.shape[0] == B and getattr(st.dec, "owner", None) is self
 
 
-def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int):
+def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int, between=None):
     """prefill() that starts from the longest prefix each row shares with `cache`; None where it cannot.
 
     Row b keeps its first k_b cached tokens (the slots they sit in); the rest of its prompt (s_b tokens) is
@@ -277,7 +281,7 @@ def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int):
         pv = _np(inputs["pixel_values"], np.float32)
         pixels = np.concatenate([pv[edges[k]:edges[k + 1]] for k in want])
         grid = g[want]
-    h = model.embed(suffix, pixels, grid)
+    h = model.embed(suffix, pixels, grid, between=between)
     # positions of the whole new prompt (host-side), then each row's suffix part
     pos_full, deltas = model.positions(ids, mask.astype(np.int64), inputs.get("image_grid_thw"))
     pos3 = np.zeros((3, B, P), np.int64)
@@ -290,7 +294,7 @@ def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int):
         cached[b, kept_slots[b]] = old.ids[b, kept_slots[b]]
     kv_valid[:, S0:S0 + P] = smask
     cached[:, S0:S0 + P] = np.where(smask, suffix, -1)
-    logits = model.run(old.dec, h, pos3, S0, kv_valid, last_only=True).asnumpy()[:, -1]
+    logits = model.run(old.dec, h, pos3, S0, kv_valid, last_only=True, between=between).asnumpy()[:, -1]
     cache.reused = int(sum(keep))
     st = State(old.dec, kv_valid, np.full(B, S0 + P, np.int64), mask.sum(1) + deltas,
                {"prefill_s": time.perf_counter() - t0, "reused_tokens": cache.reused}, cached, media)
@@ -410,11 +414,13 @@ class Batch:
     def active(self) -> bool:
         return any(s is not None and s.finish_reason is None for s in self.seqs)
 
-    def admit(self, row: int, inputs: dict, seq: Sequence, origin: tuple | None = None):
+    def admit(self, row: int, inputs: dict, seq: Sequence, origin: tuple | None = None, between=None):
         """Prefill one prompt (batch 1) into a scratch cache of the same length, then copy it into `row`: the
         other rows' state is untouched, so they keep decoding from where they were. With prefix reuse, the
         prefill starts from the remembered cache of free row `origin` = (batch, row) (default: this row), which
-        may belong to another batch over caches of the same length (the engine's row groups)."""
+        may belong to another batch over caches of the same length (the engine's row groups). `between()` is
+        called between the prefill's pieces (vision blocks, prompt chunks): the engine decodes the busy rows there
+        (chunked prefill), so `row` and `origin` must be free rows it leaves alone."""
         assert self.seqs[row] is None
         src, srow = origin if origin is not None else (self, row)
         got = None
@@ -428,8 +434,8 @@ class Batch:
             held, media, _ = src.saved[srow]
             pc.st = State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
                           media=[media])
-            got = prefill_reusing(self.model, inputs, pc, seq.max_new)
-        logits, one = got if got is not None else prefill(self.model, inputs, self.max_len)
+            got = prefill_reusing(self.model, inputs, pc, seq.max_new, between)
+        logits, one = got if got is not None else prefill(self.model, inputs, self.max_len, between=between)
         for a, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
             ops.scatter_nd_update(dst, Tensor(np.array([[row]], np.int32)), a)
         if self.st.ids is not None:

@@ -327,10 +327,11 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return self._decoders[key]
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-              states=None, inputs_embeds=None):
+              states=None, inputs_embeds=None, between=None):
         """Token embeddings with the vision features written over the image tokens, in order. With inputs_embeds
         (and no input_ids), the image tokens are the rows equal to the image token's embedding (the reference's
-        rule); video frames share that token, so videos need input_ids."""
+        rule); video frames share that token, so videos need input_ids. `between()`: called between the vision
+        tower's blocks (the serving engine's other rows decode meanwhile)."""
         c = self.config
         if inputs_embeds is None:
             ids = _np(input_ids, np.int64)
@@ -361,7 +362,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
             if grid is None:
                 raise ValueError(f"{what} pixel values given without {what}_grid_thw")
             sub = None if states is None else []
-            feats = self.visual(Tensor(_np(pixels, np.float32)), rows(_np(grid)), sub)
+            feats = self.visual(Tensor(_np(pixels, np.float32)), rows(_np(grid)), sub, between)
             if states is not None:
                 states += [(f"{what}.{name}", x) for name, x in sub]
             if feats.shape[0] != len(where):
@@ -371,7 +372,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return h.reshape(B, L, -1)
 
     def run(self, dec: CachedDecoder, h, pos3: np.ndarray, slot0, kv_valid: np.ndarray, last_only=False,
-            states=None):
+            states=None, between=None):
         """Run L new tokens (embeddings h) at cache slots slot0..slot0+L-1 with 3D positions pos3 (3, B, L).
         slot0: one int for all rows, or one per row (B,) (the serving engine: each row at its own slots).
         kv_valid (B, S): which slots hold real tokens once these are written. With a `states` list the layers run
@@ -379,7 +380,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
         A prompt (L > 1) runs in one piece (up to LONG_PROMPT tokens) or in chunks of 256 (`prompt_chunk`),
         attending over the cache up to the prompt's `extent_of` only: the prompt graphs are bounded in number, and
-        the activations stay within `activation_bytes` whatever the cache length (max_new_tokens)."""
+        the activations stay within `activation_bytes` whatever the cache length (max_new_tokens). `between()`
+        is called between chunks (the serving engine's other rows decode meanwhile: chunked prefill)."""
         B, L = h.shape[0], h.shape[1]
         first = np.broadcast_to(np.asarray(slot0, np.int64).reshape(-1), (B,))
         if first.max() + L > dec.max_len:
@@ -395,6 +397,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         step = prompt_chunk(self.config.text, B, L, extent)
         out = []
         for s in range(0, L, step):
+            if s and between is not None:
+                between()
             out.append(self._run(dec, h[:, s:s + step], pos3[:, :, s:s + step], slot0 + s, kv_valid, last_only,
                                  extent, states))
         return out[-1] if last_only or len(out) == 1 else ops.cat(out, 1)
@@ -459,7 +463,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return Output(logits=logits[:, pad:] if pad else logits, rope_deltas=deltas)
 
     def prompt(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-               video_grid_thw=None, states=None, inputs_embeds=None):
+               video_grid_thw=None, states=None, inputs_embeds=None, between=None):
         """Embeddings (B, L', D), 3D positions (3, B, L'), mask (B, L'), rope deltas (B,) and the padding added.
 
         The prompt is left-padded to its length bucket with masked slots (the rule that serves batch padding),
@@ -473,7 +477,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
                 ids = ids[None]
             B, L = ids.shape
         mask = np.ones((B, L), bool) if attention_mask is None else _np(attention_mask).astype(bool).reshape(B, L)
-        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states, inputs_embeds)
+        h = self.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, states, inputs_embeds,
+                       between)
         if inputs_embeds is None:
             pos3, deltas = self.positions(ids, mask, image_grid_thw, video_grid_thw)
         else:   # the reference's positions for embeddings: text positions, no M-RoPE (it cannot see the grids' tokens)

@@ -138,9 +138,10 @@ class VisionModel(nn.Cell):
         table = tables[0] if len(tables) == 1 else ops.cat(tables, 0)
         return ops.gather(table, Tensor(np.concatenate(index).astype(np.int32)), 0)
 
-    def construct(self, pixels, grid_rows: np.ndarray, states=None):
+    def construct(self, pixels, grid_rows: np.ndarray, states=None, between=None):
         """pixels (N, C*T*P*P); grid_rows (n, 3) of (t, h, w) in patches, one row per image or video frame pair.
-        Returns (N / merge^2, out_hidden_size) LLM embeddings. `states`, a list, receives each block's output."""
+        Returns (N / merge^2, out_hidden_size) LLM embeddings. `states`, a list, receives each block's output.
+        `between()` is called between blocks (the serving engine decodes its other rows meanwhile)."""
         c = self.cfg
         grid_rows = np.asarray(grid_rows, np.int64).reshape(-1, 3)
         patch_hw = vision_patch_hw(grid_rows, c.spatial_merge_size)
@@ -153,6 +154,8 @@ class VisionModel(nn.Cell):
         x = rms_norm(x, self.post_conv_norm.weight, c.rms_norm_eps)
         x = x + self.position_embeddings(grid_rows, patch_hw).astype(x.dtype)
         for i, blk in enumerate(self.blocks):
+            if i and between is not None:
+                between()
             x = blk(x, cos, sin, seg_lens)
             if states is not None:
                 states.append((f"visual.blocks.{i}", x))

@@ -106,6 +106,56 @@ def test_concurrent_requests_equal_each_alone(setup):
         engine.stop()
 
 
+def long_prompt(proc):
+    """An image and ~1070 tokens of text: a prefill of 6 pieces on demo-tiny (2 vision blocks, 5 chunks of 256)."""
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (84, 112, 3), np.uint8))
+    chat = [{"role": "user", "content": [{"type": "image", "image": im},
+                                         {"type": "text", "text": "The quick brown fox jumps over the lazy dog. " * 55}]}]
+    return proc.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+
+
+def test_long_prefill_runs_in_pieces_between_decode_steps(setup):
+    """Chunked prefill: while a long prompt is prefilled, the streaming request decodes one token between each two
+    of its pieces (vision blocks, prompt chunks) rather than waiting for the whole prefill; both return what each
+    returns alone. A request cancelled mid-prefill stops at its next piece."""
+    model, proc = setup
+    cfg = model.generation_config.updated(do_sample=False)
+    short, long_ = prompts(proc)[0], long_prompt(proc)
+    want_short, want_long = alone_outputs(model, cfg, [short, long_], [60, 4])
+    assert len(want_short) == 60   # no eos: it streams all through the long prefill
+    engine = Engine(model, max_num_seqs=2, max_model_len=2048).start()
+    try:
+        prefilling_long = lambda: engine.prefilling is not None and engine.prefilling.inputs is long_  # noqa: E731
+
+        def listener(kind, value):   # runs on the engine thread: `prefilling` is exact here
+            if kind == "token":
+                got.append(value)
+                during.append(prefilling_long())
+            else:
+                got.append(kind + ":" + str(value))
+                done.set()
+        got, done, during = [], threading.Event(), []
+        engine.submit(short, cfg, 60, listener)
+        while len(got) < 3:
+            time.sleep(0.005)
+        _, got_long, done_long = collect(engine, long_, cfg, 4)
+        assert done.wait(120) and done_long.wait(120)
+        assert got[:-1] == [int(t) for t in want_short] and got_long[:-1] == [int(t) for t in want_long]
+        assert sum(during) == 5 == engine.steps_between   # one step between each two of the 6 pieces
+
+        # cancelled while it is prefilled (from the other stream's listener, at a step between two pieces)
+        def cancel_long(kind, value):
+            if kind == "token" and prefilling_long():
+                engine.prefilling.cancel()
+        engine.submit(short, cfg, 60, cancel_long)
+        time.sleep(0.2)
+        _, got_long, done_long = collect(engine, long_, cfg, 4)
+        assert done_long.wait(120) and got_long == ["done:cancelled"]
+        assert engine.steps_between == 5 + 1   # it stopped at the piece after the cancel
+    finally:
+        engine.stop()
+
+
 def test_two_groups_one_and_max_rows(setup):
     """row_groups=False: a one-row cache and one of max_num_seqs rows only; the same outputs."""
     model, proc = setup

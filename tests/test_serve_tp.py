@@ -1,6 +1,6 @@
 """The server under msrun, 2 ranks (one launch): rank 0 serves HTTP, rank 1 follows its engine step by step.
-Concurrent greedy requests (streaming, an image) answer exactly what the one-process server answers, a client that
-disconnects mid-stream stops its row on both ranks (the ranks stay in step: later requests are still right), and
+Concurrent greedy requests (streaming, an image, one prefilled in pieces while another decodes) answer exactly what
+the one-process server answers, a client that disconnects mid-stream stops its row on both ranks (the ranks stay in step: later requests are still right), and
 SIGTERM to rank 0 ends every process of the launch."""
 import base64
 import io
@@ -134,11 +134,13 @@ def test_tp2_server(folder, single, tmp_path):
         client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
         assert all_at_once(client) == single
 
-        # a client that goes away mid-stream: its row stops on both ranks, which stay in step
+        # an image prompt prefilled while a stream decodes (its vision blocks with that row's steps between them,
+        # on both ranks); then that client goes away mid-stream: its row stops on both ranks, which stay in step
         stream = client.chat.completions.create(model="m", messages=messages(2), max_tokens=400, temperature=0,
                                                 stream=True)
         got = [ch for _, ch in zip(range(3), stream)]
         assert len(got) == 3
+        assert ask(client, 0, stream=False) == single[0]
         stream.close()
         assert all_at_once(client) == single
         health = json.loads(urllib.request.urlopen(url + "/health", timeout=5).read())

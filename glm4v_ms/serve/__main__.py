@@ -30,6 +30,9 @@ def parse(argv):
     p.add_argument("--no-row-groups", action="store_true",
                    help="decode in one cache of --max-num-seqs rows (and a one-row cache for a lone request) instead "
                         "of row groups of 1, 2, 4, ... rows: max_num_seqs + 1 rows of KV cache instead of up to 2x")
+    p.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill a prompt whole while the running requests wait, instead of in pieces (vision blocks, "
+                        "256-token chunks) with a decode step of the running requests between two pieces")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond it: 503")
     p.add_argument("--served-model-name", help="the name clients send as `model` (default: the folder's name)")
     p.add_argument("--allowed-local-media-path", help="local image/video files are allowed only under this folder")
@@ -72,7 +75,7 @@ def build(a):
     # rank 0 under msrun tells the other ranks what its engine does; theirs only replay it (ranks.follow)
     kind = LeaderEngine if model.layout.world > 1 and model.layout.rank == 0 else Engine
     engine = kind(model, a.max_num_seqs, a.max_model_len, a.max_queue, prefix_reuse=not a.no_prefix_reuse,
-                  row_groups=not a.no_row_groups)
+                  row_groups=not a.no_row_groups, chunked_prefill=not a.no_chunked_prefill)
     if model.layout.rank != 0:
         return None, engine
     engine.start()

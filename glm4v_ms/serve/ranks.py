@@ -4,7 +4,10 @@ Each rank holds a slice of the model, so every decode step and every prefill mus
 same order, with the same inputs (their collectives meet inside them). Only rank 0 sees requests. Rather than
 re-deciding on each rank (the queue, timing and disconnects differ), rank 0's engine tells the others what it does
 to its caches, just before it does it: the calls it makes on its Batch objects, one per row group (compile a group's
-decode graph, admit a prompt into a row, move rows between groups, one decode step) and its shutdown. Wrapping those calls, not the engine's scheduling, keeps this
+decode graph, admit a prompt into a row, move rows between groups, one decode step) and its shutdown. A prefill
+runs in pieces with decode steps between them (the engine's chunked prefill): after each piece rank 0 sends the
+steps it takes, then "resume" (or "resume, stop": the request was cancelled), which the other ranks' prefills wait
+for at the same point. Wrapping those calls, not the engine's scheduling, keeps this
 independent of how the engine picks rows.
 
 Messages go over all-gather (see Channel): a length (one int32), then the pickled message padded to whole int32
@@ -24,7 +27,7 @@ import time
 import numpy as np
 
 from glm4v_ms import parallel
-from glm4v_ms.engine import Engine
+from glm4v_ms.engine import Cancelled, Engine
 from glm4v_ms.generation import Sequence
 
 STOP, IDLE = ("stop",), ("idle",)
@@ -73,7 +76,7 @@ class _Told:
     def __getattr__(self, attr):       # everything read-only (rows, prefixes, seqs) is the real batch's
         return getattr(self._batch, attr)
 
-    def admit(self, row: int, inputs: dict, seq: Sequence, origin: tuple | None = None):
+    def admit(self, row: int, inputs: dict, seq: Sequence, origin: tuple | None = None, between=None):
         cfg = seq.cfg
         if cfg.do_sample and cfg.seed is None:   # one seed for every rank, or their tokens diverge
             cfg = cfg.updated(seed=int(np.random.SeedSequence().entropy % 2 ** 31))
@@ -89,7 +92,8 @@ class _Told:
         prompt = seq.history[0, :seq.n_prompt]
         where = None if origin is None else (origin[0]._name, origin[1])   # prefix reuse from another row
         self._chan.send(("admit", self._name, row, _host(inputs), prompt, cfg, seq.max_new, seq.force, where))
-        return self._batch.admit(row, inputs, seq, None if origin is None else (origin[0]._batch, origin[1]))
+        return self._batch.admit(row, inputs, seq, None if origin is None else (origin[0]._batch, origin[1]),
+                                 between)
 
     def move(self, rows, other, to):
         self._chan.send(("move", self._name, rows, other._name, to))
@@ -118,8 +122,18 @@ class LeaderEngine(Engine):
     def __init__(self, model, *args, **kw):
         super().__init__(model, *args, **kw)
         self.chan = Channel(model.layout)
-        cancels, lock = set(), threading.Lock()   # one set for all row groups: a row may move before its step
-        self.groups = [_Told(g, i, self.chan, cancels, lock) for i, g in enumerate(self.groups)]
+        self.cancels, self.lock = set(), threading.Lock()   # one set for all row groups: a row may move before its step
+        self.groups = [_Told(g, i, self.chan, self.cancels, self.lock) for i, g in enumerate(self.groups)]
+
+    def _between(self, seq):
+        with self.lock:   # a request cancelled while it is prefilled: every rank stops its prefill at this point
+            if seq in self.cancels:
+                self.cancels.discard(seq)
+                seq.cancelled = True
+        super()._between(seq)
+
+    def _resume(self, stop: bool):
+        self.chan.send(("resume", stop))
 
     def _step(self):
         sent = self.chan.sent
@@ -139,19 +153,30 @@ def follow(engine: Engine) -> int:
     """A rank other than 0: replay rank 0's calls on this rank's caches until it says stop."""
     chan = Channel(engine.model.layout)
     batches = dict(enumerate(engine.groups))
-    while True:
-        msg = chan.recv()
+
+    def between():   # between two pieces of a prefill: rank 0's steps, until it says resume (or stop)
+        while True:
+            msg = chan.recv()
+            if msg[0] == "resume":
+                if msg[1]:
+                    raise Cancelled()
+                return
+            if apply(msg) is not None:
+                raise _Stopped()   # not an Exception: the prefill's error handling must not swallow it
+
+    def apply(msg):
+        """Replay one call; returns the exit code on stop (None otherwise)."""
         op = msg[0]
         if op == "stop":
             return 0
         if op == "idle":
-            continue
+            return None
         if op == "admit":
             _, name, row, inputs, prompt, cfg, max_new, force, where = msg
             origin = None if where is None else (batches[where[0]], where[1])
             try:
-                batches[name].admit(row, inputs, Sequence(prompt, cfg, max_new, force), origin)
-            except Exception:   # a bad prompt fails on rank 0 too, which says so; the row stays free on both
+                batches[name].admit(row, inputs, Sequence(prompt, cfg, max_new, force), origin, between)
+            except Exception:   # a bad prompt (or a cancel) ends on rank 0 too, at the same point; the row stays free
                 pass
         elif op == "move":
             _, name, row, dst, to = msg
@@ -166,3 +191,16 @@ def follow(engine: Engine) -> int:
             b.step()
         else:
             raise RuntimeError(f"unknown message from rank 0: {op!r}")
+        return None
+
+    while True:
+        try:
+            code = apply(chan.recv())
+        except _Stopped:
+            return 0
+        if code is not None:
+            return code
+
+
+class _Stopped(BaseException):
+    """Rank 0 stopped while this rank waited in the middle of a prefill."""
