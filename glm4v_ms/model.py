@@ -144,6 +144,13 @@ def prompt_chunk(t, batch: int, n: int, extent: int | None = None) -> int:
     return c
 
 
+# The process beyond weights, KV cache and activations: Python, MindSpore's libraries, its runtime pools and graph
+# compiler. Measured on CPU (peak resident set): 0.62 GB for demo-tiny (0.42 GB at load, tests/test_memory.py),
+# 0.98 GB for demo-150m on a 32k-token prompt (0.43 GB at load + 0.55 GB while generating,
+# benchmarks/mem_long_prompt.py). A measured allowance, not derived; on Ascend only hardware can confirm it.
+RUNTIME_BYTES = int(1.25e9)
+
+
 def activation_bytes(t, batch: int, n: int, item: int) -> int:
     """Bound on the text decoder's activations for a prompt of up to n tokens: per live layer (`live_layers`), a
     few copies of the float32 scores and the mask over a chunk's extent and the chunk's projections and MLP; plus
@@ -294,7 +301,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     def memory_plan(self, max_model_len: int | None = None, batch: int = 1) -> str:
         """Weights + static KV cache for a context of max_model_len tokens (default: the model's context) + the
-        bound on the text decoder's activations (a prompt runs in chunks over the filled cache only)."""
+        bound on the text decoder's activations (a prompt runs in chunks over the filled cache only) + the rest of
+        the process (RUNTIME_BYTES): the total bounds the process's peak resident set on CPU."""
         t = self.config.text
         n = max_model_len or t.max_position_embeddings
         item = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}[self.dtype]
@@ -311,7 +319,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         what = (f"weights {wbytes / gb:.2f} GB ({qbytes / gb:.2f} GB of them quantized linears, the rest {dt})"
                 if qbytes else f"weights {params / 1e6:,.1f} M parameters = {wbytes / gb:.2f} GB in {dt}")
         return (f"{where}{what}; KV cache {per_tok / 1024:.1f} KB per token = {per_tok * n / gb:.2f} GB at {n} "
-                f"tokens; activations <= {act / gb:.2f} GB; total {(wbytes + per_tok * n + act) / gb:.2f} GB")
+                f"tokens; activations <= {act / gb:.2f} GB; runtime <= {RUNTIME_BYTES / gb:.2f} GB; total "
+                f"{(wbytes + per_tok * n + act + RUNTIME_BYTES) / gb:.2f} GB")
 
     # ------------------------------------------------------------------ building blocks for generation
     def decoder(self, batch: int, max_len: int, owner=None) -> CachedDecoder:
