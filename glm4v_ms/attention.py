@@ -105,10 +105,11 @@ def decoder_attention(q, k_cache, v_cache, seen, kv_len, scale):
     return o.reshape(B, Hkv, g, L, D).transpose(0, 3, 1, 2, 4).reshape(B, L, H * D)
 
 
-def vision_attention(q, k, v, seg_lens, scale):
+def vision_attention(q, k, v, seg_lens, scale, between=None):
     """Non-causal attention isolated per segment (one image, or one temporal patch of a video).
 
-    q, k, v (N, H, D); seg_lens a list of Python ints summing to N."""
+    q, k, v (N, H, D); seg_lens a list of Python ints summing to N. `between()`: called between two query blocks
+    (plain path; the serving engine decodes its other rows there)."""
     if _MODE != "plain":
         T, H, D = q.shape
         cu = tuple(int(c) for c in np.cumsum(seg_lens))
@@ -127,6 +128,8 @@ def vision_attention(q, k, v, seg_lens, scale):
         n = qs.shape[1]
         step = max(1, VISION_SCORES_BUDGET // (H * n * 4))
         for qb in (ops.split(qs, step, 1) if step < n else (qs,)):
+            if out and between is not None:
+                between()
             s = _bmm_nt(qb, ks).astype(ms.float32) * scale
             out.append(ops.matmul(ops.softmax(s, -1).astype(q.dtype), vs))
     o = (out[0] if len(out) == 1 else ops.cat(out, 1)).transpose(1, 0, 2)

@@ -65,7 +65,7 @@ class VisionAttention(nn.Cell):
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype)
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, dtype)
 
-    def construct(self, x, cos, sin, seg_lens):
+    def construct(self, x, cos, sin, seg_lens, between=None):
         N = x.shape[0]
         # ops.split, not slicing: in eager mode each Tensor slice costs milliseconds of Python index work
         shape = (1, N, self.heads, self.head_dim)   # BSND for the rotary kernel
@@ -74,7 +74,7 @@ class VisionAttention(nn.Cell):
         q = rope(q.astype(ms.float32), cos, sin).astype(x.dtype).reshape(shape[1:])
         k = rope(k.astype(ms.float32), cos, sin).astype(x.dtype).reshape(shape[1:])
         v = v.reshape(shape[1:])
-        return self.proj(vision_attention(q, k, v, seg_lens, self.head_dim ** -0.5))
+        return self.proj(vision_attention(q, k, v, seg_lens, self.head_dim ** -0.5, between))
 
 
 class VisionBlock(nn.Cell):
@@ -86,8 +86,8 @@ class VisionBlock(nn.Cell):
         self.norm2 = Norm(cfg.hidden_size, dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.out_hidden_size, dtype)   # its width is out_hidden_size, not intermediate_size
 
-    def construct(self, x, cos, sin, seg_lens):
-        x = x + self.attn(rms_norm(x, self.norm1.weight, self.eps), cos, sin, seg_lens)
+    def construct(self, x, cos, sin, seg_lens, between=None):
+        x = x + self.attn(rms_norm(x, self.norm1.weight, self.eps), cos, sin, seg_lens, between)
         return x + self.mlp(rms_norm(x, self.norm2.weight, self.eps))
 
 
@@ -141,7 +141,8 @@ class VisionModel(nn.Cell):
     def construct(self, pixels, grid_rows: np.ndarray, states=None, between=None):
         """pixels (N, C*T*P*P); grid_rows (n, 3) of (t, h, w) in patches, one row per image or video frame pair.
         Returns (N / merge^2, out_hidden_size) LLM embeddings. `states`, a list, receives each block's output.
-        `between()` is called between blocks (the serving engine decodes its other rows meanwhile)."""
+        `between()` is called between blocks and between the query blocks of their attention (the serving engine
+        decodes its other rows meanwhile)."""
         c = self.cfg
         grid_rows = np.asarray(grid_rows, np.int64).reshape(-1, 3)
         patch_hw = vision_patch_hw(grid_rows, c.spatial_merge_size)
@@ -156,7 +157,7 @@ class VisionModel(nn.Cell):
         for i, blk in enumerate(self.blocks):
             if i and between is not None:
                 between()
-            x = blk(x, cos, sin, seg_lens)
+            x = blk(x, cos, sin, seg_lens, between)
             if states is not None:
                 states.append((f"visual.blocks.{i}", x))
         x = rms_norm(x, self.post_norm.weight, c.rms_norm_eps)

@@ -107,7 +107,8 @@ def test_concurrent_requests_equal_each_alone(setup):
 
 
 def long_prompt(proc):
-    """An image and ~1070 tokens of text: a prefill of 6 pieces on demo-tiny (2 vision blocks, 5 chunks of 256)."""
+    """An image and ~1070 tokens of text: a prefill of 7 pieces on demo-tiny (2 vision blocks, the embeddings' end,
+    5 chunks of 256)."""
     im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (84, 112, 3), np.uint8))
     chat = [{"role": "user", "content": [{"type": "image", "image": im},
                                          {"type": "text", "text": "The quick brown fox jumps over the lazy dog. " * 55}]}]
@@ -141,7 +142,7 @@ def test_long_prefill_runs_in_pieces_between_decode_steps(setup):
         _, got_long, done_long = collect(engine, long_, cfg, 4)
         assert done.wait(120) and done_long.wait(120)
         assert got[:-1] == [int(t) for t in want_short] and got_long[:-1] == [int(t) for t in want_long]
-        assert sum(during) == 5 == engine.steps_between   # one step between each two of the 6 pieces
+        assert sum(during) == 6 == engine.steps_between   # one step between each two of the 7 pieces
 
         # cancelled while it is prefilled (from the other stream's listener, at a step between two pieces)
         def cancel_long(kind, value):
@@ -151,7 +152,7 @@ def test_long_prefill_runs_in_pieces_between_decode_steps(setup):
         time.sleep(0.2)
         _, got_long, done_long = collect(engine, long_, cfg, 4)
         assert done_long.wait(120) and got_long == ["done:cancelled"]
-        assert engine.steps_between == 5 + 1   # it stopped at the piece after the cancel
+        assert engine.steps_between == 6 + 1   # it stopped at the piece after the cancel
     finally:
         engine.stop()
 

@@ -120,6 +120,15 @@ def test_vision_attention_in_query_blocks(pair, monkeypatch):
     ref, ours, _ = pair
     inputs = tinyref.Prompt(40).text(3).image(10, 30).text(2).image(6, 8).text(4).inputs()
     whole = ours(**inputs).logits.asnumpy()
-    monkeypatch.setattr(attention, "VISION_SCORES_BUDGET", 2 * 300 * 4 * 7)   # 2 heads: 7 queries of 300 keys
+    budget = 2 * 300 * 4 * 7   # 2 heads: 7 queries of 300 keys
+    monkeypatch.setattr(attention, "VISION_SCORES_BUDGET", budget)
     check(ref, ours, inputs)
     np.testing.assert_allclose(ours(**inputs).logits.asnumpy(), whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    # the serving engine's pieces: a call between every two query blocks and every two vision blocks
+    calls = []
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
+    h = ours.embed(*args, between=lambda: calls.append(1)).asnumpy()
+    np.testing.assert_array_equal(h, ours.embed(*args).asnumpy())
+    seg = [int(t * hh * ww) for t, hh, ww in inputs["image_grid_thw"]]
+    per_block = sum(-(-n // max(1, budget // (2 * n * 4))) for n in seg)
+    assert len(calls) == ours.config.vision.depth * per_block - 1 > ours.config.vision.depth
