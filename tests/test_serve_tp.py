@@ -153,6 +153,7 @@ def test_tp2_server(folder, single, tmp_path):
         assert rc != 0, "a server stopped by a signal exits non-zero"
         assert workers(p.pid) == []
         assert "Traceback" not in log(0) + log(1), log(0)[-3000:] + log(1)[-3000:]
+        assert "[glm4v_ms.serve: SIGTERM: stopping]" in log(0), log(0)[-3000:]
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

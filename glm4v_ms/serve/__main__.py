@@ -107,10 +107,23 @@ def main(argv=None):
         from .ranks import follow
         return follow(engine)
     print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}]", file=sys.stderr)
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame):   # SIGINT / SIGTERM: one line, then uvicorn's graceful shutdown
+            if not self.should_exit:
+                import signal
+                print(f"[glm4v_ms.serve: {signal.Signals(sig).name}: stopping]", file=sys.stderr, flush=True)
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)
+            # here, not after run(): uvicorn raises the caught signal again once run() ends, and the default
+            # handler ends the process at once. Under msrun the engine thread's last message stops the other ranks
+            engine.stop()
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        Uvicorn(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level)).run()
     finally:
-        engine.stop()   # under msrun: the engine thread's last message stops the other ranks
+        engine.stop()
     return 0
 
 
