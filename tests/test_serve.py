@@ -104,6 +104,32 @@ def test_stream_with_usage_equals_whole_reply(srv):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_n_choices(srv):
+    """`n` choices are n requests to the engine: greedy, n copies of the one-choice reply; sampled with a seed,
+    choice i samples with seed + i (choices differ, a repeat gives the same ones, choice 1 is the one-choice reply
+    of seed + 1); streamed, each choice's chunks carry its index and add up to its reply; usage counts them all."""
+    msgs = user(text("The quick brown fox"))
+    ask = lambda **kw: srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=12, **kw)  # noqa: E731
+    one, two = ask(temperature=0), ask(temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert [c.message.content for c in two.choices] == [one.choices[0].message.content] * 2
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens
+    full = ask(temperature=1.0, seed=7, n=2)
+    sampled = [c.message.content for c in full.choices]
+    assert sampled == [c.message.content for c in ask(temperature=1.0, seed=7, n=2).choices]
+    assert sampled[0] != sampled[1] and sampled[1] == ask(temperature=1.0, seed=8).choices[0].message.content
+    chunks = list(ask(temperature=1.0, seed=7, n=2, stream=True, stream_options={"include_usage": True}))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and sum(c.finish_reason is not None for c in mine) == 1
+        assert "".join(c.delta.content or "" for c in mine).strip() == sampled[i]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    for bad in (0, 17, "two"):
+        code, body = srv.post({"messages": msgs, "n": bad})
+        assert code == 400 and body["error"]["param"] == "n", body
+
+
 def test_sse_ends_with_done(srv):
     req = urllib.request.Request(srv.url + "/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
                                  data=json.dumps({"messages": user(text("Hi")), "max_tokens": 3, "stream": True}).encode())

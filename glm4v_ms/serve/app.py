@@ -30,6 +30,7 @@ from .media import MediaError, MediaLoader, pdf_pages
 from .text import Reply, split
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
+MAX_N = 16   # choices per request (`n`): each takes a row of the engine
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
           503: "ServiceUnavailableError", 500: "InternalServerError",
           501: "NotImplementedError"}
@@ -94,8 +95,7 @@ def sampling(server: Server, body: dict):
     seed = _typed(body, "seed", integer, "an integer")
     budget = _typed(body, "max_thinking_tokens", integer, "an integer", lambda v: v >= 0, "must be >= 0")
     min_tokens = _typed(body, "min_tokens", integer, "an integer", lambda v: v >= 0, "must be >= 0")
-    n = _typed(body, "n", integer, "an integer", lambda v: v == 1, "must be 1 (one choice per request)")
-    del n
+    n = _typed(body, "n", integer, "an integer", lambda v: 1 <= v <= MAX_N, f"must be in [1, {MAX_N}]") or 1
     kw = dict(top_p=top_p, top_k=0 if top_k == -1 else top_k, repetition_penalty=rep, seed=seed,
               max_thinking_tokens=budget, min_new_tokens=min_tokens)
     if temperature is not None:   # OpenAI: temperature 0 is greedy
@@ -106,7 +106,7 @@ def sampling(server: Server, body: dict):
         cfg = server.defaults.updated(**kw)
     except GenerationError as e:
         raise ApiError(400, str(e)) from None
-    return cfg, max_tokens
+    return cfg, max_tokens, n
 
 
 def _stops(body):
@@ -265,7 +265,7 @@ def create_app(server: Server) -> FastAPI:
         opts = _typed(body, "stream_options", (dict,), "an object") or {}
         include_usage = bool(opts.get("include_usage"))
         template_kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
-        cfg, max_tokens = sampling(server, body)
+        cfg, max_tokens, n = sampling(server, body)
         stops = _stops(body)
         chat = messages_for_processor(server, body.get("messages"))
         try:
@@ -274,10 +274,10 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(e.status, str(e), e.param) from None
         n_prompt = int(inputs["input_ids"].shape[1])
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()   # (choice, kind, value) from the engine thread
 
-        def listener(kind, value):   # on the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        def listener(i):
+            return lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
         engine = server.engine
         if max_tokens is None:
             max_tokens = min(cfg.max_new_tokens, engine.max_model_len)
@@ -285,66 +285,81 @@ def create_app(server: Server) -> FastAPI:
                 max_tokens = min(max_tokens, engine.check_prompt(n_prompt, None))
             except GenerationError as e:
                 raise ApiError(400, str(e), "messages") from None
+        # n choices are n requests to the engine (each prefilled and decoded in its own row); with a seed,
+        # choice i samples with seed + i: distinct choices, the same ones on every run
+        reqs = []
         try:
-            req = engine.submit(inputs, cfg, max_tokens, listener)
-        except GenerationError as e:
-            raise ApiError(400, str(e), "messages") from None
-        except QueueFull as e:
-            raise ApiError(503, str(e)) from None
-        except RuntimeError as e:
-            raise ApiError(500, str(e)) from None
+            for i in range(n):
+                c = cfg if cfg.seed is None or i == 0 else cfg.updated(seed=cfg.seed + i)
+                reqs.append(engine.submit(inputs, c, max_tokens, listener(i)))
+        except (GenerationError, QueueFull, RuntimeError) as e:
+            for r in reqs:
+                r.cancel()
+            status = 400 if isinstance(e, GenerationError) else 503 if isinstance(e, QueueFull) else 500
+            raise ApiError(status, str(e), "messages" if status == 400 else None) from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        reply = Reply(server.processor.tokenizer, stops)
+        replies = [Reply(server.processor.tokenizer, stops) for _ in range(n)]
+        reasons = [None] * n
         size = images[-1].size if images else (None, None)
+
+        def cancel_all():
+            for r in reqs:
+                r.cancel()
 
         def finish_reason(reason):
             return {"stop": "stop", "length": "length", "cancelled": "stop"}.get(reason, reason)
 
         def usage():
-            n = len(req.tokens)
-            return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+            done = sum(len(r.tokens) for r in reqs)
+            return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}
 
-        def boxes():
-            return parse_boxes(split(reply.text)[1], *size)
+        def boxes(i):
+            return parse_boxes(split(replies[i].text)[1], *size)
 
         async def next_event():
-            """The engine's next event; None when the client went away (the request is cancelled)."""
+            """The engine's next event for a choice still going: (choice, kind, value); None when the client went
+            away (every choice is cancelled)."""
             while True:
                 try:
-                    return await asyncio.wait_for(events.get(), 1.0)
+                    i, kind, value = await asyncio.wait_for(events.get(), 1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        req.cancel()
+                        cancel_all()
                         return None
+                    continue
+                if reasons[i] is None:   # a choice ended by a stop string still hears its cancel: ignored
+                    return i, kind, value
 
         if not stream:
-            reason = None
-            while reason is None:
+            while None in reasons:
                 ev = await next_event()
                 if ev is None:
                     return _error(400, "the client disconnected")
-                kind, value = ev
+                i, kind, value = ev
                 if kind == "token":
-                    reply.add(value)
-                    if reply.stopped:
-                        req.cancel()
-                        reason = "stop"
+                    replies[i].add(value)
+                    if replies[i].stopped:
+                        reqs[i].cancel()
+                        reasons[i] = "stop"
                 elif kind == "done":
-                    reason = finish_reason(value)
+                    reasons[i] = finish_reason(value)
                 else:
+                    cancel_all()
                     raise ApiError(500, f"generation failed: {value}")
-            reasoning, content = reply.result()
-            message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
-                       "reasoning": reasoning or None, "boxes": boxes(), "tool_calls": []}
+            choices = []
+            for i, reply in enumerate(replies):
+                reasoning, content = reply.result()
+                message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
+                           "reasoning": reasoning or None, "boxes": boxes(i), "tool_calls": []}
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reasons[i],
+                                "stop_reason": None})
             return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
-                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason,
-                                 "stop_reason": None}],
-                    "usage": usage(), "system_fingerprint": None}
+                    "choices": choices, "usage": usage(), "system_fingerprint": None}
 
-        def chunk(delta, reason=None, **extra):
+        def chunk(i, delta, reason=None, **extra):
             return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                          "model": server.name, "choices": [{"index": 0, "delta": delta,
+                                          "model": server.name, "choices": [{"index": i, "delta": delta,
                                                                              "logprobs": None,
                                                                              "finish_reason": reason, **extra}]},
                                          ensure_ascii=False) + "\n\n"
@@ -360,41 +375,42 @@ def create_app(server: Server) -> FastAPI:
         async def sse():
             done = False
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                reason = None
-                while reason is None:
+                for i in range(n):
+                    yield chunk(i, {"role": "assistant", "content": ""})
+                while None in reasons:
                     ev = await next_event()
                     if ev is None:
                         return
-                    kind, value = ev
+                    i, kind, value = ev
+                    reply = replies[i]
                     if kind == "token":
                         d = delta_of(*reply.add(value))
                         if reply.stopped:
-                            req.cancel()
-                            reason = "stop"
+                            reqs[i].cancel()
+                            reasons[i] = "stop"
                     elif kind == "done":
-                        reason = finish_reason(value)
+                        reasons[i] = finish_reason(value)
                         d = delta_of(*reply.finish())
                     else:
                         yield "data: " + json.dumps(error_body(500, f"generation failed: {value}")) + "\n\n"
                         yield "data: [DONE]\n\n"
-                        done = True
                         return
                     if d:
-                        yield chunk(d)
-                last = delta_of(*reply.finish())
-                b = boxes()
-                if b:
-                    last["boxes"] = b
-                yield chunk(last, reason, stop_reason=None)
+                        yield chunk(i, d)
+                    if reasons[i] is not None:   # this choice's last chunk
+                        last = delta_of(*reply.finish())
+                        b = boxes(i)
+                        if b:
+                            last["boxes"] = b
+                        yield chunk(i, last, reasons[i], stop_reason=None)
                 if include_usage:
                     yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
                                                  "model": server.name, "choices": [], "usage": usage()}) + "\n\n"
                 yield "data: [DONE]\n\n"
                 done = True
             finally:
-                if not done:   # the client went away mid-stream: stop generating for it
-                    req.cancel()
+                if not done:   # the client went away mid-stream (or generation failed): stop every choice
+                    cancel_all()
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
