@@ -89,6 +89,13 @@ def plan(model, signatures: list):
     from mindspore.graph.api import ms_compile_cache
     if len(ms_compile_cache) or _done:
         return
+    import sys
+    if not (sys.argv and os.path.isfile(sys.argv[0])):   # MindSpore's cache reads the entry script (and fails
+        import warnings                                   # on `python -c`): a script is needed
+        warnings.warn("compile cache off: it needs a script file as the entry point (not python -c or a shell)",
+                      stacklevel=2)
+        _off = True
+        return
     key = json.dumps({"sources": _source_digest(), "entry": _entry_digest(), "model": _model_key(model), "graphs": signatures},
                      sort_keys=True, default=str)
     try:

@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from . import compile_cache
 from .generation import Batch, GenerationConfig, GenerationError, Sequence, thinking_force
 from .model import _np, prompt_bucket
 
@@ -241,6 +242,12 @@ class Engine:
             finally:
                 self.prefilling = None
 
+    def plan_compiles(self):
+        """The warm-up's graphs, in order, for the persistent compile cache (when on: the server's default), so
+        that the next start loads them. Prompt graphs compile as traffic comes, outside the plan: not kept."""
+        S = self.max_model_len
+        compile_cache.plan(self.model, [compile_cache.signature(len(g.seqs), 1, S, True, S) for g in self.groups])
+
     def _between(self, seq: Sequence):
         """Between two pieces of a prefill: one decode step of the busy rows (the current group: the prefill's
         own row and its origin are free rows there, which a step leaves alone), or Cancelled."""
@@ -277,6 +284,8 @@ class Engine:
 
     def _loop(self):
         try:
+            if self.warm == 0:
+                self.plan_compiles()
             while self.warm < len(self.groups):   # compile every group's decode graph before serving
                 self.groups[self.warm].warmup()
                 self.warm += 1

@@ -33,6 +33,9 @@ def parse(argv):
     p.add_argument("--no-chunked-prefill", action="store_true",
                    help="prefill a prompt whole while the running requests wait, instead of in pieces (vision blocks, "
                         "256-token chunks) with a decode step of the running requests between two pieces")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep the row groups' compiled decode graphs in ~/.cache/glm4v_ms/compile "
+                        "($GLM4V_MS_COMPILE_CACHE) for the next start")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond it: 503")
     p.add_argument("--served-model-name", help="the name clients send as `model` (default: the folder's name)")
     p.add_argument("--allowed-local-media-path", help="local image/video files are allowed only under this folder")
@@ -92,6 +95,13 @@ def main(argv=None):
         os.dup2(null, 2)
     a = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GLOG_v", "3")
+    import warnings   # the package's warnings (compile cache off, GPTQ layers in float) as one line each
+    warnings.formatwarning = lambda message, *_, **__: f"note: {message}\n"
+    from glm4v_ms import compile_cache
+    if a.no_compile_cache:
+        os.environ[compile_cache.ENV] = "off"
+    else:   # the next start loads the decode graphs its warm-up compiles (the prompt graphs, compiled as traffic
+        os.environ.setdefault(compile_cache.ENV, compile_cache.DEFAULT_DIR)   # comes, are not kept)
     try:
         import uvicorn
     except ImportError:

@@ -153,6 +153,7 @@ def follow(engine: Engine) -> int:
     """A rank other than 0: replay rank 0's calls on this rank's caches until it says stop."""
     chan = Channel(engine.model.layout)
     batches = dict(enumerate(engine.groups))
+    engine.plan_compiles()   # rank 0's first calls are the same warm-ups
 
     def between():   # between two pieces of a prefill: rank 0's steps, until it says resume (or stop)
         while True:
