@@ -13,9 +13,9 @@ signatures the run will compile, planned before the first compile (generate(): i
 graph). The cache stays on while the compiles follow that plan and goes off for the rest of the process at the
 first one that does not (a chat's next turn, a server's other shapes): those compile as usual, never cached.
 
-A folder is written under a private name (KEY.partial-PID) and renamed to KEY when the process exits, so a run
-killed mid-write never leaves a truncated graph where a later run would load it (MindSpore then logs an ERROR
-and compiles anyway). A run whose folder holds fewer graphs than it plans works on a copy the same way. At most
+A folder is written under a private name (KEY.partial-PID) and renamed to KEY once the planned graphs are all
+compiled (or at exit), so a run killed mid-write never leaves a truncated graph where a later run would load it
+(MindSpore then logs an ERROR and compiles anyway). A run whose folder holds fewer graphs than it plans works on a copy the same way. At most
 KEEP folders are kept, the least recently used go first; a folder of a few graphs is ~0.1-1 MB (no weights).
 
 GLM4V_MS_COMPILE_CACHE=DIR turns it on (generate.py sets its default folder, ~/.cache/glm4v_ms/compile, unless
@@ -37,6 +37,7 @@ DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", "compi
 _plan = None        # the signatures this process was planned to compile, in order (None: not planned)
 _done = []          # the signatures compiled so far in this process (through model._run)
 _off = False        # the process left its plan (or compiled before planning): no caching from then on
+_pending = None     # (private folder, its key's folder): published once the plan's graphs are all compiled
 KEEP = 32           # finished folders kept (least recently used evicted)
 PARTIAL = ".partial-"
 
@@ -79,7 +80,7 @@ def _model_key(model) -> dict:
 def plan(model, signatures: list):
     """Before a process's first compile: the graphs it is about to compile, in order. Sets MindSpore's cache
     folder to one keyed on them; does nothing when the cache is off or something was compiled already."""
-    global _plan, _off
+    global _plan, _off, _pending
     base = folder()
     from . import attention
     # the fused kernels' own small graphs (the vision tower's varlen attention) compile before the prompt's,
@@ -98,8 +99,9 @@ def plan(model, signatures: list):
         return
     key = json.dumps({"sources": _source_digest(), "entry": _entry_digest(), "model": _model_key(model), "graphs": signatures},
                      sort_keys=True, default=str)
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
     try:
-        path = open_folder(base, hashlib.sha256(key.encode()).hexdigest()[:24], len(signatures))
+        path = open_folder(base, name, len(signatures))
     except OSError as e:   # a cache is an optimisation: an unwritable folder costs the compile, not the run
         import warnings
         warnings.warn(f"compile cache off: cannot create {e.filename or base} ({e.strerror})", stacklevel=2)
@@ -108,10 +110,22 @@ def plan(model, signatures: list):
     os.environ["MS_COMPILER_CACHE_PATH"] = path
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
     _plan = [tuple(s) for s in signatures]
+    _pending = (path, os.path.join(base, name)) if path != os.path.join(base, name) else None
+
+
+def after_call():
+    """After a graph call: once every planned graph has been compiled (MindSpore stores each as it compiles it),
+    the folder is published at once rather than at exit, which a server stopped by a signal never reaches."""
+    global _pending
+    if _pending is not None and len(_done) >= len(_plan) and _done[:len(_plan)] == _plan:
+        close_folder(*_pending)
+        _pending = None
 
 
 def graphs_in(path: str) -> int:
-    return len(glob.glob(os.path.join(path, "rank_*", "graph_cache", "compile_cache_*.mindir")))
+    """Graphs MindSpore stored in a folder: rank_R/graph_cache/[ROLE]compile_cache_I.mindir (under msrun its
+    files carry the process's role, MS_WORKER)."""
+    return len(glob.glob(os.path.join(path, "rank_*", "graph_cache", "*compile_cache_*.mindir")))
 
 
 def open_folder(base: str, name: str, n_graphs: int) -> str:

@@ -426,7 +426,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         if states is not None:
             return dec.forward(*args, states=states)
         compile_cache.before_compile(compile_cache.signature(B, L, dec.max_len, last_only, extent))
-        return dec(*args)
+        out = dec(*args)
+        compile_cache.after_call()
+        return out
 
     def positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
         c = self.config

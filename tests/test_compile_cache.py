@@ -154,28 +154,36 @@ def test_cache_folders_are_published_whole_and_bounded(tmp_path):
     write_graphs(work, 0)
     compile_cache.close_folder(work, os.path.join(base, "j"))
     assert sorted(os.listdir(base)) == ["j", "k"]
+    d = os.path.join(base, "w", "rank_1", "graph_cache")   # under msrun the files carry the role: counted too
+    os.makedirs(d)
+    open(os.path.join(d, "MS_WORKERcompile_cache_0.mindir"), "wb").close()
+    assert compile_cache.graphs_in(os.path.join(base, "w")) == 1
 
     for i in range(5):
         os.makedirs(os.path.join(base, f"old{i}"))
         os.utime(os.path.join(base, f"old{i}"), (1000 + i, 1000 + i))
+    os.utime(os.path.join(base, "w"), (900, 900))
     compile_cache.evict(base, 3)
     assert sorted(os.listdir(base)) == ["j", "k", "old4"]
 
 
 def test_server_start_loads_its_warmup_graphs(tmp_path):
     """The serving engine compiles one decode graph per row group at start; with the cache on (the server's
-    default), the next start loads them: the first start stores one graph per group, the second writes nothing."""
+    default), the next start loads them: the first start stores one graph per group, the second writes nothing.
+    Both end by SIGKILL, as a server stopped by a signal does (no exit handlers): the folder is published as soon
+    as the planned graphs are compiled."""
     from glm4v_ms import demo
     folder = demo.build(str(tmp_path / "m"), "demo-tiny", seed=3)
     script = tmp_path / "start.py"   # a file: MindSpore's cache reads the entry script (python -c turns it off)
     script.write_text("import sys, time; from glm4v_ms import Glm4vForConditionalGeneration; from glm4v_ms.engine import Engine\n"
                       "e = Engine(Glm4vForConditionalGeneration.from_pretrained(sys.argv[1]), 2, 256).start()\n"
                       "while e.warm < len(e.groups) and e.error is None: time.sleep(0.05)\n"
-                      "e.stop(); print('WARM', e.warm, e.error)\n")
+                      "e.stop(); print('WARM', e.warm, e.error, flush=True)\n"
+                      "import os, signal; os.kill(os.getpid(), signal.SIGKILL)\n")
     env = dict(os.environ, GLM4V_MS_DEVICE="cpu", PYTHONPATH=ROOT, GLM4V_MS_COMPILE_CACHE=str(tmp_path / "cache"))
     for run in range(2):
         p = subprocess.run([sys.executable, str(script), folder], env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0 and "WARM 2 None" in p.stdout, p.stderr[-2000:]
+        assert p.returncode == -9 and "WARM 2 None" in p.stdout, p.stderr[-2000:]
         if run == 0:
             stored = snapshot(tmp_path / "cache")
             assert sum(f.endswith(".mindir") for f in stored) == 2, stored   # groups of 1 and 2 rows
@@ -184,5 +192,5 @@ def test_server_start_loads_its_warmup_graphs(tmp_path):
     env["GLM4V_MS_COMPILE_CACHE"] = str(tmp_path / "other")
     p = subprocess.run([sys.executable, "-c", script.read_text(), folder], env=env, capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode == 0 and "WARM 2 None" in p.stdout and "compile cache off" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == -9 and "WARM 2 None" in p.stdout and "compile cache off" in p.stderr, p.stderr[-2000:]
     assert not snapshot(tmp_path / "other")
