@@ -145,11 +145,14 @@ def test_long_prefill_runs_in_pieces_between_decode_steps(setup):
         assert sum(during) == 6 == engine.steps_between   # one step between each two of the 7 pieces
 
         # cancelled while it is prefilled (from the other stream's listener, at a step between two pieces)
+        streaming = threading.Event()
+
         def cancel_long(kind, value):
+            streaming.set()
             if kind == "token" and prefilling_long():
                 engine.prefilling.cancel()
-        engine.submit(short, cfg, 60, cancel_long)
-        time.sleep(0.2)
+        engine.submit(short, cfg, 400, cancel_long)   # long enough to outlast the other's prefill on any machine
+        assert streaming.wait(60)
         _, got_long, done_long = collect(engine, long_, cfg, 4)
         assert done_long.wait(120) and got_long == ["done:cancelled"]
         assert engine.steps_between == 6 + 1   # it stopped at the piece after the cancel
