@@ -207,7 +207,8 @@ def long_prompt(model_dir, reps=2, size=(1920, 1080)):
     print(f"a stream decoding while a {size[0]}x{size[1]} image prompt ({big['input_ids'].shape[1]} tokens) is "
           f"prefilled; 2 rows x 4096; best of {reps}; load average {load0:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")
-    print("| prefill | image prompt's first token (s) | stream's longest wait for a token (s) | stream's tokens meanwhile |")
+    print("| prefill | image prompt's first token (s) | stream's longest wait for a token (s) "
+          "| stream's tokens meanwhile |")
     print("|---|---:|---:|---:|")
     for k, name in ((True, "chunked (default)"), (False, "whole (--no-chunked-prefill)")):
         ttft, gap, n = min(res[k], key=lambda r: r[1])

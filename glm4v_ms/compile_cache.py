@@ -15,8 +15,9 @@ first one that does not (a chat's next turn, a server's other shapes): those com
 
 A folder is written under a private name (KEY.partial-PID) and renamed to KEY once the planned graphs are all
 compiled (or at exit), so a run killed mid-write never leaves a truncated graph where a later run would load it
-(MindSpore then logs an ERROR and compiles anyway). A run whose folder holds fewer graphs than it plans works on a copy the same way. At most
-KEEP folders are kept, the least recently used go first; a folder of a few graphs is ~0.1-1 MB (no weights).
+(MindSpore then logs an ERROR and compiles anyway). A run whose folder holds fewer graphs than it plans works on
+a copy the same way. At most KEEP folders are kept, the least recently used go first; a folder of a few graphs
+is ~0.1-1 MB (no weights).
 
 GLM4V_MS_COMPILE_CACHE=DIR turns it on (generate.py sets its default folder, ~/.cache/glm4v_ms/compile, unless
 --no_compile_cache); unset, nothing is written or read.
@@ -97,8 +98,8 @@ def plan(model, signatures: list):
                       stacklevel=2)
         _off = True
         return
-    key = json.dumps({"sources": _source_digest(), "entry": _entry_digest(), "model": _model_key(model), "graphs": signatures},
-                     sort_keys=True, default=str)
+    key = json.dumps({"sources": _source_digest(), "entry": _entry_digest(), "model": _model_key(model),
+                      "graphs": signatures}, sort_keys=True, default=str)
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
     try:
         path = open_folder(base, name, len(signatures))
@@ -130,7 +131,7 @@ def graphs_in(path: str) -> int:
 
 def open_folder(base: str, name: str, n_graphs: int) -> str:
     """The folder MindSpore should use for the key `name`: the finished one when it holds all n_graphs graphs
-    (nothing is written then), else a private copy that close_folder publishes at exit."""
+    (nothing is written then), else a private copy that close_folder publishes (after_call, or at exit)."""
     final = os.path.join(base, name)
     os.makedirs(base, exist_ok=True)
     if graphs_in(final) >= n_graphs:
@@ -148,8 +149,8 @@ def open_folder(base: str, name: str, n_graphs: int) -> str:
     return work
 
 
-def close_folder(work: str, final: str, keep: int = None):
-    """At exit: publish `work` as `final` (replacing an older, smaller one), then evict beyond `keep`."""
+def close_folder(work: str, final: str):
+    """Publish `work` as `final` (replacing an older, smaller one), then evict beyond KEEP."""
     try:
         if graphs_in(work) > graphs_in(final):
             old = final + PARTIAL + "old-" + str(os.getpid())
@@ -157,7 +158,7 @@ def close_folder(work: str, final: str, keep: int = None):
                 os.rename(final, old)
             os.rename(work, final)
             shutil.rmtree(old, ignore_errors=True)
-        evict(os.path.dirname(final), KEEP if keep is None else keep)
+        evict(os.path.dirname(final), KEEP)
     except OSError:
         pass   # another run published the same key meanwhile, or the folder went away: nothing is lost
     finally:

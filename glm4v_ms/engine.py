@@ -21,8 +21,9 @@ chat's next turn skips its history and images). A row's record moves with it bet
 keeps a copy. Rows without a record are overwritten first, then the oldest records.
 
 Chunked prefill: a prompt is prefilled in pieces (the vision tower's blocks and their attention's query blocks,
-then each 256-token chunk of a long prompt: model.run) and the busy rows take one decode step between two pieces, so a long prompt (a 4K image: ~6000 tokens)
-slows the running streams rather than stalling them for its whole prefill (vLLM's chunked prefill, with one
+then each 256-token chunk of a long prompt: model.run) and the busy rows take one decode step between two
+pieces, so a long prompt (a 4K image: ~6000 tokens) slows the running streams rather than stalling them for its
+whole prefill (vLLM's chunked prefill, with one
 prompt piece per step as its budget). A request cancelled (or an engine stopped) mid-prefill stops at the next
 piece. Requests still join one at a time, in order: a short prompt waits behind a long one's prefill.
 """

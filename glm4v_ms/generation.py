@@ -147,8 +147,6 @@ def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=Non
     h, pos3, mask, deltas, pad = model.prompt(**{k: inputs.get(k) for k in (
         "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
         "inputs_embeds")}, between=between)
-    if between is not None and _has_media(inputs):   # the vision tower's end and the first chunk: two pieces
-        between()
     B, L = mask.shape
     dec = dec or model.decoder(B, max_len, owner)
     kv_valid = np.zeros((B, max_len), bool)
@@ -167,10 +165,6 @@ def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=Non
     st = State(dec, kv_valid, np.full(B, L, np.int64), mask.sum(1) + deltas, {"prefill_s": time.perf_counter() - t0},
                ids)
     return logits, st
-
-
-def _has_media(inputs: dict) -> bool:
-    return inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
 
 
 def decode_one(model, st: State, tokens: np.ndarray) -> np.ndarray:
@@ -288,8 +282,6 @@ def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int, between=N
         pixels = np.concatenate([pv[edges[k]:edges[k + 1]] for k in want])
         grid = g[want]
     h = model.embed(suffix, pixels, grid, between=between)
-    if between is not None and pixels is not None:
-        between()
     # positions of the whole new prompt (host-side), then each row's suffix part
     pos_full, deltas = model.positions(ids, mask.astype(np.int64), inputs.get("image_grid_thw"))
     pos3 = np.zeros((3, B, P), np.int64)

@@ -340,7 +340,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         """Token embeddings with the vision features written over the image tokens, in order. With inputs_embeds
         (and no input_ids), the image tokens are the rows equal to the image token's embedding (the reference's
         rule); video frames share that token, so videos need input_ids. `between()`: called between the vision
-        tower's blocks (the serving engine's other rows decode meanwhile)."""
+        tower's pieces and once after it (the serving engine's other rows decode meanwhile)."""
         c = self.config
         if inputs_embeds is None:
             ids = _np(input_ids, np.int64)
@@ -378,6 +378,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
                 raise ValueError(f"{what} features and {what} tokens do not match: {feats.shape[0]} features, "
                                  f"{len(where)} tokens")
             h = ops.tensor_scatter_update(h, Tensor(where[:, None].astype(np.int32)), feats.astype(h.dtype))
+            if between is not None:   # the vision tower's end and what follows it (the first chunk): two pieces
+                between()
         return h.reshape(B, L, -1)
 
     def run(self, dec: CachedDecoder, h, pos3: np.ndarray, slot0, kv_valid: np.ndarray, last_only=False,

@@ -175,7 +175,8 @@ def test_server_start_loads_its_warmup_graphs(tmp_path):
     from glm4v_ms import demo
     folder = demo.build(str(tmp_path / "m"), "demo-tiny", seed=3)
     script = tmp_path / "start.py"   # a file: MindSpore's cache reads the entry script (python -c turns it off)
-    script.write_text("import sys, time; from glm4v_ms import Glm4vForConditionalGeneration; from glm4v_ms.engine import Engine\n"
+    script.write_text("import sys, time\nfrom glm4v_ms import Glm4vForConditionalGeneration\n"
+                      "from glm4v_ms.engine import Engine\n"
                       "e = Engine(Glm4vForConditionalGeneration.from_pretrained(sys.argv[1]), 2, 256).start()\n"
                       "while e.warm < len(e.groups) and e.error is None: time.sleep(0.05)\n"
                       "e.stop(); print('WARM', e.warm, e.error, flush=True)\n"

@@ -110,8 +110,8 @@ def long_prompt(proc):
     """An image and ~1070 tokens of text: a prefill of 7 pieces on demo-tiny (2 vision blocks, the embeddings' end,
     5 chunks of 256)."""
     im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (84, 112, 3), np.uint8))
-    chat = [{"role": "user", "content": [{"type": "image", "image": im},
-                                         {"type": "text", "text": "The quick brown fox jumps over the lazy dog. " * 55}]}]
+    words = "The quick brown fox jumps over the lazy dog. " * 55
+    chat = [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": words}]}]
     return proc.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
 
 

@@ -109,7 +109,8 @@ def test_n_choices(srv):
     choice i samples with seed + i (choices differ, a repeat gives the same ones, choice 1 is the one-choice reply
     of seed + 1); streamed, each choice's chunks carry its index and add up to its reply; usage counts them all."""
     msgs = user(text("The quick brown fox"))
-    ask = lambda **kw: srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=12, **kw)  # noqa: E731
+    def ask(**kw):
+        return srv.client.chat.completions.create(model="glm-tiny", messages=msgs, max_tokens=12, **kw)
     one, two = ask(temperature=0), ask(temperature=0, n=2)
     assert [c.index for c in two.choices] == [0, 1]
     assert [c.message.content for c in two.choices] == [one.choices[0].message.content] * 2

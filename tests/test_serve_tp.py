@@ -1,7 +1,8 @@
 """The server under msrun, 2 ranks (one launch): rank 0 serves HTTP, rank 1 follows its engine step by step.
 Concurrent greedy requests (streaming, an image, one prefilled in pieces while another decodes) answer exactly what
-the one-process server answers, a client that disconnects mid-stream stops its row on both ranks (the ranks stay in step: later requests are still right), and
-SIGTERM to rank 0 ends every process of the launch."""
+the one-process server answers, a client that disconnects mid-stream stops its row on both ranks (the ranks stay
+in step: later requests are still right), and SIGTERM to rank 0 prints one line and ends every process of the
+launch."""
 import base64
 import io
 import json

@@ -288,13 +288,16 @@ def create_app(server: Server) -> FastAPI:
         # n choices are n requests to the engine (each prefilled and decoded in its own row); with a seed,
         # choice i samples with seed + i: distinct choices, the same ones on every run
         reqs = []
+
+        def cancel_all():
+            for r in reqs:
+                r.cancel()
         try:
             for i in range(n):
                 c = cfg if cfg.seed is None or i == 0 else cfg.updated(seed=cfg.seed + i)
                 reqs.append(engine.submit(inputs, c, max_tokens, listener(i)))
         except (GenerationError, QueueFull, RuntimeError) as e:
-            for r in reqs:
-                r.cancel()
+            cancel_all()
             status = 400 if isinstance(e, GenerationError) else 503 if isinstance(e, QueueFull) else 500
             raise ApiError(status, str(e), "messages" if status == 400 else None) from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -302,10 +305,6 @@ def create_app(server: Server) -> FastAPI:
         replies = [Reply(server.processor.tokenizer, stops) for _ in range(n)]
         reasons = [None] * n
         size = images[-1].size if images else (None, None)
-
-        def cancel_all():
-            for r in reqs:
-                r.cancel()
 
         def finish_reason(reason):
             return {"stop": "stop", "length": "length", "cancelled": "stop"}.get(reason, reason)
