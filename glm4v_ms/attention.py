@@ -95,6 +95,19 @@ def decoder_attention(q, k_cache, v_cache, seen, kv_len, scale):
                                input_layout="BNSD",
                                sparse_mode=0, inner_precise=2 if L > 1 else 0)
         return out.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    return _plain_attention(q, k_cache, v_cache, seen, scale)
+
+
+def causal_attention(q, k, v, seen, scale):
+    """Training: attention of a whole sequence over its own keys/values, no cache. q (B, L, H, D), k/v (B, L, Hkv, D),
+    seen (B, L, L) (causal and padding). The plain maths in every mode: differentiable everywhere (the inference
+    kernel has no backward; the Ascend flash-attention forward + backward is not wired yet)."""
+    return _plain_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seen, scale)
+
+
+def _plain_attention(q, k_cache, v_cache, seen, scale):
+    B, L, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     # query heads sharing a KV head are stacked along the length axis: one batched matmul, no repeated K/V
     g = H // Hkv
     qg = q.reshape(B, L, Hkv, g, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, g * L, D)

@@ -174,6 +174,7 @@ def _refuse(extra: dict, what: str):
 class Output:
     logits: Tensor               # (B, L, vocab)
     rope_deltas: np.ndarray      # (B,)
+    loss: Tensor | None = None   # with labels: the mean cross-entropy over the shifted trained tokens
 
 
 class Glm4vForConditionalGeneration(nn.Cell):
@@ -440,11 +441,18 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, **extra) -> Output:
+                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, labels=None, **extra) -> Output:
         """Logits for every position of a full prompt. Exactly one of input_ids and inputs_embeds (B, L, D), as in
         transformers. The processor's mm_token_type_ids / token_type_ids are taken and not needed (the token types
-        follow from the ids); any other argument is refused by name."""
+        follow from the ids); any other argument is refused by name. With `labels` (B, L), -100 where not trained:
+        the training path (no cache, finetune/forward.py) and `.loss`, as transformers computes it."""
         _refuse(extra, "forward")
+        if labels is not None:
+            if input_ids is None:
+                raise ValueError("labels need input_ids")
+            from .finetune.forward import forward_with_loss
+            return forward_with_loss(self, input_ids, attention_mask, labels, pixel_values, image_grid_thw,
+                                     pixel_values_videos, video_grid_thw)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
