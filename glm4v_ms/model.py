@@ -288,6 +288,14 @@ class Glm4vForConditionalGeneration(nn.Cell):
             return out[:, np.shape(inputs_embeds)[1]:]
         return out
 
+    def load_adapter(self, folder: str):
+        """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) on top of these weights, as
+        transformers' load_adapter (finetune/adapter.py); replaces any adapter loaded before."""
+        from .finetune.adapter import load
+        load(self, folder)
+        with open(os.path.join(folder, "adapter_model.safetensors"), "rb") as f:   # the compile cache's key
+            self.config_digest = hashlib.sha256((self.config_digest or "").encode() + f.read()).hexdigest()
+
     def load_weights(self, folder: str, skip=()):
         from .weights import WeightError
         params = dict(self.parameters_and_names())

@@ -198,13 +198,21 @@ def inject(model, modules: list[str], r: int, alpha: float, dropout: float = 0.0
     if missing:
         raise LoraError(f"module {sorted(missing)[0]} is not a linear LoRA can wrap in this model")
     model.loras = out
+    _recompile(model)
     return out
+
+
+def _recompile(model):
+    # the compiled inference graphs hold the linears as they were
+    if hasattr(model, "_decoders"):
+        model._decoders.clear()
 
 
 def remove(model):
     for lora in getattr(model, "loras", []):
         lora.site.linear.lora = None
     model.loras = []
+    _recompile(model)
 
 
 def trainable(model) -> list[Parameter]:
