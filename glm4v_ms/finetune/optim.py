@@ -98,7 +98,7 @@ class Optimizer:
         bc1 = 1.0 - self.b1 ** self.t
         bc2 = math.sqrt(1.0 - self.b2 ** self.t)
         f = lambda x: Tensor(np.float32(x))  # noqa: E731
-        self.update(tuple(grads), f(lr), f(bc1), f(bc2))
+        self.update(ms.mutable(tuple(grads)), f(lr), f(bc1), f(bc2))   # mutable: a new tuple is not a new graph
 
     def state(self) -> dict:
         out = {"step": np.array(self.t, np.int64)}
