@@ -98,21 +98,22 @@ def decoder_attention(q, k_cache, v_cache, seen, kv_len, scale):
     return _plain_attention(q, k_cache, v_cache, seen, scale)
 
 
-def causal_attention(q, k, v, seen, scale):
+def causal_attention(q, k, v, bias, scale):
     """Training: attention of a whole sequence over its own keys/values, no cache. q (B, L, H, D), k/v (B, L, Hkv, D),
-    seen (B, L, L) (causal and padding). The plain maths in every mode: differentiable everywhere (the inference
+    bias (B, L, L) float32, 0 where a query may attend (causal and padding), NEG elsewhere: made once for all
+    layers, outside the gradient. The plain maths in every mode: differentiable everywhere (the inference
     kernel has no backward; the Ascend flash-attention forward + backward is not wired yet)."""
-    return _plain_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seen, scale)
+    return _plain_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None, scale, bias)
 
 
-def _plain_attention(q, k_cache, v_cache, seen, scale):
+def _plain_attention(q, k_cache, v_cache, seen, scale, bias=None):
     B, L, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     # query heads sharing a KV head are stacked along the length axis: one batched matmul, no repeated K/V
     g = H // Hkv
     qg = q.reshape(B, L, Hkv, g, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, g * L, D)
     s = _bmm_nt(qg, k_cache).astype(ms.float32) * scale                   # (B, Hkv, g*L, S)
-    bias = ((1.0 - seen.astype(ms.float32)) * NEG)[:, None, None]
+    bias = ((1.0 - seen.astype(ms.float32)) * NEG)[:, None, None] if bias is None else bias[:, None, None]
     p = ops.softmax(s.reshape(B, Hkv, g, L, S) + bias, -1).astype(q.dtype)
     o = ops.matmul(p.reshape(B, Hkv, g * L, S), v_cache)                  # (B, Hkv, g*L, D)
     return o.reshape(B, Hkv, g, L, D).transpose(0, 3, 1, 2, 4).reshape(B, L, H * D)

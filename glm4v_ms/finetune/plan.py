@@ -4,8 +4,8 @@ cutoff_len (with and without recompute per decoder layer) and the runtime term o
 
 Activations, per token of a micro-batch (item = the activation dtype's size, 4 on CPU), what the backward keeps of
 one decoder layer: the residual stream and norms (8 D), q/k/v before and after rotary (3 Q + 4 KV), the attention
-output (Q), the MLP (4 I: gate_up, silu(gate), the product); float32 scores, their mask and probabilities
-(3 x 4 H L); the LoRA inputs in float32 (4 of width D, Q, I). MoE layers (GLM-4.5V) on the plain CPU path run every
+output (Q), the MLP (4 I: gate_up, silu(gate), the product); float32 scores, probabilities and their gradients
+(SCORE_COPIES x 4 H L); the LoRA inputs in float32 (4 of width D, Q, I). MoE layers (GLM-4.5V) on the plain CPU path run every
 local expert on every token: E (3 I + D) instead of 4 I; on the grouped path k (3 I + D). With recompute only each
 layer's input (D) is kept, plus one layer's full set while it is recomputed. Then the head over the trained rows
 (logits, log-sum-exp and their gradient: 3 x 4 V per row) and the inputs (embeddings, rotary tables, mask).
@@ -17,6 +17,11 @@ import numpy as np
 from .. import attention
 
 GB = 1e9
+# float32 (B, H, L, L) tensors alive per layer at the peak of a training step on CPU: measured on demo-tiny at
+# 2 x 1024 and 2 x 2048 tokens (MindSpore 2.10 graph mode: the peak grows 895 bytes per L^2 over 2 layers x 2 rows
+# x 4 heads, ~14 float32 copies: scores, scaled, masked, probabilities and the backward's); an allowance, not
+# derived. The CPU graph keeps every layer's (model.live_layers).
+SCORE_COPIES = 14
 
 
 def _item(model) -> int:
@@ -34,7 +39,7 @@ def layer_bytes(t, i: int, tokens: int, length: int, item: int) -> int:
     else:
         I = t.intermediate_size
         mlp = 4 * I
-    per_tok = item * (8 * D + 3 * Q + 4 * KV + Q + mlp) + 4 * (4 * D + Q + I) + 3 * 4 * H * length
+    per_tok = item * (8 * D + 3 * Q + 4 * KV + Q + mlp) + 4 * (4 * D + Q + I) + SCORE_COPIES * 4 * H * length
     return tokens * per_tok
 
 
@@ -64,7 +69,7 @@ def training_plan(model, args, n_trainable: int) -> str:
     bs = int(getattr(args, "per_device_train_batch_size", 1) or 1)
     L = int(getattr(args, "cutoff_len", 2048) or 2048)
     opt = getattr(args, "optim", "adamw_torch") or "adamw_torch"
-    rec = bool(getattr(args, "recompute", getattr(args, "gradient_checkpointing", False)))
+    rec = bool(getattr(model, "recompute_layers", False))
     from ..quant import weight_bytes
     return describe(parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt), bs, L, rec)
 
