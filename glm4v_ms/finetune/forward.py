@@ -19,7 +19,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from .. import rope
-from ..attention import NEG, rms_norm
+from ..attention import rms_norm, training_mask
 
 IGNORE = -100
 _mm_nt = ops.MatMul(transpose_b=True)
@@ -79,9 +79,9 @@ def hidden(model, h, cos, sin, seen):
     text = model.text
     cos, sin = cos.astype(h.dtype), sin.astype(h.dtype)
     L = h.shape[1]
-    bias = ops.stop_gradient((1.0 - seen.astype(ms.float32)) * NEG)   # the additive mask, once for every layer
+    mask = training_mask(seen)   # once for every layer
     for layer in text.layers:
-        h = layer(h, cos, sin, bias, None, None, None, None, L)
+        h = layer(h, cos, sin, mask, None, None, None, None, L)
     return rms_norm(h, text.norm.weight, text.cfg.rms_norm_eps)
 
 
