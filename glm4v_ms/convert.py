@@ -555,8 +555,9 @@ def convert_quantized(src, dst, dtype=None, overwrite=False, verify=False, quant
     rebuilt), into shards of about 2 GB:
     - a GPTQ folder, no dtype: repacked into the kernel's layout (quant.py), config.json listing the modules;
     - a GPTQ folder with dtype: dequantized, a plain float checkpoint in this port's layout;
-    - a float folder with quantize int4/int8: the GPTQ on-disk format, Hugging Face names (readable by vLLM and
-      transformers), text linears quantized by round-to-nearest unless a keep_float regex matches them."""
+    - a float folder with quantize int4/int8: the GPTQ on-disk format in GPTQModel's layout (Hugging Face names, the
+      MLP split into gate_proj / up_proj), text linears quantized by round-to-nearest unless a keep_float regex
+      matches them."""
     from . import quant
     t0 = time.time()
     cfg = Glm4vConfig.from_pretrained(src)

@@ -102,6 +102,14 @@ for name, qc in test_gptq.VARIANTS.items():
     if name == "v1_asym_split_qkv":      # each module its own act-order; layer 1's k_proj in 8 bits
         assert kinds["text.layers.0.attn.qkv"][0] == kinds["text.layers.1.attn.qkv"][0] == "SplitLinear"
         assert str(cells["text.layers.1.attn.qkv.parts.1"].qweight.dtype) == "Int8"
+    if name == "gm_gate_up_differ":      # GPTQModel's split MLP: layer 1's 4-bit gate and 8-bit up, two matmuls
+        assert kinds["text.layers.1.mlp.gate_up"][0] == "SplitLinear", kinds
+        assert [str(cells[f"text.layers.1.mlp.gate_up.parts.{j}"].qweight.dtype) for j in (0, 1)] == ["Int4", "Int8"]
+        assert kinds["text.layers.0.mlp.gate_up"] == ("QuantLinear", "Int4"), kinds     # agreeing halves: fused
+        assert cells["text.layers.0.mlp.gate_up"].perm is not None and "text.layers.0.attn.o" not in cells
+    if name == "gm_agree_v2_asym":       # halves agree in layer 1; layer 0's up_proj float: that layer dequantized
+        assert kinds["text.layers.1.mlp.gate_up"] == ("QuantLinear", "Int4") and cells["text.layers.1.mlp.gate_up"].group == 32
+        assert "text.layers.0.mlp.gate_up" not in cells and kinds["text.layers.0.mlp.down"] == ("QuantLinear", "Int8")
     assert len(cells) >= 7, kinds
     total, q = weight_bytes(m)
     assert 0 < q < total and "quantized linears" in m.memory_plan(64)
@@ -115,7 +123,7 @@ for name, qc in test_gptq.VARIANTS.items():
             want = ref.generate(**{k: torch.from_numpy(v) for k, v in inp.items()}, max_new_tokens=8,
                                 min_new_tokens=8, do_sample=False).numpy()
         assert (got == want).all(), name
-    if name == "v1_asym_split_qkv":     # the repacked folder builds the same cells from its stored integers
+    if name in ("v1_asym_split_qkv", "gm_gate_up_differ"):   # the repacked folder: the same cells, stored integers
         from glm4v_ms.convert import main
         assert main(["--src", folder, "--dst", folder + "-rep"]) == 0
         rep = Glm4vForConditionalGeneration.from_pretrained(folder + "-rep")
