@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__
+from . import __version__, quant
 from .config import ConfigError, Glm4vConfig
 from .weights import KEEP_DTYPE, ST_DTYPES, Checkpoint, Entry, WeightError, expected_shapes, is_converted, plan, to_float32
 
@@ -558,7 +558,6 @@ def convert_quantized(src, dst, dtype=None, overwrite=False, verify=False, quant
     - a float folder with quantize int4/int8: the GPTQ on-disk format in GPTQModel's layout (Hugging Face names, the
       MLP split into gate_proj / up_proj), text linears quantized by round-to-nearest unless a keep_float regex
       matches them."""
-    from . import quant
     t0 = time.time()
     cfg = Glm4vConfig.from_pretrained(src)
     ckpt = Checkpoint(src)
@@ -628,7 +627,7 @@ def convert_quantized(src, dst, dtype=None, overwrite=False, verify=False, quant
 
 
 def _quantized(src: str) -> bool:
-    # read config.json here: quant.py imports MindSpore, which a float conversion does not need
+    # whether config.json has a quantization_config at all (quant.py reads and checks it)
     try:
         with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
             return "quantization_config" in json.load(f)
@@ -684,7 +683,6 @@ def _write_items(tmp, items, fmt, limit=2 << 30):
 def _verify_dequantized(src, out, cfg, dtype):
     """Every weight of the output, read as the loader reads it (dequantized), equals the source's through the
     table (cast to dtype when one was given)."""
-    from . import quant
     a, b = quant.view(Checkpoint(src), cfg), quant.view(Checkpoint(out), cfg)
     ours = {e.ours: e for e in plan(cfg, b)}
     for e in plan(cfg, a):

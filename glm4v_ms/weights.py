@@ -438,12 +438,13 @@ def plan(cfg: Glm4vConfig, ckpt: Checkpoint) -> list[Entry]:
     return table
 
 
-def load(cfg: Glm4vConfig, folder: str, skip=(), layout: parallel.Layout | None = None):
+def load(cfg: Glm4vConfig, ckpt, skip=(), layout: parallel.Layout | None = None):
     """Yield (our name, raw array, safetensors dtype) for every parameter but those in `skip`, shape-checked.
-    Quantized (GPTQ) weights read as float, dequantized (quant.py). With a layout of several ranks, each tensor is
-    this rank's slice (the caller checks it against its parameter's shape)."""
-    from .quant import view
-    ckpt = view(Checkpoint(folder), cfg)
+    ckpt: a Checkpoint, or a view of one that reads quantized weights as float (quant.view: the caller picks it, so
+    that this table knows nothing of quantization), or a folder of float weights. With a layout of several ranks,
+    each tensor is this rank's slice (the caller checks it against its parameter's shape)."""
+    ckpt = Checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+    folder = ckpt.folder
     shapes = expected_shapes(cfg)
     lay = layout or parallel.Layout()
     if lay.world > 1 and is_converted(ckpt):

@@ -13,7 +13,7 @@ import pytest
 from mindspore import Tensor
 
 from glm4v_ms import ascend_emulation as emu
-from glm4v_ms import quant
+from glm4v_ms import quant, quant_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 rng = np.random.default_rng(0)
@@ -82,7 +82,8 @@ import numpy as np, tempfile, torch, mindspore as ms
 import tinyref, test_gptq
 from glm4v_ms import Glm4vForConditionalGeneration, attention
 import json
-from glm4v_ms.quant import GPTQConfig, QuantLinear, SplitLinear, estimate_bytes, weight_bytes
+from glm4v_ms.quant import GPTQConfig, estimate_bytes
+from glm4v_ms.quant_layers import QuantLinear, SplitLinear, weight_bytes
 assert attention.mode() == "emulated", attention.mode()
 inp = tinyref.Prompt(11).text(4).image(6, 8).text(9).inputs()
 for name, qc in test_gptq.VARIANTS.items():
@@ -144,10 +145,10 @@ def test_quant_linear_parameters_follow_the_contract(dtype):
     """Scale and offset in the compute dtype (x's), int4 packed as qint4x2 (k, n/2), one group -> per channel."""
     w = rng.integers(-8, 8, (64, 32)).astype(np.int8)
     p = quant.Packed(4, w, np.full((2, 32), 0.5, np.float16), np.ones((2, 32), np.float16), None)
-    c = quant.QuantLinear(p, dtype, True)
+    c = quant_layers.QuantLinear(p, dtype, True)
     assert (c.scales.dtype, c.offsets.dtype, c.bias.dtype) == (dtype, dtype, dtype)
     assert c.qweight.dtype == ms.qint4x2 and c.qweight.shape == (64, 16) and c.group == 32
-    one = quant.QuantLinear(quant.Packed(8, w, np.ones((1, 32), np.float16), np.zeros((1, 32), np.float16), None),
+    one = quant_layers.QuantLinear(quant.Packed(8, w, np.ones((1, 32), np.float16), np.zeros((1, 32), np.float16), None),
                             dtype, False)
     assert one.qweight.dtype == ms.int8 and one.group == 0 and one.scales.shape == (1, 32)
 
@@ -165,7 +166,7 @@ def test_modules_the_kernel_cannot_take_are_named(tmp_path, monkeypatch):
     m = Glm4vForConditionalGeneration(Glm4vConfig.from_pretrained(d))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        skip = quant.install(m, d)
+        skip = quant_layers.install(m, d)
     assert not skip
     msgs = [str(x.message) for x in w if "GPTQ" in str(x.message)]
     assert len(msgs) == 1 and "dequantized" in msgs[0] and "multiple of 32" in msgs[0], msgs
