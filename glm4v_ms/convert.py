@@ -28,7 +28,6 @@ import os
 import resource
 import shutil
 import signal
-import struct
 import sys
 import threading
 import time
@@ -38,7 +37,8 @@ import numpy as np
 
 from . import __version__, quant
 from .config import ConfigError, Glm4vConfig
-from .weights import KEEP_DTYPE, ST_DTYPES, Checkpoint, Entry, WeightError, expected_shapes, is_converted, plan, to_float32
+from .safetensors_io import CHUNK, ST_DTYPES, Checkpoint, Range, SafetensorsWriter, WeightError, pread, to_float32
+from .weights import KEEP_DTYPE, Entry, expected_shapes, is_converted, plan
 
 CONVERTER_VERSION = 1
 MANIFEST = "glm4v_ms_manifest.json"
@@ -46,95 +46,6 @@ DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _FLOATS = {"BF16", "F16", "F32"}
 _IDENTITY = Entry("", ()).fn          # the table's default transform: bytes pass through unchanged
 _COPIED = (".json", ".jinja", ".txt", ".model", ".tiktoken")
-CHUNK = 4 << 20
-
-
-# ----------------------------------------------------------------------------------------------- low-level I/O
-def _pread(fd: int, n: int, off: int, what: str) -> bytearray:
-    buf = bytearray(n)
-    mv, got = memoryview(buf), 0
-    while got < n:   # one read returns at most ~2 GB on Linux
-        k = os.preadv(fd, [mv[got:]], off + got)
-        if k <= 0:
-            raise WeightError(f"{what}: truncated (read past the end of the file)")
-        got += k
-    return buf
-
-
-def _write_all(fd: int, buf) -> None:
-    mv = memoryview(buf).cast("B")
-    while len(mv):
-        mv = mv[os.write(fd, mv):]
-
-
-_kernel_copy = hasattr(os, "copy_file_range")
-
-
-def _copy_range(fd_in: int, off: int, fd_out: int, n: int, what: str) -> None:
-    """n bytes from fd_in at off to fd_out's position; in the kernel where it can (no user-space buffer)."""
-    global _kernel_copy
-    while n and _kernel_copy:
-        try:
-            k = os.copy_file_range(fd_in, fd_out, n, off)
-        except OSError:          # another filesystem, old kernel: fall back to read + write
-            _kernel_copy = False
-            break
-        if k <= 0:
-            raise WeightError(f"{what}: truncated (read past the end of the file)")
-        off, n = off + k, n - k
-    while n:
-        k = min(n, CHUNK)
-        _write_all(fd_out, _pread(fd_in, k, off, what))
-        off, n = off + k, n - k
-
-
-class SafetensorsWriter:
-    """Streaming safetensors writer: the header (names, dtypes, shapes, offsets) first, then the tensors' bytes in
-    that order, so that no tensor is held longer than it takes to write it."""
-
-    def __init__(self, path: str, specs: list, metadata: dict | None = None):
-        self.path, self.specs, self.at = path, specs, 0
-        header, end = {"__metadata__": metadata or {}}, 0
-        for name, dtype, shape in specs:
-            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(ST_DTYPES[dtype]).itemsize
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [end, end + n]}
-            end += n
-        self.ends = [header[name]["data_offsets"][1] for name, _, _ in specs]
-        h = json.dumps(header, separators=(",", ":")).encode()
-        h += b" " * (-len(h) % 8)   # the format pads the header to 8 bytes so that tensors stay aligned
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        _write_all(self.fd, struct.pack("<Q", len(h)) + h)
-        self.pos = 0
-
-    def write(self, pieces, progress=None) -> None:
-        """The next tensor, as an iterable of buffers and `_Range`s (bytes still in a source file)."""
-        for p in pieces:
-            if isinstance(p, _Range):
-                for off in range(0, p.n, 1 << 30):   # big steps: much faster than 256 MB ones here
-                    k = min(1 << 30, p.n - off)
-                    _copy_range(p.fd, p.off + off, self.fd, k, p.what)
-                    self.pos += k
-                    progress and progress.add(k)
-            else:
-                mv = memoryview(p).cast("B")
-                _write_all(self.fd, mv)
-                self.pos += len(mv)
-                progress and progress.add(len(mv))
-        name = self.specs[self.at][0]
-        if self.pos != self.ends[self.at]:
-            raise WeightError(f"{self.path}: wrote {self.pos} bytes up to {name}, expected {self.ends[self.at]}")
-        self.at += 1
-
-    def close(self) -> None:
-        if self.at != len(self.specs):
-            self.abort()
-            raise WeightError(f"{self.path}: closed after {self.at} of {len(self.specs)} tensors")
-        self.abort()   # fsync'ed later, all at once, while the source is still being hashed
-
-    def abort(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 # ----------------------------------------------------------------------------------------------- dtypes
@@ -176,14 +87,6 @@ class Job:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(ST_DTYPES[self.dtype]).itemsize
 
 
-@dataclass(frozen=True)
-class _Range:
-    fd: int
-    off: int
-    n: int
-    what: str
-
-
 def _check_index(ckpt: Checkpoint) -> None:
     """Checkpoint checks that the index's tensors are in the shards; a tensor in a shard must also be indexed."""
     p = os.path.join(ckpt.folder, "model.safetensors.index.json")
@@ -219,7 +122,7 @@ def schedule(cfg: Glm4vConfig, ckpt: Checkpoint, dtype: str | None) -> list[list
 
 
 def _pieces(cfg, ckpt: Checkpoint, fds: dict, job: Job, fast: bool):
-    """The output bytes of one job, in order: `_Range`s of a source file (fast, dtype kept) or arrays."""
+    """The output bytes of one job, in order: `Range`s of a source file (fast, dtype kept) or arrays."""
     e = job.entry
 
     def where(s):
@@ -231,18 +134,18 @@ def _pieces(cfg, ckpt: Checkpoint, fds: dict, job: Job, fast: bool):
     if e.fn is _IDENTITY and len(e.sources) == 1:   # elementwise at most: stream it in pieces
         fd, off, n, path = where(e.sources[0])
         if fast and job.src_dtype == job.dtype:
-            yield _Range(fd, off, n, path)
+            yield Range(fd, off, n, path)
             return
         item = np.dtype(ST_DTYPES[job.src_dtype]).itemsize
         step = CHUNK - CHUNK % item
         for a in range(0, n, step):
-            raw = np.frombuffer(_pread(fd, min(step, n - a), off + a, path), ST_DTYPES[job.src_dtype])
+            raw = np.frombuffer(pread(fd, min(step, n - a), off + a, path), ST_DTYPES[job.src_dtype])
             yield _cast(raw, job.src_dtype, job.dtype, e.ours)
         return
     arrays = []
     for s in e.sources:
         fd, off, n, path = where(s)
-        arrays.append(np.frombuffer(_pread(fd, n, off, path), ST_DTYPES[job.src_dtype]).reshape(ckpt.info(s)[1]))
+        arrays.append(np.frombuffer(pread(fd, n, off, path), ST_DTYPES[job.src_dtype]).reshape(ckpt.info(s)[1]))
     try:
         arr = e.fn(cfg, *arrays)
     except ValueError as err:
@@ -532,7 +435,7 @@ def verify_folder(src: str, out: str, dtype: str | None = None, _loaded=None) ->
                     off = st.base + st.tensors[name]["data_offsets"][0]
                     for p in _pieces(cfg, ckpt, fds, j, fast=False):
                         mv = memoryview(p).cast("B")
-                        if _pread(out_fds[got.where[name]], len(mv), off, st.path) != mv:
+                        if pread(out_fds[got.where[name]], len(mv), off, st.path) != mv:
                             raise WeightError(f"verify: tensor {name} in {st.path} differs from the source "
                                               f"({', '.join(j.entry.sources)})")
                         off += len(mv)

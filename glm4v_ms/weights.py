@@ -1,4 +1,4 @@
-"""The one weight table: checkpoint names -> this port's parameter layout, and safetensors reading.
+"""The one weight table: checkpoint names -> this port's parameter layout (the files: safetensors_io.py).
 
 Every entry is (our name, source names, transform). Transforms are pure layout operations (reshape, permute,
 concatenate), so they work on raw bf16 bits as well as on floats: the converter reuses this table and writes
@@ -19,9 +19,6 @@ sources per expert, so that expert parallelism reads only the rank's own experts
 """
 from __future__ import annotations
 
-import json
-import os
-import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,112 +27,7 @@ import numpy as np
 from . import parallel
 from .config import Glm4vConfig
 from .rope import neox_permutation
-
-
-class WeightError(ValueError):
-    """A checkpoint file or tensor is missing, corrupt, unexpected or of the wrong shape."""
-
-
-# ----------------------------------------------------------------------------------------------- safetensors I/O
-# Our own reader: numpy has no bfloat16, so BF16 tensors are returned as their raw uint16 bits (see to_float32).
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-class SafetensorsFile:
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise WeightError(f"{path}: truncated (no safetensors header)")
-                (n,) = struct.unpack("<Q", head)
-                if n > size - 8 or n > 100 << 20:
-                    raise WeightError(f"{path}: truncated or not a safetensors file (header of {n} bytes)")
-                header = json.loads(f.read(n))
-        except OSError as e:
-            raise WeightError(f"{path}: cannot read ({e.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise WeightError(f"{path}: corrupt safetensors header") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.base = 8 + n
-        self.tensors = header
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if self.base + end > size:
-            raise WeightError(f"{path}: truncated ({size} bytes, the header describes {self.base + end})")
-        self._mm = None
-
-    def keys(self):
-        return self.tensors.keys()
-
-    def info(self, name):
-        t = self.tensors[name]
-        return t["dtype"], tuple(t["shape"])
-
-    def read(self, name) -> tuple[np.ndarray, str]:
-        """Zero-copy view of one tensor (a memory map) and its safetensors dtype name."""
-        t = self.tensors[name]
-        dt = ST_DTYPES.get(t["dtype"])
-        if dt is None:
-            raise WeightError(f"{self.path}: tensor {name} has unsupported dtype {t['dtype']}")
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        a, b = t["data_offsets"]
-        arr = self._mm[self.base + a:self.base + b].view(dt)
-        if arr.size != int(np.prod(t["shape"], dtype=np.int64)):
-            raise WeightError(f"{self.path}: tensor {name} has {arr.size} elements for shape {t['shape']}")
-        return arr.reshape(t["shape"]), t["dtype"]
-
-
-def to_float32(arr: np.ndarray, st_dtype: str) -> np.ndarray:
-    if st_dtype == "BF16":  # bf16 is the top half of a float32
-        return (np.asarray(arr, np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(arr, np.float32)
-
-
-class Checkpoint:
-    """The tensors of a folder: sharded (model.safetensors.index.json) or single-file."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    wmap = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise WeightError(f"{index}: unreadable index ({e})") from None
-            files = sorted(set(wmap.values()))
-        else:
-            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
-            wmap = None
-        if not files:
-            raise WeightError(f"{folder}: no *.safetensors weights found")
-        self.files = {}
-        for fn in files:
-            p = os.path.join(folder, fn)
-            if not os.path.isfile(p):
-                raise WeightError(f"{p}: missing (listed in the index)")
-            self.files[fn] = SafetensorsFile(p)
-        self.where = {}
-        for fn, st in self.files.items():
-            for k in st.keys():
-                self.where[k] = fn
-        if wmap is not None:
-            for k, fn in wmap.items():
-                if self.where.get(k) != fn:
-                    raise WeightError(f"tensor {k}: listed in the index under {fn} but not found there")
-
-    def keys(self):
-        return self.where.keys()
-
-    def read(self, name):
-        return self.files[self.where[name]].read(name)
-
-    def info(self, name):
-        return self.files[self.where[name]].info(name)
+from .safetensors_io import ST_DTYPES, Checkpoint, SafetensorsFile, WeightError, to_float32  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------- the table
