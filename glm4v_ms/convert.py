@@ -310,36 +310,56 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     cfg, ckpt, groups = _load_source(src, dtype)
     jobs = [j for g in groups for j in g]
     total = sum(j.nbytes for j in jobs)
-
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    _remove_stale(dst)
-    tmp = _tmp_name(dst, "tmp", os.getpid())
-    os.mkdir(tmp)
+    shown_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, "as the source")
     t0, fds = time.time(), _open_all(ckpt)
+
+    def weights(tmp):
+        names, weight_map, records = _write_weights(tmp, cfg, ckpt, groups, fds,
+                                                    Progress(total, len(groups), "converting"))
+        return names, weight_map, total, records, None
+
     try:
-        names, weight_map, records = _write_weights(tmp, cfg, ckpt, groups, fds, Progress(total, len(groups), "converting"))
-        for fn in _aux_files(src):
-            shutil.copyfile(os.path.join(src, fn), os.path.join(tmp, fn))
-            records.append(_file_record(os.path.join(src, fn)))
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total, "format": "glm4v_ms"}, "weight_map": weight_map}, f, indent=2)
-        shown_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, "as the source")
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"converter": "glm4v_ms.convert", "converter_version": CONVERTER_VERSION,
-                       "glm4v_ms_version": __version__, "source": src, "dtype": shown_dtype,
-                       "tensor_dtypes": sorted({j.dtype for j in jobs}), "tensors": len(jobs), "total_size": total,
-                       "source_files": records, "files": names}, f, indent=2)
-        if verify:
-            verify_folder(src, tmp, dtype, _loaded=(cfg, ckpt, groups, fds))
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        names, _, _ = _write_folder(src, dst, weights, "glm4v_ms",
+                              {"dtype": shown_dtype, "tensor_dtypes": sorted({j.dtype for j in jobs})},
+                              verify and (lambda tmp: verify_folder(src, tmp, dtype, _loaded=(cfg, ckpt, groups, fds))))
     finally:
         for fd in fds.values():
             os.close(fd)
     return {"src": src, "dst": dst, "shards": len(names), "tensors": len(jobs), "bytes": total, "dtype": shown_dtype,
             "seconds": time.time() - t0, "verified": verify, "peak_rss": peak_rss()}
+
+
+def _write_folder(src: str, dst: str, weights, fmt: str, manifest: dict, check=None) -> list:
+    """The tail both pipelines share: a fresh temporary folder beside dst; the weights (`weights(tmp)` -> shard
+    names, weight map, bytes, the source files' records, and a config.json to write or None to copy the source's);
+    the other small files; the index and the manifest; `check(tmp)` if given; then the atomic publish. Any failure
+    removes the temporary folder. Returns the shard names, the tensor count and the bytes."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    _remove_stale(dst)
+    tmp = _tmp_name(dst, "tmp", os.getpid())
+    os.mkdir(tmp)
+    try:
+        names, weight_map, total, records, config = weights(tmp)
+        for fn in _aux_files(src):
+            if config is None or fn != "config.json":
+                shutil.copyfile(os.path.join(src, fn), os.path.join(tmp, fn))
+            records.append(_file_record(os.path.join(src, fn)))
+        if config is not None:
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total, "format": fmt}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"converter": "glm4v_ms.convert", "converter_version": CONVERTER_VERSION,
+                       "glm4v_ms_version": __version__, "source": src, **manifest, "tensors": len(weight_map),
+                       "total_size": total, "source_files": records, "files": names}, f, indent=2)
+        if check:
+            check(tmp)
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names, len(weight_map), total
 
 
 def _write_weights(tmp: str, cfg, ckpt: Checkpoint, groups: list, fds: dict, progress: Progress):
@@ -496,36 +516,17 @@ def convert_quantized(src, dst, dtype=None, overwrite=False, verify=False, quant
             items, modules = quant.repack_items(v)
             mode = "quantized (repacked)"
         fmt = "glm4v_ms"
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    _remove_stale(dst)
-    tmp = _tmp_name(dst, "tmp", os.getpid())
-    os.mkdir(tmp)
-    try:
+
+    def weights(tmp):
         names, weight_map, total = _write_items(tmp, items, fmt)
         if modules is not None:
             config["quantization_config"] = {"quant_method": quant.OURS, "source_quant_method": "gptq",
                                              "modules": modules}
-        records = []
-        for fn in _aux_files(src):
-            if fn != "config.json":
-                shutil.copyfile(os.path.join(src, fn), os.path.join(tmp, fn))
-            records.append(_file_record(os.path.join(src, fn)))
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total, "format": fmt}, "weight_map": weight_map}, f, indent=2)
-        records += [_file_record(st.path) for st in ckpt.files.values()]
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"converter": "glm4v_ms.convert", "converter_version": CONVERTER_VERSION,
-                       "glm4v_ms_version": __version__, "source": src, "dtype": mode, "tensors": len(weight_map),
-                       "total_size": total, "source_files": records, "files": names}, f, indent=2)
-        if verify:
-            _verify_dequantized(src, tmp, cfg, dtype)
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"src": src, "dst": dst, "shards": len(names), "tensors": len(weight_map), "bytes": total, "dtype": mode,
+        return names, weight_map, total, [_file_record(st.path) for st in ckpt.files.values()], config
+
+    names, tensors, total = _write_folder(src, dst, weights, fmt, {"dtype": mode},
+                                          verify and (lambda tmp: _verify_dequantized(src, tmp, cfg, dtype)))
+    return {"src": src, "dst": dst, "shards": len(names), "tensors": tensors, "bytes": total, "dtype": mode,
             "seconds": time.time() - t0, "verified": verify, "peak_rss": peak_rss()}
 
 
