@@ -6,6 +6,7 @@ Its GLM4VPlugin's video path fails against transformers 5 in two argument names 
 metadata `total_frames`, which Glm4vVideoProcessor no longer takes); `LFReference` hands its video processor
 those two renamed and nothing else, so its own frame sampling, resizing and token expansion still run.
 """
+import copy
 import importlib.util
 import os
 import sys
@@ -16,11 +17,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if importlib.util.find_spec("torchaudio") is None:
     sys.path.append(os.path.join(HERE, "stubs"))
 os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "ERROR")   # its per-template advice, once per reference built
 
 from llamafactory.data.parser import get_dataset_list  # noqa: E402
 from llamafactory.data.converter import get_dataset_converter  # noqa: E402
 from llamafactory.data.processor.supervised import SupervisedDatasetProcessor  # noqa: E402
-from llamafactory.data.template import get_template_and_fix_tokenizer  # noqa: E402
+from llamafactory.data.template import TEMPLATES, get_template_and_fix_tokenizer  # noqa: E402
 from llamafactory.hparams import DataArguments  # noqa: E402
 from transformers import AutoProcessor, AutoTokenizer  # noqa: E402
 
@@ -53,7 +55,15 @@ class LFReference:
         self.tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
         self.processor = AutoProcessor.from_pretrained(folder, use_fast=False)
         self.data_args = DataArguments(**{"template": "glm4v", **data_args})
-        self.template = get_template_and_fix_tokenizer(self.tokenizer, self.data_args)
+        # its templates are module-level objects that get_template_and_fix_tokenizer changes (default_system,
+        # enable_thinking): each reference works on its own copy and leaves the registered one as it was
+        name = self.data_args.template
+        registered = TEMPLATES[name]
+        TEMPLATES[name] = copy.deepcopy(registered)
+        try:
+            self.template = get_template_and_fix_tokenizer(self.tokenizer, self.data_args)
+        finally:
+            TEMPLATES[name] = registered
         self.processor.tokenizer = self.tokenizer
         for k, v in {**MEDIA_DEFAULTS, **(media or {})}.items():
             setattr(self.processor, k, v)
@@ -80,5 +90,6 @@ class LFReference:
             convert = get_dataset_converter(attr.formatting, attr, args)
             with open(os.path.join(dataset_dir, attr.dataset_name), encoding="utf-8") as f:
                 rows = json.load(f)
-            out += [convert(row) for row in rows]
+            columns = {k for row in rows for k in row}   # the datasets library gives every row every column
+            out += [convert({k: row.get(k) for k in columns}) for row in rows]
         return out

@@ -71,8 +71,6 @@ def prepare(argv):
         processor = Glm4vProcessor.from_pretrained(args.model_name_or_path)
     except ProcessorError as e:
         raise FinetuneError(f"model_name_or_path: {e}") from None
-    if args.template is None:
-        args.template = data.default_template(args.model_name_or_path)
     train, evaluation = data.load(args, processor)
     n_tokens = sum(len(s.input_ids) for s in train)
     n_trained = sum(int((s.labels != data.IGNORE).sum()) for s in train)

@@ -494,6 +494,8 @@ def default_template(model_dir):
 def load(args: FinetuneArgs, processor, log=None):
     """The datasets -> (train, eval) Samples. Every record is read and checked before any is encoded."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if args.template is None:   # glm4v and glm4_5v encode alike; the name is kept for the record
+        args.template = default_template(args.model_name_or_path)
     train_records, eval_records = split(read(args), args.val_size, args.seed)
     out = []
     for part, records in (("train", train_records), ("eval", eval_records)):
