@@ -3,7 +3,6 @@ traceback, nothing in output_dir, and it comes before the model (or MindSpore) l
 the in-process encoding gives."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

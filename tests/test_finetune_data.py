@@ -157,14 +157,16 @@ def test_cutoff(folder, ours, media):
     text_turns = [{**m, "content": m["content"].replace("<image>", "")} for m in _multi_turn()]
     for mask in (False, True):   # the budget spent turn by turn (with mask_history: the last turn first)
         _exact(folder, ours, text_turns, SYSTEM, cutoff_len=40, mask_history=mask)
-    msgs = [{"role": "user", "content": "<image>" + "Describe this image. " * 4}, {"role": "assistant", "content": "Ok."}]
+    msgs = [{"role": "user", "content": "<image>" + "Describe this image. " * 4},
+            {"role": "assistant", "content": "Ok."}]
     sample, ids, _, _ = _compare(folder, ours, msgs, images=[media["a"]], cutoff_len=12)
     image = ours.tokenizer.token_to_id("<|image|>")
     assert sample is None and 0 < (ids == image).sum() < 12   # LLaMA-Factory kept a part of the image's tokens
 
 
 def test_load_drops_and_counts(folder, ours, media, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "Hi " * k + "<image>"}, {"role": "assistant", "content": "Hello."}],
+    rows = [{"messages": [{"role": "user", "content": "Hi " * k + "<image>"},
+                          {"role": "assistant", "content": "Hello."}],
              "images": [media["a"]]} for k in (1, 30)]
     rows.append({"messages": [{"role": "user", "content": "text only"}, {"role": "assistant", "content": "Yes."}]})
     path = tmp_path / "d.json"
@@ -216,10 +218,12 @@ def test_collate(folder, ours, media):
 # --- reading a dataset as LLaMA-Factory reads it ----------------------------------------------------------------
 
 INFO = {
-    "demo": {"file_name": "demo.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+    "demo": {"file_name": "demo.json", "formatting": "sharegpt",
+             "columns": {"messages": "messages", "images": "images"},
              "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                       "system_tag": "system"}},
-    "nosys": {"file_name": "demo.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+    "nosys": {"file_name": "demo.json", "formatting": "sharegpt",
+              "columns": {"messages": "messages", "images": "images"},
               "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
     "plain": {"file_name": "plain.json", "formatting": "sharegpt"},
     "alpaca": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "query": "input", "response": "output",
@@ -297,10 +301,11 @@ def test_keys_are_llamafactorys(folder):
     assert fa.LLAMAFACTORY_KEYS == set(theirs)
     ours = fa.FinetuneArgs()
     differ = {"dataset": ["x"], "lora_target": ["all"], "optim": "adamw_torch", "do_train": True}
-    for name, f in fa.FIELDS.items():
+    for name in fa.FIELDS:
         if name in differ or name not in theirs:
             continue
-        default = theirs[name].default if theirs[name].default is not dataclasses.MISSING else theirs[name].default_factory()
+        f = theirs[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = getattr(default, "value", default)   # enums
         assert getattr(ours, name) == default, name
     assert set(fa.FIELDS) - set(theirs) == {"warmup_ratio"}

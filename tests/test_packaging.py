@@ -17,7 +17,8 @@ import tomllib
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("glm4v-ms-generate", "glm4v-ms-convert", "glm4v-ms-parity", "glm4v-ms-serve", "glm4v-ms-finetune")
+SCRIPTS = ("glm4v-ms-generate", "glm4v-ms-convert", "glm4v-ms-parity", "glm4v-ms-serve",
+           "glm4v-ms-finetune")
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "out", ".whl",
                               ".gl", "rank_*", "kernel_meta")
 
