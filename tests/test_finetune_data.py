@@ -48,8 +48,7 @@ def media(tmp_path_factory):
 
 
 def _args(folder, **kw):
-    return fa.build({"model_name_or_path": folder, "dataset": "x.json", "output_dir": "unused",
-                     "template": "glm4v", **kw})
+    return fa.build({"model_name_or_path": folder, "dataset": "x.json", "output_dir": "unused", **kw})
 
 
 def _lf_media(kw):
@@ -57,7 +56,7 @@ def _lf_media(kw):
 
 
 def _lf_data(kw):
-    names = ("cutoff_len", "mask_history", "enable_thinking", "preserve_thinking", "default_system")
+    names = ("template", "cutoff_len", "mask_history", "enable_thinking", "preserve_thinking", "default_system")
     return {k: kw[k] for k in names if k in kw}
 
 
@@ -87,9 +86,10 @@ def _multi_turn():
             {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "You are welcome."}]
 
 
-def test_image_sample(folder, ours, media):
+@pytest.mark.parametrize("template", ["glm4v", "glm4_5v"])
+def test_image_sample(folder, ours, media, template):
     msgs = [{"role": "user", "content": "<image>Describe this image."}, {"role": "assistant", "content": SEED_COT}]
-    sample, labels = _exact(folder, ours, msgs, images=[media["a"]])
+    sample, labels = _exact(folder, ours, msgs, images=[media["a"]], template=template)
     assert (labels != data.IGNORE).sum() > 5 and labels[-1] == ours.tokenizer.eos_token_id
 
 

@@ -16,7 +16,9 @@ and drops the history's CoT unless preserve_thinking; cutoff_len shared between 
 Images: opened as they are (no EXIF turn), shrunk to image_max_pixels and grown to image_min_pixels with PIL's
 default filter, made RGB, then a side under 28 grown to 28 and an aspect over 200 clamped; videos sampled at
 video_fps up to video_maxlen frames (an odd count repeats the last), each frame sized by video_max_pixels /
-video_min_pixels likewise, then handed to the video processor with LLaMA-Factory's metadata (2 fps).
+video_min_pixels likewise, then handed to the video processor with LLaMA-Factory's metadata (2 fps whatever
+video_fps is: with video_fps above the processor's own 2 fps the processor keeps only the first part of the
+frames, as in LLaMA-Factory).
 
 Deliberate differences: a sample whose image or video tokens cutoff_len would cut is dropped and counted
 (LLaMA-Factory cuts inside the span and the run fails later with "image features and image tokens do not
