@@ -2,8 +2,9 @@
 
 Each function takes the same arguments as the MindSpore 2.10 op of the same name, checks them against the op's
 documented contract (layouts, head counts, head size, mask shape and meaning, sequence-length arguments; the
-limits and their sources are in kernel_limits.py) and computes the documented result with plain ops. Deliberate difference: float32 inputs are accepted (the real
-kernels take float16/bfloat16 only for attention), because CPU has no bfloat16 kernels.
+limits and their sources are in kernel_limits.py) and computes the documented result with plain ops.
+Deliberate difference: float32 inputs are accepted (the real kernels take float16/bfloat16 only for attention),
+because CPU has no bfloat16 kernels.
 Only hardware can confirm speed, the kernels' own rounding, and contract details the documentation leaves open.
 """
 from __future__ import annotations
@@ -153,7 +154,7 @@ def rotary_position_embedding(x, cos, sin, mode=0):
     _check(D % 2 == 0 and D < 896 and cos.shape[-1] == D, f"head size {D} (even, < 896, == cos's)")
     # [kernel_limits: ms-rope] "B, N < 1000"; our calls are BSND (cos 1S1D / BS1D)
     _check(x.shape[0] < lim.ROPE_MAX_BN and x.shape[2] < lim.ROPE_MAX_BN, f"x {x.shape}: B, N < {lim.ROPE_MAX_BN}")
-    _check(cos.shape[2] == 1 and cos.dtype in (ms.float16, ms.bfloat16, ms.float32), f"cos {cos.shape} {cos.dtype}: BS1D")
+    _check(cos.shape[2] == 1, f"cos {cos.shape}: BS1D / 1S1D for a BSND x")
     _check(all(c in (1, s) for c, s in zip(cos.shape, x.shape)), f"cos {cos.shape} does not broadcast to x {x.shape}")
     _check(mode in (0, 1), f"mode {mode}")
     if mode == 0:

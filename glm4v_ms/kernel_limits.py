@@ -100,7 +100,8 @@ def fused_infer_attention(heads, kv_heads, head_dim, dtype, chip, emulated) -> s
         _dtype(dtype, HALF, emulated),
         None if head_dim % 16 == 0 and head_dim <= 512 else f"head size {head_dim}: 16-aligned, <= 512",
         None if heads <= 256 else f"{heads} heads > 256",
-        None if heads % kv_heads == 0 and heads // kv_heads <= 64 else f"GQA {heads}/{kv_heads}: must divide, ratio <= 64")
+        None if heads % kv_heads == 0 and heads // kv_heads <= 64
+        else f"GQA {heads}/{kv_heads}: must divide, ratio <= 64")
 
 
 ROPE_MAX_BN = 1000   # [ms-rope] "B, N < 1000"
@@ -157,4 +158,5 @@ def weight_quant_batch_matmul(k, n, group, dtype, emulated) -> str | None:
     return _first(
         _dtype(dtype, HALF, emulated),
         None if 1 <= k <= WQBMM_MAX_KN and 1 <= n <= WQBMM_MAX_KN else f"k={k}, n={n}: each in [1, {WQBMM_MAX_KN}]",
-        None if not group or (group % 32 == 0 and 32 <= group <= k - 1) else f"group size {group}: a multiple of 32 in [32, k-1]")
+        None if not group or (group % 32 == 0 and 32 <= group <= k - 1)
+        else f"group size {group}: a multiple of 32 in [32, k-1]")

@@ -89,8 +89,8 @@ CALLS = {
     "gmm_k_mismatch": lambda: mk.grouped_matmul_v4([t(5, 4)], [t(2, 3, 2)], group_list=Tensor(np.array([5, 0], np.int64)),
                                                    split_item=3, group_type=0, group_list_type=1),
     "unpermute_probs": lambda: mk.moe_token_unpermute(t(6, 4), Tensor(np.arange(6, dtype=np.int32)), t(4, 2)),
-    "unpermute_float16": lambda: mk.moe_token_unpermute(t(6, 4).astype(ms.float16), Tensor(np.arange(6, dtype=np.int32)),
-                                                        t(3, 2).astype(ms.float16)),
+    "unpermute_float16": lambda: mk.moe_token_unpermute(t(6, 4).astype(ms.float16),
+                                                        Tensor(np.arange(6, dtype=np.int32)), t(3, 2).astype(ms.float16)),
     # GLM-4.5V's router forced onto the fused kernel: 128 experts in one group (at most 32 per group, 8 groups
     # from 32 experts on)
     "router_glm45v": lambda: mk.fused_add_topk_div(t(4, 128), t(128), 1, 1, 2, 8, 0, True, 1.0),
