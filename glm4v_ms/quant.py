@@ -284,9 +284,11 @@ class GPTQModule:
 
 
 def kernel_ok(p: Packed) -> bool:
-    """The WeightQuantBatchMatmul contract: k, n <= 65535; per-group sizes a multiple of 32 in [32, k-1]."""
+    """The WeightQuantBatchMatmul contract (kernel_limits.weight_quant_batch_matmul, without the dtype):
+    k, n <= 65535; per-group sizes a multiple of 32 in [32, k-1]."""
+    from .kernel_limits import weight_quant_batch_matmul
     K, N = p.w.shape
-    return K <= 65535 and N <= 65535 and (p.scale.shape[0] == 1 or p.group % 32 == 0)
+    return weight_quant_batch_matmul(K, N, 0 if p.scale.shape[0] == 1 else p.group, None, False) is None
 
 
 # ----------------------------------------------------------------------------------------------- the checkpoint view
@@ -505,8 +507,9 @@ def install(model, folder: str) -> set:
     SplitLinear cells holding the checkpoint's integers; returns the table entries the float loader must skip.
     A module the kernel cannot take (group size not a multiple of 32, unequal act-order groups) stays float,
     dequantized at load. In plain mode nothing changes: every weight is dequantized at load."""
-    if attention.mode() == "plain":
-        return set()
+    from .kernel_limits import weight_quant_batch_matmul
+    if attention.mode() == "plain" or weight_quant_batch_matmul(1, 1, 0, model.dtype, attention.mode() == "emulated"):
+        return set()   # plain mode, or activations in a dtype the kernel does not take (float32 on Ascend)
     v = view(Checkpoint(folder), model.config)
     if not isinstance(v, QuantView):
         return set()
