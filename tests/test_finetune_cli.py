@@ -63,6 +63,10 @@ def _bad_cases(tmp_path):
                           "d.json sample 0: images[0]: file not found: nope.png"),
         "unreadable_image": ([{**GOOD[0], "images": ["broken.png"]}],
                              "d.json sample 0: images[0]: cannot read image"),
+        "unreadable_video": ([{"messages": msg(("user", "<video>What?"), ("assistant", "A.")),
+                               "videos": ["broken.mp4"]}], "d.json sample 0: videos[0]: cannot read video"),
+        "fewer_tags": ([{**GOOD[0], "messages": msg(("user", "Who?"), ("assistant", "Them."))}],
+                       "d.json sample 0: images: 0 <image> tag(s) in the messages but 1 images given"),
         "missing_video": ([{"messages": msg(("user", "<video>What?"), ("assistant", "A.")), "videos": ["v.mp4"]}],
                           "d.json sample 0: videos[0]: file not found: v.mp4"),
         "more_tags": ([{**GOOD[0], "messages": msg(("user", "<image><image>Who?"), ("assistant", "Them."))}],
@@ -83,10 +87,11 @@ def _bad_cases(tmp_path):
 def workdir(tmp_path):
     drawn_image(40, 30, 1).save(tmp_path / "a.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
     return tmp_path
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_bad_data_one_line_before_the_model(env, workdir, case):
     name, rows, expected = _bad_cases(workdir)[case]
     (workdir / "d.json").write_text(rows if isinstance(rows, str) else json.dumps(rows))
@@ -109,10 +114,13 @@ def test_bad_keys_and_output_dir(env, workdir):
              (["--lora_rank", "0"], "error: lora_rank: must be >= 1, got 0"),
              (["--learning_rate", "-1e-4"], "error: learning_rate: must be >= 0, got -0.0001"),
              (["--train_on_prompt", "true"],
-              "error: train_on_prompt: Current template does not support `train_on_prompt`.")]
+              "error: train_on_prompt: Current template does not support `train_on_prompt`."),
+             (["--adapter_name_or_path", "nope"],
+              "error: adapter_name_or_path: nope is not a folder with adapter_config.json")]
     for flags, expected in cases:
         rc, out, err = run(env, *base, *flags, cwd=workdir)
-        assert (rc, err.strip()) == (2, expected), flags
+        lines = [l for l in err.strip().splitlines() if not l.startswith("[demo-tiny")]
+        assert (rc, lines) == (2, [expected]), flags
     out_dir.mkdir()
     (out_dir / "adapter_config.json").write_text("{}")
     rc, out, err = run(env, *base, cwd=workdir)

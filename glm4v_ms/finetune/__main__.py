@@ -65,7 +65,12 @@ def prepare(argv):
 
     args = parse(argv)
     args.model_name_or_path = resolve_model(args.model_name_or_path)
+    for adapter in (args.adapter_name_or_path or "").split(","):
+        if adapter.strip() and not os.path.isfile(os.path.join(adapter.strip(), "adapter_config.json")):
+            raise FinetuneError(f"adapter_name_or_path: {adapter.strip()} is not a folder with adapter_config.json")
     if args.tokenized_path is None:
+        if args.resume_from_checkpoint is not None and not os.path.isdir(args.resume_from_checkpoint):
+            raise FinetuneError(f"resume_from_checkpoint: {args.resume_from_checkpoint} is not a folder")
         check_output_dir(args)
     try:
         processor = Glm4vProcessor.from_pretrained(args.model_name_or_path)
@@ -102,6 +107,9 @@ def main(argv=None):
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # while reading the data (the trainer saves a checkpoint on its own first)
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
