@@ -204,6 +204,8 @@ def test_collate(folder, ours, media):
                                       {"role": "assistant", "content": "Hello."}], "", [media["a"]], []), args, ours)
     b = data.encode(data.Record("b", [{"role": "user", "content": "Hi"},
                                       {"role": "assistant", "content": "Hello there."}], "", [], []), args, ours)
+    assert a._media is None and b.media == {}   # made again on each access, not held
+    np.testing.assert_array_equal(a.media["pixel_values"], a.media["pixel_values"])
     batch = data.collate([b, a], pad_id=ours.tokenizer.pad_token_id)
     n = max(len(a.input_ids), len(b.input_ids))
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, n)

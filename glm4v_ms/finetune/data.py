@@ -35,7 +35,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,11 +61,27 @@ FILE_ATTR = {"formatting": "sharegpt", "columns": {"messages": "messages", "imag
 ENTRY_KEYS = {"file_name", "formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags"}
 
 
-@dataclass
 class Sample:
-    input_ids: np.ndarray            # int64 (L,)
-    labels: np.ndarray               # int64 (L,), IGNORE where not trained
-    media: dict = field(default_factory=dict)   # pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+    """input_ids and labels, int64 (L,), labels IGNORE where not trained; `media`: the processor arrays present
+    (pixel_values (N, D) float32, image_grid_thw (n, 3) int64, pixel_values_videos, video_grid_thw).
+
+    A sample made by `encode` keeps its media as the way to make them, not the arrays, and remakes them on each
+    access (as LLaMA-Factory's collator does per batch): a dataset's pixels would not fit in memory at once."""
+
+    __slots__ = ("input_ids", "labels", "_media", "_make")
+
+    def __init__(self, input_ids, labels, media=None, make=None):
+        self.input_ids, self.labels = input_ids, labels
+        self._media, self._make = media, make
+
+    @property
+    def media(self) -> dict:
+        if self._media is not None:
+            return self._media
+        return self._make() if self._make is not None else {}
+
+    def __repr__(self):
+        return f"Sample(len={len(self.input_ids)}, trained={int((self.labels != IGNORE).sum())})"
 
 
 @dataclass
@@ -477,7 +493,8 @@ def encode(record, args, processor):
         kept = np.array(input_ids)
         if any((full == t).sum() != (kept == t).sum() for t in special):
             return None
-    return Sample(np.array(input_ids, dtype=np.int64), np.array(labels, dtype=np.int64), media)
+    make = (lambda: _media(record, args, processor)[0]) if media else None
+    return Sample(np.array(input_ids, dtype=np.int64), np.array(labels, dtype=np.int64), make=make)
 
 
 def default_template(model_dir):
@@ -524,8 +541,9 @@ def collate(samples, pad_id):
         k = len(s.input_ids)
         ids[row, :k], mask[row, :k], labels[row, :k] = s.input_ids, 1, s.labels
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    media = [s.media for s in samples]   # made once per sample here
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        parts = [s.media[key] for s in samples if key in s.media]
+        parts = [m[key] for m in media if key in m]
         if parts:
             batch[key] = np.concatenate(parts, 0)
     return batch
