@@ -184,6 +184,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self.config, self.dtype = config, dtype
         self.layout = layout or parallel.Layout()
         parallel.check(config, self.layout)
+        # fused Ascend kernels where this configuration fits their documented limits, the plain maths past them
+        self.plain_kernels = attention.choose_kernels(config, dtype, self.layout.world)
         self.visual = VisionModel(config.vision, dtype)
         self.text = TextModel(config.text, dtype, self.layout)
         self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size // self.layout.world, dtype)

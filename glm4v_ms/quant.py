@@ -322,9 +322,11 @@ class SplitMLP:
 
 
 def kernel_ok(p: Packed) -> bool:
-    """The WeightQuantBatchMatmul contract: k, n <= 65535; per-group sizes a multiple of 32 in [32, k-1]."""
+    """The WeightQuantBatchMatmul contract (kernel_limits.weight_quant_batch_matmul, without the dtype):
+    k, n <= 65535; per-group sizes a multiple of 32 in [32, k-1]."""
+    from .kernel_limits import weight_quant_batch_matmul
     K, N = p.w.shape
-    return K <= 65535 and N <= 65535 and (p.scale.shape[0] == 1 or p.group % 32 == 0)
+    return weight_quant_batch_matmul(K, N, 0 if p.scale.shape[0] == 1 else p.group, None, False) is None
 
 
 # ----------------------------------------------------------------------------------------------- the checkpoint view

@@ -77,8 +77,9 @@ def install(model, folder: str) -> set:
     SplitLinear cells holding the checkpoint's integers; returns the table entries the float loader must skip.
     A module the kernel cannot take (group size not a multiple of 32, unequal act-order groups) stays float,
     dequantized at load. In plain mode nothing changes: every weight is dequantized at load."""
-    if attention.mode() == "plain":
-        return set()
+    from .kernel_limits import weight_quant_batch_matmul
+    if attention.mode() == "plain" or weight_quant_batch_matmul(1, 1, 0, model.dtype, attention.mode() == "emulated"):
+        return set()   # plain mode, or activations in a dtype the kernel does not take (float32 on Ascend)
     v = view(Checkpoint(folder), model.config)
     if not isinstance(v, QuantView):
         return set()
