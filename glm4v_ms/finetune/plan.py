@@ -75,7 +75,7 @@ def training_plan(model, args, n_trainable: int) -> str:
     L = int(getattr(args, "cutoff_len", 2048) or 2048)
     opt = getattr(args, "optim", "adamw_torch") or "adamw_torch"
     rec = bool(getattr(model, "recompute_layers", False))
-    from ..quant import weight_bytes
+    from ..quant_layers import weight_bytes
     return describe(parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt), bs, L, rec)
 
 

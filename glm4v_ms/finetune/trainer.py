@@ -29,11 +29,8 @@ import numpy as np
 
 from . import adapter, forward, interrupt, lora, optim
 
-try:
-    from .args import FinetuneError
-except ImportError:   # until the data half (args.py) is merged into this branch: the same contract
-    class FinetuneError(ValueError):
-        pass
+from .args import FinetuneError
+from .data import collate
 
 LOG, STATE, OPTIM = "trainer_log.jsonl", "trainer_state.json", "optimizer.npz"
 CKPT = re.compile(r"checkpoint-(\d+)$")
@@ -42,30 +39,6 @@ CKPT = re.compile(r"checkpoint-(\d+)$")
 def _get(args, name, default):
     v = getattr(args, name, default)
     return default if v is None else v
-
-
-def _collate(samples, pad_id):
-    try:
-        from .data import collate
-    except ImportError:   # until data.py is merged into this branch (FINETUNE_INTERFACE.md's collate)
-        collate = _collate_fallback
-    return collate(samples, pad_id)
-
-
-def _collate_fallback(samples, pad_id):
-    n = max(len(s.input_ids) for s in samples)
-    ids = np.full((len(samples), n), pad_id, np.int64)
-    mask = np.zeros((len(samples), n), np.int64)
-    labels = np.full((len(samples), n), forward.IGNORE, np.int64)
-    for row, s in enumerate(samples):
-        k = len(s.input_ids)
-        ids[row, :k], mask[row, :k], labels[row, :k] = s.input_ids, 1, s.labels
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        parts = [s.media[key] for s in samples if key in s.media]
-        if parts:
-            batch[key] = np.concatenate(parts, 0)
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------- the schedule
@@ -159,7 +132,7 @@ class Trainer:
     # ---- one optimizer step
     def train_step(self, k: int):
         micro, epoch = self.plan.step(k)
-        steps = [forward.prepare(self.model, **_collate([self.train[i] for i in idx], self.pad_id)) for idx in micro]
+        steps = [forward.prepare(self.model, **collate([self.train[i] for i in idx], self.pad_id)) for idx in micro]
         n_items = sum(s.tokens for s in steps)
         total, grads = 0.0, None
         for st in steps:
