@@ -243,6 +243,8 @@ class Trainer:
         if _get(self.args, "plot_loss", False):
             from .plot import plot_loss
             plot_loss(self.out, [h["loss"] for h in self.history], [h["current_steps"] for h in self.history])
+        self.log(f"[train] done: {total} steps in {datetime.timedelta(seconds=int(time.time() - self.t_start))}; "
+                 f"the adapter is in {self.out}")
 
     def write_log(self, loss, lr):
         el = time.time() - self.t_start
