@@ -297,8 +297,6 @@ def _check(args):
     if not _get(args, "freeze_vision_tower", True):
         raise FinetuneError("freeze_vision_tower false: training the vision tower is not implemented (LoRA on the "
                             "language model, and on visual.merger with freeze_multi_modal_projector false)")
-    if not _get(args, "freeze_multi_modal_projector", True):
-        raise FinetuneError("freeze_multi_modal_projector false: training visual.merger is not implemented yet")
     if not args.output_dir:
         raise FinetuneError("output_dir: needed")
 
