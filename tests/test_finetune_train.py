@@ -16,6 +16,7 @@ import tinyref
 import torch
 from glm4v_ms import AutoModelForImageTextToText, demo
 from glm4v_ms.finetune import adapter, interrupt, optim, trainer
+from glm4v_ms.finetune.args import FinetuneArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER = 6
@@ -33,7 +34,7 @@ def sample(seed):
 
 
 def args(out, **kw):
-    """FinetuneArgs' fields that the trainer reads (LLaMA-Factory's names), small-run values."""
+    """FinetuneArgs (LLaMA-Factory's names and defaults), small-run values."""
     d = dict(output_dir=out, model_name_or_path=None, adapter_name_or_path=None, finetuning_type="lora",
              lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target=["all"], use_rslora=False,
              freeze_vision_tower=True, freeze_multi_modal_projector=True, overwrite_output_dir=False,
@@ -41,9 +42,9 @@ def args(out, **kw):
              max_steps=-1, lr_scheduler_type="linear", warmup_steps=0, warmup_ratio=0.0, weight_decay=0.0,
              max_grad_norm=1.0, optim="adamw_torch", seed=7, disable_shuffling=False, logging_steps=1,
              save_steps=500, save_total_limit=None, resume_from_checkpoint=None, plot_loss=False,
-             gradient_checkpointing=False, bf16=False, cutoff_len=64)
+             gradient_checkpointing=False, disable_gradient_checkpointing=True, bf16=False, cutoff_len=64)
     d.update(kw)
-    return types.SimpleNamespace(**d)
+    return FinetuneArgs(**d)
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +188,10 @@ for s in range(2):
     lab = ids.copy(); lab[:L // 2] = -100
     train.append(types.SimpleNamespace(input_ids=ids, labels=lab, media={}))
 lines = []
-a = types.SimpleNamespace(output_dir=out, per_device_train_batch_size=2, max_steps=2, cutoff_len=L, save_steps=0,
-                          logging_steps=1, learning_rate=1e-3, gradient_checkpointing=rec, lora_target=["all"],
-                          lora_rank=8)
+from glm4v_ms.finetune.args import FinetuneArgs
+a = FinetuneArgs(model_name_or_path=folder, output_dir=out, per_device_train_batch_size=2, max_steps=2, cutoff_len=L,
+                 save_steps=0, logging_steps=1, learning_rate=1e-3, gradient_checkpointing=rec,
+                 disable_gradient_checkpointing=not rec)
 tr = trainer.Trainer
 orig = tr.__init__
 def init(self, *args, **kw):
