@@ -184,6 +184,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self.config, self.dtype = config, dtype
         self.layout = layout or parallel.Layout()
         parallel.check(config, self.layout)
+        # fused Ascend kernels where this configuration fits their documented limits, the plain maths past them
+        self.plain_kernels = attention.choose_kernels(config, dtype, self.layout.world)
         self.visual = VisionModel(config.vision, dtype)
         self.text = TextModel(config.text, dtype, self.layout)
         self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size // self.layout.world, dtype)
@@ -211,7 +213,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         if expert_parallel and not cfg.text.n_routed_experts:
             raise parallel.ParallelError(f"expert_parallel: {cfg.model_type} has no experts")
         model = cls(cfg, resolve_dtype(dtype, dev), parallel.init(tensor_parallel_size, expert_parallel))
-        from .quant import install
+        from .quant_layers import install
         skip = install(model, folder)   # GPTQ linears kept quantized on the Ascend path
         if skip and model.layout.world > 1:
             raise parallel.ParallelError("GPTQ weights kept quantized (the Ascend path) are not split across ranks "
@@ -288,9 +290,10 @@ class Glm4vForConditionalGeneration(nn.Cell):
         return out
 
     def load_weights(self, folder: str, skip=()):
-        from .weights import WeightError
+        from .quant import view
+        from .weights import Checkpoint, WeightError
         params = dict(self.parameters_and_names())
-        for name, arr, st in load_weights(self.config, folder, skip, self.layout):
+        for name, arr, st in load_weights(self.config, view(Checkpoint(folder), self.config), skip, self.layout):
             p = params[name]
             if tuple(arr.shape) != tuple(p.shape):
                 raise WeightError(f"{name}: this rank's slice has shape {list(arr.shape)}, the model {list(p.shape)}")
@@ -311,7 +314,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         act = activation_bytes(t, batch, n, item)
         gb = 1e9
         dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
-        from .quant import weight_bytes
+        from .quant_layers import weight_bytes
         wbytes, qbytes = weight_bytes(self)   # real bytes: the router stays float32, qint4x2 packs two a byte
         lay = self.layout
         where = f"rank {lay.rank} of {lay.world}{' (experts whole)' if lay.expert_parallel else ''}: " \
