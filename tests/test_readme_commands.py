@@ -12,11 +12,10 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 
 from glm4v_ms import compile_cache
+from serving import wait_healthy
 from test_compile_cache import snapshot
 from test_parallel import free_port
 
@@ -96,18 +95,7 @@ def test_server_command_as_the_readme_writes_it(tmp_path):
         p = subprocess.Popen(argv, cwd=ROOT, env=child_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
         try:
-            deadline = time.time() + 240
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                        if r.status == 200:
-                            break
-                except urllib.error.HTTPError as e:   # the engine stopped (its error is in the body)
-                    raise AssertionError(f"/health: {e.code} {e.read()[:2000]}") from None
-                except OSError:
-                    pass
-                assert p.poll() is None and time.time() < deadline, "the server did not start"
-                time.sleep(0.5)
+            wait_healthy(url, p)
             req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=120) as r:
