@@ -64,6 +64,7 @@ def parse(argv):
                    help="passed to the chat template (GLM-4.5V thinks unless false; GLM-4.1V's template ignores it)")
     p.add_argument("--tensor_parallel_size", type=int, default=1, help="ranks of this msrun launch (default 1)")
     p.add_argument("--expert_parallel", action="store_true", help="whole experts per rank instead of split experts")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder to apply (model.load_adapter)")
     p.add_argument("--no_compile_cache", action="store_true",
                    help="do not keep compiled graphs for the next run (default: kept in $GLM4V_MS_COMPILE_CACHE, "
                         "else ~/.cache/glm4v_ms/compile; a second run of the same command then compiles nothing)")
@@ -201,6 +202,8 @@ def run(a):
     model = AutoModelForImageTextToText.from_pretrained(
         folder, dtype=a.dtype, device=None if a.device in (None, "auto") else a.device,
         tensor_parallel_size=a.tensor_parallel_size, expert_parallel=a.expert_parallel)
+    if a.adapter:
+        model.load_adapter(a.adapter)
     gen = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                repetition_penalty=a.repetition_penalty, max_thinking_tokens=a.max_thinking_tokens, seed=a.seed)
     if a.greedy:

@@ -136,6 +136,30 @@ def flash_attention_score(query, key, value, head_num, scale_value=1.0, input_la
     return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
 
 
+def flash_attention_score_bnsd(query, key, value, head_num, scale_value=1.0, attn_mask=None, sparse_mode=0):
+    """The FlashAttentionScore primitive in the "BNSD" layout with a full user mask (sparse_mode 0): query
+    (B, N1, S1, D), key/value (B, N2, S2, D), N2 dividing N1; attn_mask bool (B, 1, S1, S2), True = discard (the
+    training decoder's causal + padding mask). Returns attention_out (B, N1, S1, D), the fourth output. Written in
+    differentiable ops: the emulated training path takes its gradient as the real kernel's backward would."""
+    _check(query.ndim == 4 and key.ndim == 4 and value.shape == key.shape, "BNSD needs 4-D query/key/value")
+    B, N1, S1, D = query.shape
+    Bk, N2, S2, Dk = key.shape
+    _check(query.dtype in _ATTN_DTYPES and key.dtype == query.dtype, f"dtype {query.dtype} / {key.dtype}")
+    _check(head_num == N1, f"head_num={head_num} but query has N1={N1}")
+    _check(Bk == B and Dk == D and N1 % N2 == 0, f"key {key.shape} does not fit query {query.shape}")
+    _check(D % 16 == 0 and D <= 512, f"head size {D}: must be a multiple of 16, <= 512")
+    _check(sparse_mode == 0 and attn_mask is not None, "emulation covers sparse_mode 0 with a full mask")
+    _check(attn_mask.dtype in (ms.bool_, ms.uint8) and tuple(attn_mask.shape) in ((B, 1, S1, S2), (S1, S2)),
+           f"attn_mask {attn_mask.shape} {attn_mask.dtype}: (B, 1, S1, S2) or (S1, S2), bool or uint8")
+    g = N1 // N2
+    q = query.reshape(B, N2, g * S1, D)   # query heads sharing a KV head stacked along the length axis
+    m = attn_mask if attn_mask.ndim == 4 else attn_mask[None, None]
+    s = _bmm_nt(q, key).astype(ms.float32) * scale_value
+    s = s.reshape(B, N2, g, S1, S2) + m[:, :, None].astype(ms.float32) * -1e30
+    p = ops.softmax(s, -1).astype(query.dtype).reshape(B, N2, g * S1, S2)
+    return ops.matmul(p, value).reshape(B, N1, S1, D)
+
+
 def rms_norm(x, gamma, epsilon=1e-6):
     """y = x / sqrt(mean(x^2) + eps) * gamma, statistics in float32; returns (y, rstd)."""
     _check(x.dtype in (ms.float16, ms.float32, ms.bfloat16) and gamma.dtype == x.dtype, f"dtypes {x.dtype}/{gamma.dtype}")

@@ -136,11 +136,44 @@ def decoder_attention(q, k_cache, v_cache, seen, kv_len, scale):
                                input_layout="BNSD",
                                sparse_mode=0, inner_precise=2 if L > 1 else 0)
         return out.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    return _plain_attention(q, k_cache, v_cache, seen, scale)
+
+
+def causal_attention(q, k, v, mask, scale):
+    """Training: attention of a whole sequence over its own keys/values, no cache. q (B, L, H, D), k/v (B, L, Hkv, D).
+    mask (made once for all layers, outside the gradient; `training_mask`): plain mode, the additive float32
+    (B, L, L), 0 where a query may attend (causal and padding), NEG elsewhere; otherwise the flash-attention
+    kernel's (B, 1, L, L) bool, True = discard: FlashAttentionScore (BNSD, sparse_mode 0) has a backward on
+    Ascend, where the inference kernel has none. Returns (B, L, H*D)."""
+    B, L, H, D = q.shape
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if _MODE == "plain":
+        return _plain_attention(q, k, v, None, scale, mask)
+    fa = emu.flash_attention_score_bnsd if _MODE == "emulated" else _flash_attention_score_bnsd
+    o = fa(q.transpose(0, 2, 1, 3), k, v, H, scale_value=scale, attn_mask=mask, sparse_mode=0)
+    return o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+
+
+def training_mask(seen):
+    """seen (B, L, L) bool (may attend) -> the mask causal_attention takes in this mode."""
+    if _MODE == "plain":
+        return ops.stop_gradient((1.0 - seen.astype(ms.float32)) * NEG)
+    return ops.stop_gradient(~seen[:, None])
+
+
+def _flash_attention_score_bnsd(query, key, value, head_num, scale_value=1.0, attn_mask=None, sparse_mode=0):
+    fa = FlashAttentionScore(head_num=head_num, scale_value=scale_value, input_layout="BNSD", sparse_mode=sparse_mode)
+    return fa(query, key, value, None, None, None, attn_mask.astype(ms.uint8), None, None, None)[3]
+
+
+def _plain_attention(q, k_cache, v_cache, seen, scale, bias=None):
+    B, L, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     # query heads sharing a KV head are stacked along the length axis: one batched matmul, no repeated K/V
     g = H // Hkv
     qg = q.reshape(B, L, Hkv, g, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, g * L, D)
     s = _bmm_nt(qg, k_cache).astype(ms.float32) * scale                   # (B, Hkv, g*L, S)
-    bias = ((1.0 - seen.astype(ms.float32)) * NEG)[:, None, None]
+    bias = ((1.0 - seen.astype(ms.float32)) * NEG)[:, None, None] if bias is None else bias[:, None, None]
     p = ops.softmax(s.reshape(B, Hkv, g, L, S) + bias, -1).astype(q.dtype)
     o = ops.matmul(p.reshape(B, Hkv, g * L, S), v_cache)                  # (B, Hkv, g*L, D)
     return o.reshape(B, Hkv, g, L, D).transpose(0, 3, 1, 2, 4).reshape(B, L, H * D)

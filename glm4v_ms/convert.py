@@ -617,7 +617,12 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128, help="with --quantize: input rows per scale (-1: all)")
     ap.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                     help="with --quantize: leave modules whose name matches this regex float (repeatable)")
+    ap.add_argument("--adapter", metavar="DIR", help="merge this PEFT LoRA adapter into the weights (finetune/merge.py)")
+    ap.add_argument("--layout", choices=["ours", "hf"], default="ours",
+                    help="with --adapter: hf = a Hugging Face checkpoint (transformers, vLLM); ours = this port's")
     args = ap.parse_args(argv)
+    if args.adapter:
+        return _merge_main(args)
     if args.quantize and args.dtype:
         ap.error("--quantize and --dtype exclude each other")
     if args.group_size != -1 and args.group_size < 1:
@@ -636,6 +641,24 @@ def main(argv=None) -> int:
     print(f"glm4v_ms.convert: {s['tensors']} tensors in {s['shards']} shards, {size} "
           f"({s['dtype']}) -> {s['dst']} in {s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} "
           f"GB/s), peak memory {s['peak_rss'] / 2**20:.0f} MiB{', verified' if s['verified'] else ''}")
+    return 0
+
+
+def _merge_main(args) -> int:
+    from .finetune.adapter import AdapterError
+    from .finetune.merge import merge
+    if args.quantize:
+        print("glm4v_ms.convert: error: --adapter and --quantize exclude each other", file=sys.stderr)
+        return 1
+    try:
+        s = merge(args.src, args.adapter, args.dst, args.layout, DTYPES.get(args.dtype), args.overwrite)
+    except (WeightError, ConfigError, AdapterError, OSError) as e:
+        print(f"glm4v_ms.convert: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"glm4v_ms.convert: interrupted; nothing was written to {args.dst}", file=sys.stderr)
+        return 130
+    print(f"glm4v_ms.convert: merged {s['merged']} LoRA deltas -> {s['dst']} ({s['layout']} layout)")
     return 0
 
 

@@ -174,6 +174,7 @@ def _refuse(extra: dict, what: str):
 class Output:
     logits: Tensor               # (B, L, vocab)
     rope_deltas: np.ndarray      # (B,)
+    loss: Tensor | None = None   # with labels: the mean cross-entropy over the shifted trained tokens
 
 
 class Glm4vForConditionalGeneration(nn.Cell):
@@ -288,6 +289,14 @@ class Glm4vForConditionalGeneration(nn.Cell):
                 return out
             return out[:, np.shape(inputs_embeds)[1]:]
         return out
+
+    def load_adapter(self, folder: str):
+        """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) on top of these weights, as
+        transformers' load_adapter (finetune/adapter.py); replaces any adapter loaded before."""
+        from .finetune.adapter import load
+        load(self, folder)
+        with open(os.path.join(folder, "adapter_model.safetensors"), "rb") as f:   # the compile cache's key
+            self.config_digest = hashlib.sha256((self.config_digest or "").encode() + f.read()).hexdigest()
 
     def load_weights(self, folder: str, skip=()):
         from .quant import view
@@ -443,11 +452,18 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, **extra) -> Output:
+                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, labels=None, **extra) -> Output:
         """Logits for every position of a full prompt. Exactly one of input_ids and inputs_embeds (B, L, D), as in
         transformers. The processor's mm_token_type_ids / token_type_ids are taken and not needed (the token types
-        follow from the ids); any other argument is refused by name."""
+        follow from the ids); any other argument is refused by name. With `labels` (B, L), -100 where not trained:
+        the training path (no cache, finetune/forward.py) and `.loss`, as transformers computes it."""
         _refuse(extra, "forward")
+        if labels is not None:
+            if input_ids is None:
+                raise ValueError("labels need input_ids")
+            from .finetune.forward import forward_with_loss
+            return forward_with_loss(self, input_ids, attention_mask, labels, pixel_values, image_grid_thw,
+                                     pixel_values_videos, video_grid_thw)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,

@@ -18,7 +18,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from .attention import decoder_attention, rms_norm, rope
+from .attention import causal_attention, decoder_attention, rms_norm, rope
 from .config import TextConfig
 from .parallel import Layout, all_gather, all_reduce
 
@@ -64,12 +64,15 @@ class Linear(nn.Cell):
         self.weight = _param((n_out, n_in), dtype)
         self.bias = _param((n_out,), dtype) if bias else None
         self.reduce = reduce
+        self.lora = None   # finetune/lora.py: a LoRA delta added to the output (one per fused source linear)
 
     def construct(self, x):
         # MatMul(transpose_b), not ops.dense: eager (PyNative) dense runs ~2.5x slower on CPU; same kernel in a graph
         y = _mm_nt(x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[:-1] + (self.weight.shape[0],))
         if self.bias is not None:
             y = y + self.bias
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         return y if self.reduce is None else self.reduce(y)
 
 
@@ -94,6 +97,8 @@ class Attention(nn.Cell):
         cs, sn = cos[:, :, None, :], sin[:, :, None, :]
         q = ops.cat([rope(q[..., :r], cs, sn), q[..., r:]], -1)
         k = ops.cat([rope(k[..., :r], cs, sn), k[..., r:]], -1)
+        if k_cache is None:   # training (finetune/forward.py): this step's own keys and values; `seen` is then
+            return self.o(causal_attention(q, k, v, seen, c.head_dim ** -0.5))   # attention.training_mask's
         # write this step's keys/values at their explicit cache slots, then attend over the first `extent` slots:
         # a prompt reads only the filled part (its scores grow with the prompt, not with max_new_tokens)
         kc = ops.scatter_nd_update(k_cache, write_idx, k.transpose(0, 2, 1, 3))
