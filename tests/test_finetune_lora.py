@@ -212,3 +212,58 @@ def test_emulated_ascend_path_gradients(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] == 12 and out["worst"] <= TOL, out
     assert abs(out["loss"] - out["ref"]) <= TOL * abs(out["ref"]), out
+
+
+MERGER = {"v": ["proj", "gate_proj", "up_proj", "down_proj"], "moe": ["proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def test_merger_lora_grads_sgd_and_keys(base, tmp_path):
+    """freeze_multi_modal_projector false: LoRA on visual.merger's linears (proj, and gate/up fused in ours) next to
+    the text linears, from a PEFT adapter with nonzero B on transformers' model: the loss and every LoRA gradient of
+    a padded batch of two image samples, the merger's included, compiled, and one SGD step; our saved adapter has
+    PEFT's keys and tensors; `all` with the projector trained is LLaMA-Factory's own choice of modules."""
+    kind, d, ours = base
+    merger = [f"model.visual.merger.{m}" for m in MERGER[kind]]
+    tm = tinylora.text_regex(kind)[:-2] + "|" + "|".join(m.replace(".", r"\.") for m in merger) + ")$"
+    pm = tinylora.peft_model(kind, d, target_modules=tm, seed=13)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    lora.remove(ours)
+    adapter.load(ours, str(tmp_path / "peft"), projector=True)
+    assert forward.trains_merger(ours)
+    x, y = tinylora.padded_batch()
+    ref_loss, ref_grads = tinylora.peft_loss_and_grads(pm, x, y)
+    st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
+    params = lora.trainable(ours)
+    total, grads = forward.Grad(ours, params, jit=True)(st)
+    assert abs(float(total.asnumpy()) / st.tokens - ref_loss) <= TOL * abs(ref_loss)
+    grads = [g / st.tokens for g in grads]
+    n, seen = 0, set()
+    for lo in ours.loras:
+        for mod in lo.targets:
+            ga, gb = lo.peft(mod, grads[2 * n].asnumpy(), grads[2 * n + 1].asnumpy())
+            for name, got in (("lora_A", ga), ("lora_B", gb)):
+                want = ref_grads[f"base_model.model.{mod}.{name}.weight"]
+                assert np.abs(want).max() > 0, f"{mod}.{name}: no gradient in the reference"
+                assert rel(got, want) <= TOL, f"{mod}.{name}: relative error {rel(got, want):.2e}"
+            seen.add(mod)
+            n += 1
+    assert set(merger) <= seen and 2 * n == len(ref_grads) == len(params)
+
+    opt = optim.Optimizer(params, "sgd")
+    opt.step(grads, 0.5)
+    torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5).step()
+    pm.save_pretrained(str(tmp_path / "peft_stepped"))
+    mods = [m for lo in ours.loras for m in lo.targets]
+    adapter.save(ours, str(tmp_path / "ours"), adapter.config_dict(4, 8, 0.0, False, mods, d))
+    theirs, mine = (adapter.SafetensorsFile(str(tmp_path / f / adapter.WEIGHTS)) for f in ("peft_stepped", "ours"))
+    assert sorted(mine.keys()) == sorted(theirs.keys())
+    assert "base_model.model.model.visual.merger.gate_proj.lora_B.weight" in mine.keys()
+    for k in theirs.keys():
+        assert rel(mine.read(k)[0], theirs.read(k)[0]) <= TOL, k
+
+    # lora_target all / a list, the projector trained or not: LLaMA-Factory's own choice (model/adapter.py)
+    ref_model = tinylora.reference(kind, d)
+    for target, frozen in ((["all"], False), (["all"], True), (["q_proj", "gate_proj", "merger.proj"], False)):
+        lf = tinylora.llamafactory_lora_targets(ref_model, target, freeze_multi_modal_projector=frozen)
+        assert sorted(lora.select(ours, target, projector=not frozen)) == sorted(lf), (target, frozen)
+        assert any(m.startswith("model.visual.merger.") for m in lf) == (not frozen)

@@ -4,6 +4,7 @@ clipping and the schedules against torch / transformers; the memory plan bounds 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import types
@@ -15,6 +16,7 @@ import tinyref
 import torch
 from glm4v_ms import AutoModelForImageTextToText, demo
 from glm4v_ms.finetune import adapter, interrupt, optim, trainer
+from glm4v_ms.finetune.args import FinetuneArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER = 6
@@ -32,7 +34,7 @@ def sample(seed):
 
 
 def args(out, **kw):
-    """FinetuneArgs' fields that the trainer reads (LLaMA-Factory's names), small-run values."""
+    """FinetuneArgs (LLaMA-Factory's names and defaults), small-run values."""
     d = dict(output_dir=out, model_name_or_path=None, adapter_name_or_path=None, finetuning_type="lora",
              lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target=["all"], use_rslora=False,
              freeze_vision_tower=True, freeze_multi_modal_projector=True, overwrite_output_dir=False,
@@ -40,9 +42,9 @@ def args(out, **kw):
              max_steps=-1, lr_scheduler_type="linear", warmup_steps=0, warmup_ratio=0.0, weight_decay=0.0,
              max_grad_norm=1.0, optim="adamw_torch", seed=7, disable_shuffling=False, logging_steps=1,
              save_steps=500, save_total_limit=None, resume_from_checkpoint=None, plot_loss=False,
-             gradient_checkpointing=False, bf16=False, cutoff_len=64)
+             gradient_checkpointing=False, disable_gradient_checkpointing=True, bf16=False, cutoff_len=64)
     d.update(kw)
-    return types.SimpleNamespace(**d)
+    return FinetuneArgs(**d)
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +188,10 @@ for s in range(2):
     lab = ids.copy(); lab[:L // 2] = -100
     train.append(types.SimpleNamespace(input_ids=ids, labels=lab, media={}))
 lines = []
-a = types.SimpleNamespace(output_dir=out, per_device_train_batch_size=2, max_steps=2, cutoff_len=L, save_steps=0,
-                          logging_steps=1, learning_rate=1e-3, gradient_checkpointing=rec, lora_target=["all"],
-                          lora_rank=8)
+from glm4v_ms.finetune.args import FinetuneArgs
+a = FinetuneArgs(model_name_or_path=folder, output_dir=out, per_device_train_batch_size=2, max_steps=2, cutoff_len=L,
+                 save_steps=0, logging_steps=1, learning_rate=1e-3, gradient_checkpointing=rec,
+                 disable_gradient_checkpointing=not rec)
 tr = trainer.Trainer
 orig = tr.__init__
 def init(self, *args, **kw):
@@ -213,3 +216,108 @@ def test_peak_within_training_plan(tmp_path):
     assert "recompute off" in d["plan"] and "off on CPU" in p.stderr
     assert d["peak"] <= gb(r"total ([\d.]+) GB"), (d["peak"] / 1e9, d["plan"])
     assert d["peak"] - d["base"] >= 0.5 * gb(r"tokens ([\d.]+) GB without recompute"), (d, d["plan"])
+
+
+# ---------------------------------------------------------------------------------------------- the command
+README_TRAIN = ["-m", "glm4v_ms.finetune", "examples/finetune/demo_tiny_lora.yaml"]
+PROMPT = ["--image", "examples/finetune/images/red_circle.png", "--prompt", "What shape is in the picture?",
+          "--greedy", "--max_new_tokens", "12"]
+
+
+def _tensors(folder):
+    f = adapter.SafetensorsFile(os.path.join(folder, adapter.WEIGHTS))
+    return {k: f.read(k)[0] for k in f.keys()}
+
+
+def test_readme_command_ctrl_c_resume_generate_merge(tmp_path):
+    """The README's worked example as it writes it, in subprocesses with the compile cache on: a straight run of
+    the recipe; the same command stopped by SIGINT mid-training (one line naming checkpoint-N, exit 130, the
+    checkpoint whole) and started again, which resumes from output_dir and ends at the straight run's adapter bit for
+    bit; generate.py --adapter prints what generate.py prints on the merged checkpoint; the merged Hugging Face
+    checkpoint in transformers gives our base + adapter logits."""
+    cache = tmp_path / "cache"
+    base = demo.build(str(cache / "demo-tiny"), "demo-tiny")   # what demo.cached("demo-tiny") finds
+    env = dict(os.environ, GLM4V_MS_CACHE=str(cache), GLM4V_MS_DEVICE="cpu", PYTHONPATH=ROOT, GLOG_v="3",
+               GLM4V_MS_COMPILE_CACHE=str(tmp_path / "compile"))
+
+    def cmd(*argv, timeout=300):
+        p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    # output_dir moved out of the checkout; overwrite_output_dir false so that a second start resumes
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    p = cmd(*README_TRAIN, "--output_dir", straight, "--overwrite_output_dir", "false")
+    assert "[data] 4 training samples: 657 tokens, 319 trained" in p.stderr and "[memory: frozen weights" in p.stderr
+    assert "[train] done: 8 steps in " in p.stderr and p.stderr.rstrip().endswith(f"the adapter is in {straight}")
+    assert sorted(os.listdir(straight)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint-4",
+                                            "checkpoint-8", "trainer_log.jsonl", "training_loss.png"]
+    assert [e["current_steps"] for e in log_lines(straight)] == list(range(1, 9))
+
+    proc = subprocess.Popen([sys.executable, *README_TRAIN, "--output_dir", cut, "--overwrite_output_dir", "false"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = []
+    try:
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith("[train] step 2/8"):
+                proc.send_signal(signal.SIGINT)   # what Ctrl-C sends
+        assert proc.wait(timeout=300) == 130, "".join(err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = [ln for ln in err if ln.startswith("interrupted: saved")]
+    assert len(saved) == 1, "".join(err)
+    m = re.fullmatch(r"interrupted: saved (\S+)/checkpoint-(\d+) \(step (\d+) of 8\); run again with "
+                     r"resume_from_checkpoint \S+ to go on\n", saved[0])
+    assert m and m.group(1) == cut and m.group(2) == m.group(3), saved[0]
+    n = int(m.group(2))
+    assert 2 <= n < 8 and not any(ln.startswith(f"[train] step {n + 1}/") for ln in err), "".join(err)
+    ck = os.path.join(cut, f"checkpoint-{n}")
+    assert set(os.listdir(cut)) == {f"checkpoint-{n}", "trainer_log.jsonl"} | ({"checkpoint-4"} if n > 4 else set())
+    assert sorted(os.listdir(ck)) == ["adapter_config.json", "adapter_model.safetensors", "optimizer.npz",
+                                      "trainer_state.json"]
+    with open(os.path.join(ck, "trainer_state.json")) as f:
+        assert json.load(f)["global_step"] == n
+
+    p = cmd(*README_TRAIN, "--output_dir", cut, "--overwrite_output_dir", "false")   # the same command again
+    assert f"resuming from {ck} (step {n} of 8)" in p.stderr
+    a, b = _tensors(straight), _tensors(cut)
+    assert sorted(a) == sorted(b) and len(a) == 24
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert [e["loss"] for e in log_lines(cut)] == [e["loss"] for e in log_lines(straight)]
+
+    # merge, then generate with the adapter and on the merged checkpoint
+    merged = str(tmp_path / "merged")
+    cmd("-m", "glm4v_ms.convert", "--src", base, "--adapter", cut, "--dst", merged, "--layout", "hf")
+    with_adapter = cmd("generate.py", "--model_name", "demo-tiny", "--adapter", cut, *PROMPT)
+    on_merged = cmd("generate.py", "--model_name", merged, *PROMPT)
+    assert with_adapter.stdout == on_merged.stdout and len(with_adapter.stdout.strip()) > 0
+
+    from glm4v_ms import Glm4vProcessor
+    from transformers import Glm4vForConditionalGeneration
+    x = Glm4vProcessor.from_pretrained(base).apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "path": os.path.join(ROOT, PROMPT[1])},
+                                      {"type": "text", "text": PROMPT[3]}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True)
+    ours = AutoModelForImageTextToText.from_pretrained(base)
+    plain = ours(**x).logits.asnumpy()
+    ours.load_adapter(cut)
+    want = ours(**x).logits.asnumpy()
+    with torch.no_grad():
+        got = Glm4vForConditionalGeneration.from_pretrained(merged).eval()(
+            **{k: torch.from_numpy(v) for k, v in x.items()}).logits.numpy()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-4 and np.abs(want - plain).max() > 100 * err * np.abs(want).max(), err
+
+
+def test_console_script():
+    """pyproject's glm4v-ms-finetune runs glm4v_ms.cli:finetune, which is the module's main (--help, no MindSpore)."""
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert 'glm4v-ms-finetune = "glm4v_ms.cli:finetune"' in f.read()
+    p = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['glm4v-ms-finetune', '--help']; "
+                        "from glm4v_ms.cli import finetune; finetune()"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith("usage: python -m glm4v_ms.finetune"), p.stderr

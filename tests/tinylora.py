@@ -86,3 +86,35 @@ def peft_loss_and_grads(pm, x, labels):
     out.loss.backward()
     return out.loss.item(), {n.replace(".default", ""): p.grad.numpy().copy() for n, p in pm.named_parameters()
                              if "lora_" in n}
+
+
+def llamafactory_lora_targets(model, lora_target=("all",), freeze_vision_tower=True,
+                              freeze_multi_modal_projector=True):
+    """LLaMA-Factory 0.9.5's own choice of LoRA modules on transformers' `model` (model/adapter.py: `all` through
+    find_all_linear_modules, then patch_target_modules). Its model_utils are imported without llamafactory.model's
+    __init__, which pulls in trl (not installed here, and not used by these two functions)."""
+    import importlib
+    import os
+    import sys
+    import types
+
+    import lf_reference  # noqa: F401  (stubs, version check)
+    import llamafactory
+    fake = "llamafactory.model" not in sys.modules
+    if fake:
+        pkg = types.ModuleType("llamafactory.model")
+        pkg.__path__ = [os.path.join(os.path.dirname(llamafactory.__file__), "model")]
+        sys.modules["llamafactory.model"] = pkg
+    try:
+        misc = importlib.import_module("llamafactory.model.model_utils.misc")
+        visual = importlib.import_module("llamafactory.model.model_utils.visual")
+    finally:
+        if fake:
+            for name in [n for n in sys.modules if n == "llamafactory.model" or n.startswith("llamafactory.model.")]:
+                del sys.modules[name]
+    args = types.SimpleNamespace(freeze_vision_tower=freeze_vision_tower, freeze_language_model=False,
+                                 freeze_multi_modal_projector=freeze_multi_modal_projector)
+    targets = list(lora_target)
+    if targets == ["all"]:
+        targets = misc.find_all_linear_modules(model, freeze_vision_tower)
+    return visual.patch_target_modules(model, args, targets)

@@ -12,6 +12,7 @@ import re
 import sys
 import tempfile
 
+from . import interrupt
 from .args import FinetuneError, parse
 
 USAGE = ("usage: python -m glm4v_ms.finetune [config.yaml] [--key value ...]   (or glm4v-ms-finetune)\n\n"
@@ -86,6 +87,9 @@ def prepare(argv):
 
 
 def main(argv=None):
+    # first, before anything imports MindSpore: SIGINT blocked in this thread (and every thread started later)
+    # and taken by interrupt.py's watcher, since MindSpore replaces Python's handler at each compile
+    interrupt.watch()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)

@@ -9,6 +9,10 @@ num_items_in_batch, over every micro-batch of gradient accumulation), so the cal
 
 Shapes are bucketed (length to a multiple of 64, trained rows likewise) so that a compiled training step is
 reused across batches: padded positions are masked keys with no label, padded rows have weight 0.
+
+With LoRA on visual.merger (freeze_multi_modal_projector false) the tower still runs on the host without gradient,
+up to the merger's input; those rows stand in the embeddings at the image / video tokens, and the device side runs
+the merger over them (row by row, so the order of images and videos does not matter) before the decoder.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ class Step:
     weight: Tensor     # (n,) float32: 1, or 0 for bucket padding
     tokens: int        # trained tokens (the real rows)
     length: int        # real (unbucketed) length
+    vis: Tensor = None  # (m,) int32: flat positions of the media tokens, whose rows hold the merger's input
 
 
 def prepare(model, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None,
@@ -50,7 +55,11 @@ def prepare(model, input_ids, attention_mask=None, labels=None, pixel_values=Non
     B, L = ids.shape
     mask = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool).reshape(B, L)
     lab = np.full((B, L), IGNORE, np.int64) if labels is None else np.asarray(labels, np.int64).reshape(B, L)
-    h = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    media = pixel_values is not None or pixel_values_videos is not None
+    if media and trains_merger(model):
+        h, vis = _embed_before_merger(model, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    else:
+        h, vis = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw), None
     pos3, _ = model.positions(ids, mask, image_grid_thw, video_grid_thw)
     Lb = bucket(L) if pad_to_bucket else L
     if Lb > L:   # right padding: masked keys, no labels
@@ -71,7 +80,32 @@ def prepare(model, input_ids, attention_mask=None, labels=None, pixel_values=Non
     targets[:n] = nxt[b, s]
     weight = np.zeros(nb, np.float32)
     weight[:n] = 1
-    return Step(h, Tensor(cos), Tensor(sin), Tensor(seen), Tensor(rows), Tensor(targets), Tensor(weight), n, L)
+    if vis is not None:
+        vis = Tensor((vis[0] * Lb + vis[1]).astype(np.int32))
+    return Step(h, Tensor(cos), Tensor(sin), Tensor(seen), Tensor(rows), Tensor(targets), Tensor(weight), n, L, vis)
+
+
+def trains_merger(model) -> bool:
+    return any(lo.site.ours.startswith("visual.merger.") for lo in getattr(model, "loras", []))
+
+
+class _MergerInput(ms.nn.Cell):
+    def construct(self, x):
+        return x
+
+
+def _embed_before_merger(model, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+    """model.embed with the tower stopped before the merger (its input is out_hidden_size wide, as its output),
+    and the (batch, position) indices of the media tokens."""
+    merger = model.visual.merger
+    model.visual.merger = _MergerInput()
+    try:
+        h = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    finally:
+        model.visual.merger = merger
+    c = model.config
+    types = rope.token_types(ids, c.image_token_id, c.video_start_token_id, c.video_end_token_id)
+    return h, np.nonzero((types == rope.IMAGE) | (types == rope.VIDEO))
 
 
 def hidden(model, h, cos, sin, seen):
@@ -85,8 +119,18 @@ def hidden(model, h, cos, sin, seen):
     return rms_norm(h, text.norm.weight, text.cfg.rms_norm_eps)
 
 
-def loss_sum(model, h, cos, sin, seen, rows, targets, weight):
+def merge_media(merger, h, vis):
+    """The media rows (the merger's input) through visual.merger, in place in the embeddings. `merger` is passed
+    as itself: a graph that reaches it through model.visual parses the whole tower's construct."""
+    flat = h.reshape(-1, h.shape[-1])
+    feats = merger(ops.gather(flat, vis, 0))
+    return ops.tensor_scatter_update(flat, vis.reshape(-1, 1), feats.astype(flat.dtype)).reshape(h.shape)
+
+
+def loss_sum(model, h, cos, sin, seen, rows, targets, weight, vis=None, merger=None):
     """Sum of the cross-entropies of the trained rows (float32), the head run over those rows only."""
+    if vis is not None:
+        h = merge_media(merger, h, vis)
     x = hidden(model, h, cos, sin, seen)
     x = ops.gather(x.reshape(-1, x.shape[-1]), rows, 0)
     return ce_sum(_mm_nt(x, model.lm_head.weight), targets, weight)   # the head in the model's dtype, as the reference
@@ -125,9 +169,17 @@ class Grad:
 
         def fn(h, cos, sin, seen, rows, targets, weight):
             return loss_sum(model, h, cos, sin, seen, rows, targets, weight)
+
+        merger = model.visual.merger
+
+        def fn_merger(h, cos, sin, seen, rows, targets, weight, vis):
+            return loss_sum(model, h, cos, sin, seen, rows, targets, weight, vis, merger)
         self.vg = ms.value_and_grad(fn, None, self.params)
         self.run = ms.jit(self.vg) if jit else self.vg
+        self.vg_merger = ms.value_and_grad(fn_merger, None, self.params)   # batches with media, merger trained
+        self.run_merger = ms.jit(self.vg_merger) if jit else self.vg_merger
 
     def __call__(self, st: Step):
-        loss, grads = self.run(st.h, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
+        args = (st.h, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
+        loss, grads = self.run(*args) if st.vis is None else self.run_merger(*args, st.vis)
         return loss, list(grads)

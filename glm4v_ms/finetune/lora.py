@@ -92,14 +92,17 @@ def routed_expert_modules(model) -> list[str]:
 
 
 def select(model, lora_target, projector: bool = False) -> list[str]:
-    """LLaMA-Factory's choice of modules: `all` = every site's source module; else names (a list or a
-    comma-separated string) matched as substrings of the full module names (its patch_target_modules rule)."""
+    """LLaMA-Factory's choice of modules: names (a list or a comma-separated string) matched as substrings of the
+    full names of the modules not frozen (its patch_target_modules rule); `all` = the short names of the language
+    model's linears (its find_all_linear_modules, which leaves the projector out) matched the same way. So with the
+    projector trained, `all` also takes the merger linears that share a short name (GLM-4.1V: merger.down_proj;
+    GLM-4.5V: merger.gate_proj, up_proj, down_proj), as LLaMA-Factory does."""
     names = [p.module for s in sites(model, projector) for p in s.parts]
     if isinstance(lora_target, str):
         lora_target = [t.strip() for t in lora_target.split(",") if t.strip()]
     targets = list(lora_target)
     if targets == ["all"]:
-        return names
+        targets = sorted({n.rsplit(".", 1)[1] for n in names if n.startswith("model.language_model.")})
     chosen = []
     for t in targets:
         routed = [m for m in routed_expert_modules(model) if t in m or t in ("experts", "mlp.experts")]

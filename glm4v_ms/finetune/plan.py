@@ -71,9 +71,7 @@ def total(p: dict, recompute: bool) -> int:
 
 
 def training_plan(model, args, n_trainable: int) -> str:
-    bs = int(getattr(args, "per_device_train_batch_size", 1) or 1)
-    L = int(getattr(args, "cutoff_len", 2048) or 2048)
-    opt = getattr(args, "optim", "adamw_torch") or "adamw_torch"
+    bs, L, opt = args.per_device_train_batch_size, args.cutoff_len, args.optim
     rec = bool(getattr(model, "recompute_layers", False))
     from ..quant_layers import weight_bytes
     return describe(parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt), bs, L, rec)

@@ -36,11 +36,6 @@ LOG, STATE, OPTIM = "trainer_log.jsonl", "trainer_state.json", "optimizer.npz"
 CKPT = re.compile(r"checkpoint-(\d+)$")
 
 
-def _get(args, name, default):
-    v = getattr(args, name, default)
-    return default if v is None else v
-
-
 # ---------------------------------------------------------------------------------------------- the schedule
 def _count(value, total: int) -> int:
     """transformers' logging/save/warmup steps: a value under 1 is a fraction of the total steps."""
@@ -108,24 +103,19 @@ class Trainer:
     def __init__(self, args, model, train, pad_id: int, log=None, jit: bool = True):
         self.args, self.model, self.train, self.pad_id = args, model, train, pad_id
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        bs = int(_get(args, "per_device_train_batch_size", 1))
-        ga = int(_get(args, "gradient_accumulation_steps", 1))
-        self.plan = Plan(len(train), bs, ga, float(_get(args, "num_train_epochs", 3.0)),
-                         int(_get(args, "max_steps", -1)), int(_get(args, "seed", 42)),
-                         not _get(args, "disable_shuffling", False))
+        self.plan = Plan(len(train), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                         args.num_train_epochs, args.max_steps, args.seed, not args.disable_shuffling)
         total = self.plan.total
-        warm = _count(_get(args, "warmup_steps", 0), total) or math.ceil(total * float(_get(args, "warmup_ratio", 0.0)))
-        self.sched = optim.Schedule(_get(args, "lr_scheduler_type", "linear"), float(_get(args, "learning_rate", 5e-5)),
-                                    total, warm)
+        warm = _count(args.warmup_steps, total) or math.ceil(total * args.warmup_ratio)
+        self.sched = optim.Schedule(args.lr_scheduler_type, args.learning_rate, total, warm)
         self.params = lora.trainable(model)
-        self.opt = optim.Optimizer(self.params, _get(args, "optim", "adamw_torch").replace("adamw_torch_fused",
-                                                                                           "adamw_torch"),
-                                   float(_get(args, "weight_decay", 0.0)))
+        self.opt = optim.Optimizer(self.params, args.optim.replace("adamw_torch_fused", "adamw_torch"),
+                                   args.weight_decay)
         self.grad = forward.Grad(model, self.params, jit=jit)
-        self.max_norm = float(_get(args, "max_grad_norm", 1.0))
+        self.max_norm = args.max_grad_norm
         self.out = args.output_dir
-        self.logging_steps = max(1, _count(_get(args, "logging_steps", 500), total))
-        self.save_steps = _count(_get(args, "save_steps", 500), total)
+        self.logging_steps = max(1, _count(args.logging_steps, total))
+        self.save_steps = _count(args.save_steps, total)
         self.step, self.epoch, self.history = 0, 0.0, []
         self.tokens_seen, self.t_start, self._start_step = 0, None, 0
 
@@ -155,9 +145,8 @@ class Trainer:
         mods = [m for lo in self.model.loras for m in lo.targets]
         r = self.model.loras[0].r
         cfg = getattr(self.model, "peft_config", None) or {}
-        return adapter.config_dict(r, cfg.get("lora_alpha", _alpha(a)), float(cfg.get("lora_dropout",
-                                   _get(a, "lora_dropout", 0.0))), bool(cfg.get("use_rslora", _get(a, "use_rslora", False))),
-                                   mods, getattr(a, "model_name_or_path", None))
+        return adapter.config_dict(r, cfg.get("lora_alpha", a.alpha), float(cfg.get("lora_dropout", a.lora_dropout)),
+                                   bool(cfg.get("use_rslora", a.use_rslora)), mods, a.model_name_or_path)
 
     def save_checkpoint(self) -> str:
         final = os.path.join(self.out, f"checkpoint-{self.step}")
@@ -171,7 +160,7 @@ class Trainer:
                            "shuffle": self.plan.shuffle, "num_samples": self.plan.n, "batch": self.plan.batch,
                            "accum": self.plan.accum, "log_history": self.history}, f, indent=2)
         _atomic_dir(final, write)
-        limit = getattr(self.args, "save_total_limit", None)
+        limit = self.args.save_total_limit
         if limit:
             for old in checkpoints(self.out)[:-int(limit)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -240,9 +229,11 @@ class Trainer:
         if self.save_steps and total % self.save_steps == 0:
             self.save_checkpoint()   # transformers saves the last step's checkpoint too when it falls on save_steps
         adapter.save(self.model, self.out, self.adapter_config())
-        if _get(self.args, "plot_loss", False):
+        if self.args.plot_loss:
             from .plot import plot_loss
             plot_loss(self.out, [h["loss"] for h in self.history], [h["current_steps"] for h in self.history])
+        self.log(f"[train] done: {total} steps in {datetime.timedelta(seconds=int(time.time() - self.t_start))}; "
+                 f"the adapter is in {self.out}")
 
     def write_log(self, loss, lr):
         el = time.time() - self.t_start
@@ -255,11 +246,6 @@ class Trainer:
         self.history.append(entry)
         with open(os.path.join(self.out, LOG), "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
-
-
-def _alpha(args) -> float:
-    a = getattr(args, "lora_alpha", None)
-    return float(a if a is not None else 2 * int(_get(args, "lora_rank", 8)))
 
 
 class Progress:
@@ -290,13 +276,11 @@ class Progress:
 
 # ---------------------------------------------------------------------------------------------- the face
 def _check(args):
-    if _get(args, "finetuning_type", "lora") != "lora":
+    if args.finetuning_type != "lora":
         raise FinetuneError(f"finetuning_type {args.finetuning_type}: only lora is implemented")
-    if not _get(args, "freeze_vision_tower", True):
+    if not args.freeze_vision_tower:
         raise FinetuneError("freeze_vision_tower false: training the vision tower is not implemented (LoRA on the "
                             "language model, and on visual.merger with freeze_multi_modal_projector false)")
-    if not _get(args, "freeze_multi_modal_projector", True):
-        raise FinetuneError("freeze_multi_modal_projector false: training visual.merger is not implemented yet")
     if not args.output_dir:
         raise FinetuneError("output_dir: needed")
 
@@ -304,13 +288,13 @@ def _check(args):
 def _resume_point(args):
     """LLaMA-Factory's rule: resume_from_checkpoint names a checkpoint; without it, an output_dir that holds
     checkpoints resumes from the last unless overwrite_output_dir; another non-empty output_dir is an error."""
-    r = getattr(args, "resume_from_checkpoint", None)
+    r = args.resume_from_checkpoint
     out = args.output_dir
     if r:
         if not os.path.isdir(r):
             raise FinetuneError(f"resume_from_checkpoint: {r} is not a folder")
         return r
-    if os.path.isdir(out) and os.listdir(out) and not _get(args, "overwrite_output_dir", False):
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite_output_dir:
         last = checkpoints(out)
         if last:
             return last[-1]
@@ -320,20 +304,20 @@ def _resume_point(args):
 
 def setup(args, model):
     """LoRA on the model as the args ask: a given adapter to continue, else fresh (A kaiming, B zero)."""
-    projector = not _get(args, "freeze_multi_modal_projector", True)
+    projector = not args.freeze_multi_modal_projector
     try:
-        if getattr(args, "adapter_name_or_path", None):
+        if args.adapter_name_or_path:
             path = args.adapter_name_or_path
             path = path[0] if isinstance(path, (list, tuple)) else path
-            adapter.load(model, path, dropout=float(_get(args, "lora_dropout", 0.0)), projector=projector)
+            adapter.load(model, path, dropout=args.lora_dropout, projector=projector)
         else:
-            mods = lora.select(model, _get(args, "lora_target", ["all"]), projector)
-            lora.inject(model, mods, int(_get(args, "lora_rank", 8)), _alpha(args), float(_get(args, "lora_dropout", 0.0)),
-                        bool(_get(args, "use_rslora", False)), seed=int(_get(args, "seed", 42)), projector=projector)
+            mods = lora.select(model, args.lora_target, projector)
+            lora.inject(model, mods, args.lora_rank, args.alpha, args.lora_dropout, args.use_rslora, seed=args.seed,
+                        projector=projector)
     except (lora.LoraError, adapter.AdapterError) as e:
         raise FinetuneError(str(e)) from None
     model.recompute_layers = False
-    if _recompute(args):
+    if args.recompute:
         from .. import attention
         if attention.mode() == "plain":
             # measured on demo-tiny (2 x 2048 tokens): 5.6 GB peak with Cell.recompute, 4.6 GB without; MindSpore's
@@ -346,28 +330,22 @@ def setup(args, model):
             model.recompute_layers = True
 
 
-def _recompute(args) -> bool:
-    if hasattr(args, "recompute"):
-        return bool(args.recompute)
-    return bool(_get(args, "gradient_checkpointing", False))
-
-
 def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     """Train as the args say; see the module docstring. `model`: an already loaded one (tests, benchmarks)."""
     _check(args)
     if not train:
         raise FinetuneError("dataset: no training samples")
     resume = _resume_point(args)
-    if os.path.isdir(args.output_dir) and _get(args, "overwrite_output_dir", False) and not resume:
+    if os.path.isdir(args.output_dir) and args.overwrite_output_dir and not resume:
         shutil.rmtree(args.output_dir)
     if model is None:
         from ..model import AutoModelForImageTextToText
         try:
             model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path,
-                                                                dtype="bfloat16" if _get(args, "bf16", False) else None)
+                                                                dtype="bfloat16" if args.bf16 else None)
         except ValueError as e:
             raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
-    ms.set_seed(int(_get(args, "seed", 42)))
+    ms.set_seed(args.seed)
     setup(args, model)
     pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
     pad = pad if pad is not None else (model.generation_config.pad_token_id or 0)
