@@ -162,7 +162,6 @@ def test_sharded_state_equals_unsharded(launched, name, unsharded):
     if name.endswith("z2"):
         T = 4 * n_params
         assert j["parts"]["grads"] - i["parts"]["grads"] == T - T // 2
-    assert "per rank" not in i["plan"] and "optimizer state" in i["plan"]
 
 
 def test_checkpoint_of_two_ranks_resumes_on_one_process(launched, single, setup, tmp_path):
@@ -245,20 +244,22 @@ def test_readme_command(setup, tmp_path):
     demo.cached("demo-tiny")   # built once here, not raced by the ranks
     _, cfgs = setup
     two, one, logs = tmp_path / "two", tmp_path / "one", tmp_path / "logs"
-    flags = ["--max_steps", "2", "--save_steps", "2", "--plot_loss", "false", "--learning_rate", "1e-3"]
+    flags = ["--max_steps", "3", "--save_steps", "3", "--plot_loss", "false", "--learning_rate", "1e-3"]
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", f"--log_dir={logs}",
            "--join=True", "finetune.py", YAML, "--output_dir", str(two), "--deepspeed", cfgs["z2"], *flags]
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     text = logs_of(logs)
     assert p.returncode == 0, "\n".join(f"== {k}\n{v[-3000:]}" for k, v in text.items())
     assert "[memory per rank (2 ranks, data parallel, ZeRO stage 2)" in text["worker_0.log"]
-    assert "[train] step 2/2" in text["worker_0.log"]
+    assert "[train] step 3/3" in text["worker_0.log"]
     assert "[train]" not in text["worker_1.log"] and "[memory" not in text["worker_1.log"]
-    assert sorted(os.listdir(two)) == ["adapter_config.json", WEIGHTS, "checkpoint-2", "trainer_log.jsonl"]
+    assert sorted(os.listdir(two)) == ["adapter_config.json", WEIGHTS, "checkpoint-3", "trainer_log.jsonl"]
 
     assert main([YAML, "--output_dir", str(one), "--per_device_train_batch_size", "2", *flags]) == 0
     a, b = (SafetensorsFile(os.path.join(d, WEIGHTS)) for d in (two, one))
     for k in b.keys():
         assert np.abs(a.read(k)[0] - b.read(k)[0]).max() <= 1e-3 * 1e-3, k
+        if "lora_B" in k:
+            assert np.abs(b.read(k)[0]).max() > 1e-4, k   # trained
     la, lb = ([json.loads(ln)["loss"] for ln in open(d / "trainer_log.jsonl")] for d in (two, one))
     np.testing.assert_allclose(la, lb, atol=1e-4)   # the log rounds to 4 decimals

@@ -246,7 +246,8 @@ class Trainer:
                 if self.step % self.logging_steps == 0 or self.step == total:
                     self.write_log(float(np.mean(window)), lr)
                     window = []
-                if self.stop:
+                # on several ranks the vote taken inside the step, so that every rank stops at the same one
+                if self.stop or (self.world.size == 1 and interrupt.requested()):
                     path = self.save_checkpoint()
                     bar.close()
                     self.log(f"interrupted: saved {path} (step {self.step} of {total}); run again with "
