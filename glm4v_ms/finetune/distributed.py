@@ -15,9 +15,9 @@ multiple of N and cut into N contiguous slices; one collective moves the whole v
   and the updated slices are all-gathered into the parameters;
 - stage 2: as 1, and each rank keeps only its slice of the reduced gradient (the clip norm is all-reduced from the
   slices). MindSpore's CPU backend (MCCL) has only all-reduce (sum), all-gather and broadcast: there the reduction
-  is an all-reduce and a slice; on Ascend HCCL's ReduceScatter (sum; input's first dimension divisible by the
-  group, output that over N, slices in rank order: its documented contract) does it in one collective (not yet
-  run on hardware).
+  is an all-reduce and a slice; on Ascend HCCL's ReduceScatter does it in one collective. Its documented contract
+  (mindspore.ops.ReduceScatter): input (M, *) with M divisible by the group size, output (M / N, *); that rank r
+  receives the r-th chunk is the collective's usual definition, assumed here: not yet run on hardware.
 Stage 3 (the parameters themselves sharded) is refused by name. Checkpoints hold the whole optimizer state (the
 slices gathered), in the one-process format: a run saved on N ranks resumes on any number of them.
 """
