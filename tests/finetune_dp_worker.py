@@ -72,6 +72,8 @@ def main(out, base, specs):
     for spec in json.loads(specs):
         spec = dict(spec)
         name, n = spec.pop("name"), spec.pop("n")
+        if str(spec.get("resume_from_checkpoint", "")).startswith("@"):   # a checkpoint of an earlier spec
+            spec["resume_from_checkpoint"] = os.path.join(out, spec["resume_from_checkpoint"][1:])
         tr, losses = run(args(os.path.join(out, name), base, **spec), n)
         r = tr.world.rank
         np.savez(os.path.join(out, f"{name}.rank{r}.npz"), **{p.name: p.asnumpy() for p in tr.params})

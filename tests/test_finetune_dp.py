@@ -1,6 +1,7 @@
 """Fine-tuning on several ranks (msrun, 2 processes, MCCL on CPU) equals one process with the same global batch:
 SGD and AdamW, two steps, with and without sharded optimizer state (ZeRO 1/2 from a DeepSpeed JSON), a short
-last batch split unevenly; the 2-rank checkpoint resumes on one process to the straight run's weights; the
+last batch split unevenly; the 2-rank ZeRO-2 checkpoint resumes on the 2 ranks under ZeRO-1 and on one process,
+each to the straight run's weights; the
 README's command (msrun ... finetune.py demo_tiny_lora.yaml --deepspeed ...) trains with only rank 0 writing and
 speaking. Two msrun launches in all (each ~20 s before any work); the one-process references run in this process.
 
@@ -38,6 +39,9 @@ SPECS = [
     ("adamw", 7, dict(per_device_train_batch_size=2)),       # 7 over batches of 4: the last splits 2 + 1
     ("adamw_z1", 7, dict(per_device_train_batch_size=2, deepspeed="z1")),
     ("adamw_z2", 7, dict(per_device_train_batch_size=2, deepspeed="z2")),
+    # resumed on the 2 ranks from the ZeRO-2 run's checkpoint-1, with ZeRO-1 (the state is saved whole)
+    ("adamw_resumed", 7, dict(per_device_train_batch_size=2, deepspeed="z1",
+                              resume_from_checkpoint="@adamw_z2/checkpoint-1")),
 ]
 
 
@@ -113,7 +117,7 @@ def single(setup):
 
 
 def reference_of(name):
-    return name.split("_")[0]
+    return name.split("_")[0]   # the one-process run of the same keys
 
 
 def assert_close(kind, got, want, what):
@@ -133,15 +137,16 @@ def test_two_ranks_equal_one_process(launched, single, name):
         np.testing.assert_array_equal(r0[k], r1[k])
     assert_close(reference_of(name), r0, want, name)
     info = json.load(open(launched / f"{name}.rank0.json"))
-    assert info["world"] == 2 and len(info["losses"]) == 2
-    np.testing.assert_allclose(info["losses"], want_loss, rtol=1e-6)
+    resumed = name.endswith("resumed")
+    assert info["world"] == 2 and len(info["losses"]) == (1 if resumed else 2)
+    np.testing.assert_allclose(info["losses"], want_loss[1:] if resumed else want_loss, rtol=1e-6)
     # rank 0 alone wrote the outputs, and the saved adapter is what the ranks hold
     saved = SafetensorsFile(os.path.join(launched, name, WEIGHTS))
     assert len(saved.keys()) == len(r0)
-    assert sorted(os.listdir(launched / name)) == ["adapter_config.json", WEIGHTS, "checkpoint-1", "checkpoint-2",
-                                                    "trainer_log.jsonl"]
+    assert sorted(os.listdir(launched / name)) == ["adapter_config.json", WEIGHTS] + (
+        [] if resumed else ["checkpoint-1"]) + ["checkpoint-2", "trainer_log.jsonl"]
     log = [json.loads(ln) for ln in open(launched / name / "trainer_log.jsonl")]
-    assert [e["current_steps"] for e in log] == [1, 2]
+    assert [e["current_steps"] for e in log] == ([2] if resumed else [1, 2])
 
 
 @pytest.mark.parametrize("name,unsharded", [("sgd_z2", "sgd"), ("adamw_z1", "adamw"), ("adamw_z2", "adamw")])
@@ -241,7 +246,7 @@ def test_readme_command(setup, tmp_path):
     the logged losses equal `python -m glm4v_ms.finetune` on one process with per-device batch 2."""
     from glm4v_ms import demo
     from glm4v_ms.finetune.__main__ import main
-    demo.cached("demo-tiny")   # built once here, not raced by the ranks
+    demo.cached("demo-tiny")   # built once here, not once per rank
     _, cfgs = setup
     two, one, logs = tmp_path / "two", tmp_path / "one", tmp_path / "logs"
     flags = ["--max_steps", "3", "--save_steps", "3", "--plot_loss", "false", "--learning_rate", "1e-3"]
