@@ -167,6 +167,9 @@ def test_sharded_state_equals_unsharded(launched, name, unsharded):
     if name.endswith("z2"):
         T = 4 * n_params
         assert j["parts"]["grads"] - i["parts"]["grads"] == T - T // 2
+    saved = sum(j["parts"].values()) - sum(i["parts"].values())
+    assert saved > 0   # the plan line each rank prints says so
+    assert f"; ZeRO-{name[-1]} saves {saved / 1e6:,.3f} MB per rank against unsharded state" in i["plan"]
 
 
 def test_checkpoint_of_two_ranks_resumes_on_one_process(launched, single, setup, tmp_path):
@@ -250,8 +253,12 @@ def test_readme_command(setup, tmp_path):
     _, cfgs = setup
     two, one, logs = tmp_path / "two", tmp_path / "one", tmp_path / "logs"
     flags = ["--max_steps", "3", "--save_steps", "3", "--plot_loss", "false", "--learning_rate", "1e-3"]
-    cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", f"--log_dir={logs}",
-           "--join=True", "finetune.py", YAML, "--output_dir", str(two), "--deepspeed", cfgs["z2"], *flags]
+    from test_readme_commands import readme_command
+    cmd = readme_command("msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=")
+    assert cmd[-2:] == ["finetune.py", YAML], cmd
+    cmd = [f"--master_port={free_port()}" if c.startswith("--master_port=") else f"--log_dir={logs}"
+           if c.startswith("--log_dir=") else c for c in cmd]
+    cmd += ["--output_dir", str(two), "--deepspeed", cfgs["z2"], *flags]
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     text = logs_of(logs)
     assert p.returncode == 0, "\n".join(f"== {k}\n{v[-3000:]}" for k, v in text.items())

@@ -88,8 +88,14 @@ def training_plan(model, args, n_trainable: int, world=None) -> str:
     rec = bool(getattr(model, "recompute_layers", False))
     from ..quant_layers import weight_bytes
     n, st = (world.size, world.stage) if world is not None else (1, 0)
-    return describe(parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt, ranks=n,
-                          stage=st), bs, L, rec)
+    make = lambda stage: parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt,  # noqa: E731
+                               ranks=n, stage=stage)
+    p = make(st)
+    line = describe(p, bs, L, rec)
+    if n > 1 and st:
+        saved = total(make(0), rec) - total(p, rec)
+        line += f"; ZeRO-{st} saves {saved / 1e6:,.3f} MB per rank against unsharded state"
+    return line
 
 
 def describe(p: dict, batch: int, length: int, recompute: bool) -> str:
