@@ -8,7 +8,8 @@ LoRA on the demo dataset (examples/finetune, 4 image samples) with the demo reci
 step times and its peak resident set (getrusage); throughput = trained tokens of steps 2.. over their wall time
 (step 1 compiles; a rank's share of 2 samples changes shape from step to step, so later steps may compile too:
 the median step time is given beside it), of the slowest rank. MindSpore's CPU thread pool takes every core in
-each process (model.select_device); `threads` per rank is also run at cores / ranks, the fair split. The plan's per-rank gradient and optimizer terms are printed next to it:
+each process (model.select_device); 2 ranks are also run at cores / 2 threads each, the fair split. The plan's
+per-rank gradient and optimizer terms are printed next to it:
 on this LoRA they are kilobytes, so the measured peaks cannot show the sharding's saving; the plan does.
 On a shared 2-core machine, 2 ranks share the cores that 1 process has alone: the ratio says what the
 collectives and the split cost there, not what N cards give.
@@ -51,8 +52,9 @@ def worker(out, name, flags, threads):
     p = plan.parts(tr.model.config, 4, weight_bytes(tr.model)[0], a.per_device_train_batch_size, a.cutoff_len,
                    sum(int(p.size) for p in tr.params), a.optim, ranks=tr.world.size, stage=tr.world.stage)
     with open(os.path.join(out, f"{name}.rank{tr.world.rank}.json"), "w") as f:
-        json.dump({"times": times, "tokens": tokens, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   "grads": p["grads"], "optimizer": p["optimizer"]}, f)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        json.dump({"times": times, "tokens": tokens, "peak_mb": peak, "grads": p["grads"], "optimizer": p["optimizer"]},
+                  f)
 
 
 def free_port():
@@ -83,7 +85,8 @@ def main():
     runs = [("1 process", 1, 0, ["--per_device_train_batch_size", "4"]),
             (f"2 ranks, {cores} threads each", 2, 0, ["--per_device_train_batch_size", "2"]),
             (f"2 ranks, {half} thread(s) each", 2, half, ["--per_device_train_batch_size", "2"]),
-            (f"2 ranks, {half} thread(s) each, ZeRO-2", 2, half, ["--per_device_train_batch_size", "2", "--deepspeed", ds])]
+            (f"2 ranks, {half} thread(s) each, ZeRO-2", 2, half,
+             ["--per_device_train_batch_size", "2", "--deepspeed", ds])]
     rows = []
     for i, (label, n, threads, flags) in enumerate(runs):
         name = f"run{i}"

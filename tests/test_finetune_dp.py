@@ -69,7 +69,7 @@ def ds_config(folder, stage):
     return path
 
 
-def keys(spec, base, cfgs):
+def keys(spec, cfgs):
     kw = dict(spec)
     if "deepspeed" in kw:
         kw["deepspeed"] = cfgs[kw["deepspeed"]]
@@ -90,14 +90,15 @@ def launched(setup):
     base, cfgs = setup
     out = base / "two"
     out.mkdir()
-    specs = [dict(name=n, n=k, **keys(s, base, cfgs)) for n, k, s in SPECS]
+    specs = [dict(name=n, n=k, **keys(s, cfgs)) for n, k, s in SPECS]
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "--join=True", f"--log_dir={base / 'logs'}", "--cluster_time_out=90",
            os.path.join(HERE, "finetune_dp_worker.py"), str(out), str(base / "model"), json.dumps(specs)]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     logs = logs_of(base / "logs")
-    assert p.returncode == 0, f"msrun exit {p.returncode}:\n" + "\n".join(f"== {k}\n{v[-3000:]}" for k, v in logs.items())
+    assert p.returncode == 0, f"msrun exit {p.returncode}:\n" + "\n".join(f"== {k}\n{v[-3000:]}"
+                                                                      for k, v in logs.items())
     print(f"2-rank launch, {len(SPECS)} runs: {time.perf_counter() - t0:.1f} s")
     return out
 

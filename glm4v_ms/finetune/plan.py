@@ -88,7 +88,8 @@ def training_plan(model, args, n_trainable: int, world=None) -> str:
     rec = bool(getattr(model, "recompute_layers", False))
     from ..quant_layers import weight_bytes
     n, st = (world.size, world.stage) if world is not None else (1, 0)
-    make = lambda stage: parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt,  # noqa: E731
+    w_bytes = weight_bytes(model)[0]
+    make = lambda stage: parts(model.config, _item(model), w_bytes, bs, L, n_trainable, opt,  # noqa: E731
                                ranks=n, stage=stage)
     p = make(st)
     line = describe(p, bs, L, rec)

@@ -387,8 +387,8 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     bs = int(_get(args, "per_device_train_batch_size", 1))
     # checked alike on every rank before the process group is joined: a bad launch fails everywhere, none waits
     distributed.check_split(len(train), bs, n_ranks)
-    distributed.check_batch_keys(getattr(args, "deepspeed", None), bs, int(_get(args, "gradient_accumulation_steps", 1)),
-                                 n_ranks)
+    distributed.check_batch_keys(getattr(args, "deepspeed", None), bs,
+                                 int(_get(args, "gradient_accumulation_steps", 1)), n_ranks)
     resume = _resume_point(args)
     world = distributed.init(stage)
     if world.size > 1:
@@ -411,7 +411,8 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
     tr = Trainer(args, model, train, pad, jit=jit, world=world)
     from .plan import training_plan
-    tr.log(f"[memory{_per_rank(world)}: {training_plan(model, args, sum(int(np.prod(p.shape)) for p in tr.params), world)}]")
+    n_trainable = sum(int(np.prod(p.shape)) for p in tr.params)
+    tr.log(f"[memory{_per_rank(world)}: {training_plan(model, args, n_trainable, world)}]")
     if resume:
         tr.resume(resume)
         if world.rank == 0:
