@@ -155,6 +155,7 @@ class FinetuneArgs:
     gradient_checkpointing: bool = None
     disable_gradient_checkpointing: bool = False
     bf16: bool = False
+    deepspeed: str = None                    # a DeepSpeed JSON: its zero_optimization.stage (0-2) under msrun
     # taken, no effect here (NO_EFFECT)
     trust_remote_code: bool = False
     use_fast_tokenizer: bool = True
@@ -178,7 +179,8 @@ class FinetuneArgs:
 FIELDS = {f.name: f for f in dataclasses.fields(FinetuneArgs)}
 OPTIONAL = {"model_name_or_path", "adapter_name_or_path", "template", "dataset", "media_dir", "max_samples",
             "default_system", "tokenized_path", "lora_alpha", "output_dir", "save_total_limit",
-            "resume_from_checkpoint", "gradient_checkpointing", "preprocessing_num_workers", "enable_thinking"}
+            "resume_from_checkpoint", "gradient_checkpointing", "preprocessing_num_workers", "enable_thinking",
+            "deepspeed"}
 assert set(FIELDS) <= LLAMAFACTORY_KEYS | {"warmup_ratio"}, set(FIELDS) - LLAMAFACTORY_KEYS
 
 
@@ -362,3 +364,6 @@ def check(a: FinetuneArgs):
     need(a.save_steps > 0, "save_steps", "must be > 0")
     need(a.save_total_limit is None or a.save_total_limit >= 1, "save_total_limit", "must be >= 1")
     need(a.report_to in ("none", "", None), "report_to", "only none (no logging integrations here)")
+    if a.deepspeed is not None:   # read now: a bad config fails before the data and the model
+        from .distributed import zero_stage
+        zero_stage(a.deepspeed)

@@ -9,6 +9,8 @@
 - schedules: transformers.get_scheduler's lambdas (constant, linear, cosine with warmup); warmup_ratio gives
   ceil(total * ratio) warmup steps when warmup_steps is 0.
 The updates run as one compiled graph over all parameters (ms.jit): per-parameter eager ops cost ~0.1-1 ms each.
+On several ranks (distributed.py) the optimizer also reduces the gradients; with sharded state (ZeRO 1/2) it
+keeps the moments of its flat slice only and runs the same per-element update on that slice (_ShardUpdate).
 """
 from __future__ import annotations
 
@@ -83,31 +85,115 @@ class _Update(nn.Cell):
         return lr
 
 
-class Optimizer:
-    """adamw_torch or sgd over a fixed parameter list; `step(grads, lr)`; state() / load_state() for checkpoints."""
+class _ShardUpdate(nn.Cell):
+    """_Update's per-element maths on this rank's slice [lo, hi) of the flattened parameters, then the updated
+    slices all-gathered back into every parameter (ZeRO stages 1 and 2)."""
 
-    def __init__(self, params, kind="adamw_torch", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, flat, kind, b1, b2, eps, wd):
+        super().__init__()
+        self.kind, self.b1, self.b2, self.eps, self.wd, self.flat = kind, b1, b2, eps, wd, flat
+        self.params = ParameterTuple(params)
+        zero = lambda tag: Parameter(Tensor(np.zeros(flat.k, np.float32)), name=f"flat.{tag}",  # noqa: E731
+                                     requires_grad=False)
+        self.m = zero("exp_avg") if kind == "adamw_torch" else None
+        self.v = zero("exp_avg_sq") if kind == "adamw_torch" else None
+        self.gather = ops.AllGather()
+
+    @ms.jit
+    def construct(self, g, lr, bc1, bc2_sqrt):
+        parts = []
+        for i in range(len(self.params)):
+            parts.append(self.params[i].astype(ms.float32).reshape(-1))
+        if self.flat.padded > self.flat.n:
+            parts.append(ops.zeros((self.flat.padded - self.flat.n,), ms.float32))
+        p = ops.cat(parts)[self.flat.lo:self.flat.hi]
+        if self.kind == "sgd":
+            if self.wd != 0.0:
+                g = g + self.wd * p
+            p = p - lr * g
+        else:
+            p = p * (1.0 - lr * self.wd)
+            m = self.m + (g - self.m) * (1.0 - self.b1)
+            v = self.v * self.b2 + g * g * (1.0 - self.b2)
+            ops.assign(self.m, m)
+            ops.assign(self.v, v)
+            p = p - (lr / bc1) * (m / (ops.sqrt(v) / bc2_sqrt + self.eps))
+        whole = self.gather(p)
+        for i in range(len(self.params)):
+            o, s = self.flat.offsets[i], self.flat.sizes[i]
+            ops.assign(self.params[i], whole[o:o + s].reshape(self.flat.shapes[i]).astype(self.params[i].dtype))
+        return lr
+
+
+class Optimizer:
+    """adamw_torch or sgd over a fixed parameter list; `step(grads, lr)`; state() / load_state() for checkpoints.
+    `world` (distributed.World): on several ranks `reduce` sums the gradients over them, and with ZeRO 1/2 the
+    state is this rank's slice (state() gathers it whole, load_state() takes the slice of a whole one)."""
+
+    def __init__(self, params, kind="adamw_torch", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, world=None):
         if kind not in ("adamw_torch", "sgd"):
             raise ValueError(f"optim {kind!r}: use adamw_torch or sgd")
         self.params, self.kind, self.t = list(params), kind, 0
         self.b1, self.b2 = betas
-        self.update = _Update(self.params, kind, float(betas[0]), float(betas[1]), float(eps), float(weight_decay))
+        self.world, self.wd = world, float(weight_decay)
+        self.sharding = None
+        if world is not None and world.size > 1:
+            from .distributed import Sharding
+            self.sharding = Sharding(self.params, world)
+        if world is not None and world.sharded:
+            self.update = _ShardUpdate(self.params, self.sharding.flat, kind, float(betas[0]), float(betas[1]),
+                                       float(eps), self.wd)
+        else:
+            self.update = _Update(self.params, kind, float(betas[0]), float(betas[1]), float(eps), self.wd)
+
+    def reduce(self, grads, scale: float):
+        """The step's summed gradients -> the global ones times `scale` (1 / the trained tokens): a list, or under
+        ZeRO the flat vector (stage 1) / this rank's flat slice (stage 2)."""
+        if self.sharding is None:
+            return [g * scale for g in grads]
+        return self.sharding.reduce(grads, scale)
+
+    def clip(self, grads, max_norm: float):
+        if self.sharding is None:
+            return clip_grad_norm(grads, max_norm)
+        return self.sharding.clip(grads, max_norm)
 
     def step(self, grads, lr: float):
         self.t += 1
         bc1 = 1.0 - self.b1 ** self.t
         bc2 = math.sqrt(1.0 - self.b2 ** self.t)
         f = lambda x: Tensor(np.float32(x))  # noqa: E731
+        if isinstance(self.update, _ShardUpdate):
+            if self.world.stage == 1:   # the whole reduced gradient: this rank's slice of it
+                grads = grads[self.sharding.flat.lo:self.sharding.flat.hi]
+            self.update(grads, f(lr), f(bc1), f(bc2))
+            return
         self.update(ms.mutable(tuple(grads)), f(lr), f(bc1), f(bc2))   # mutable: a new tuple is not a new graph
 
     def state(self) -> dict:
+        """The whole state, in one format for any number of ranks (sharded: a collective, every rank calls it)."""
         out = {"step": np.array(self.t, np.int64)}
+        if isinstance(self.update, _ShardUpdate):
+            if self.kind == "adamw_torch":
+                sh = self.sharding
+                for tag, part in (("exp_avg", self.update.m), ("exp_avg_sq", self.update.v)):
+                    for i, a in enumerate(sh.flat.split(sh.gather(part))):
+                        out[f"{tag}.{i}"] = a
+            return out
         for i, (m, v) in enumerate(zip(self.update.m, self.update.v)):
             out[f"exp_avg.{i}"], out[f"exp_avg_sq.{i}"] = m.asnumpy(), v.asnumpy()
         return out
 
     def load_state(self, d: dict):
         self.t = int(d["step"])
+        if isinstance(self.update, _ShardUpdate):
+            if self.kind == "adamw_torch":
+                fl = self.sharding.flat
+                n = len(fl.sizes)
+                for tag, part in (("exp_avg", self.update.m), ("exp_avg_sq", self.update.v)):
+                    whole = fl.flatten([d[f"{tag}.{i}"] for i in range(n)])
+                    part.set_data(Tensor(whole[fl.lo:fl.hi]))
+            return
         for i, (m, v) in enumerate(zip(self.update.m, self.update.v)):
             m.set_data(Tensor(np.asarray(d[f"exp_avg.{i}"], np.float32)))
             v.set_data(Tensor(np.asarray(d[f"exp_avg_sq.{i}"], np.float32)))

@@ -9,6 +9,10 @@ output (Q), the MLP (4 I: gate_up, silu(gate), the product); float32 scores, pro
 local expert on every token: E (3 I + D) instead of 4 I; on the grouped path k (3 I + D). With recompute only each
 layer's input (D) is kept, plus one layer's full set while it is recomputed. Then the head over the trained rows
 (logits, log-sum-exp and their gradient: 3 x 4 V per row) and the inputs (embeddings, rotary tables, mask).
+
+Per rank on N ranks (data parallel, distributed.py), with T the trainable bytes: the reduction's flat vector (T) is
+added; ZeRO 1 and 2 keep the optimizer state of a 1/N slice, ZeRO 2 also the reduced and clipped gradient (so
+2 T + T/N + the flat vector instead of 3 T + it: the backward's own gradients and their sum are whole on every rank).
 """
 from __future__ import annotations
 
@@ -47,8 +51,9 @@ def layer_bytes(t, i: int, tokens: int, length: int, item: int, plain: bool) -> 
 
 
 def parts(cfg, item: int, total_w: int, batch: int, length: int, n_trainable: int, optim: str,
-          plain: bool | None = None) -> dict:
-    """Bytes of each term for micro-batches of `batch` rows of `length` tokens; total_w: all weights' bytes."""
+          plain: bool | None = None, ranks: int = 1, stage: int = 0) -> dict:
+    """Bytes of each term for micro-batches of `batch` rows of `length` tokens; total_w: all weights' bytes;
+    per rank of `ranks` data-parallel ranks with ZeRO `stage`."""
     t = cfg.text
     plain = attention.mode() == "plain" if plain is None else plain
     tokens = batch * length
@@ -58,8 +63,14 @@ def parts(cfg, item: int, total_w: int, batch: int, length: int, n_trainable: in
     inputs = tokens * (t.hidden_size * item + 2 * t.rotary_dim * 4) + batch * length * length
     head = tokens * (3 * 4 * t.vocab_size + t.hidden_size * item)
     from ..model import RUNTIME_BYTES
-    return {"frozen": total_w - lora_b, "trainable": lora_b, "grads": 3 * lora_b,   # a micro-batch's, the sum, clipped
-            "optimizer": 2 * lora_b if optim.startswith("adamw") else 0,
+    state = 2 * lora_b if optim.startswith("adamw") else 0
+    grads = 3 * lora_b   # a micro-batch's, the sum, clipped
+    if ranks > 1:
+        sliced = -(-lora_b // ranks)
+        grads = lora_b + (2 * lora_b + sliced if stage == 2 else 3 * lora_b)   # + the flat vector of the reduction
+        state = state // ranks if stage >= 1 else state
+    return {"frozen": total_w - lora_b, "trainable": lora_b, "grads": grads,
+            "optimizer": state,
             "activations": full + inputs + head,
             "activations_recompute": t.num_hidden_layers * tokens * t.hidden_size * item + one + inputs + head,
             "runtime": RUNTIME_BYTES}
@@ -70,11 +81,20 @@ def total(p: dict, recompute: bool) -> int:
     return p["frozen"] + p["trainable"] + p["grads"] + p["optimizer"] + act + p["runtime"]
 
 
-def training_plan(model, args, n_trainable: int) -> str:
+def training_plan(model, args, n_trainable: int, world=None) -> str:
     bs, L, opt = args.per_device_train_batch_size, args.cutoff_len, args.optim
     rec = bool(getattr(model, "recompute_layers", False))
     from ..quant_layers import weight_bytes
-    return describe(parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt), bs, L, rec)
+    n, st = (world.size, world.stage) if world is not None else (1, 0)
+    w_bytes = weight_bytes(model)[0]
+    make = lambda stage: parts(model.config, _item(model), w_bytes, bs, L, n_trainable, opt,  # noqa: E731
+                               ranks=n, stage=stage)
+    p = make(st)
+    line = describe(p, bs, L, rec)
+    if n > 1 and st:
+        saved = total(make(0), rec) - total(p, rec)
+        line += f"; ZeRO-{st} saves {saved / 1e6:,.3f} MB per rank against unsharded state"
+    return line
 
 
 def describe(p: dict, batch: int, length: int, recompute: bool) -> str:
@@ -87,7 +107,7 @@ def describe(p: dict, batch: int, length: int, recompute: bool) -> str:
 
 
 def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim: str = "adamw_torch",
-                plain: bool = False) -> dict:
+                plain: bool = False, ranks: int = 1, stage: int = 0) -> dict:
     """The plan from a config alone (no weights loaded): the README's figures for the 9B model and GLM-4.5V."""
     t = cfg.text
     n_lora = 0
@@ -103,4 +123,4 @@ def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim
             n_lora += rank * (D + 2 * t.intermediate_size) + rank * (t.intermediate_size + D)
     from ..weights import hf_shapes
     n_w = sum(int(np.prod(s)) for s in hf_shapes(cfg).values())
-    return parts(cfg, dtype_bytes, n_w * dtype_bytes + 4 * n_lora, batch, length, n_lora, optim, plain)
+    return parts(cfg, dtype_bytes, n_w * dtype_bytes + 4 * n_lora, batch, length, n_lora, optim, plain, ranks, stage)

@@ -12,6 +12,11 @@ Output (output_dir): adapter_config.json + adapter_model.safetensors at the end;
 (adapter, optimizer and scheduler state, the step = the data position), each written into a temporary folder and
 renamed; Ctrl-C (interrupt.py) stops after the step with such a checkpoint and one line naming it;
 trainer_log.jsonl (LLaMA-Factory's LogCallback lines); training_loss.png with plot_loss.
+
+Under msrun (finetune.py) the trainer is data parallel (distributed.py): the plan is the one process's with
+micro-batches of per_device_train_batch_size x N, each rank trains on its share of each, the loss and gradients
+are summed over the ranks, optionally with the optimizer state sharded (the `deepspeed` key's ZeRO stage). Rank 0
+logs, writes and plots; every rank takes part in the collectives, a checkpoint's included.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import time
 import mindspore as ms
 import numpy as np
 
-from . import adapter, forward, interrupt, lora, optim
+from . import adapter, distributed, forward, interrupt, lora, optim
 
 from .args import FinetuneError
 from .data import collate
@@ -100,17 +105,20 @@ def checkpoints(folder: str) -> list:
 
 # ---------------------------------------------------------------------------------------------- the trainer
 class Trainer:
-    def __init__(self, args, model, train, pad_id: int, log=None, jit: bool = True):
+    def __init__(self, args, model, train, pad_id: int, log=None, jit: bool = True, world=None):
         self.args, self.model, self.train, self.pad_id = args, model, train, pad_id
+        self.world = world or distributed.World()
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        self.plan = Plan(len(train), args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                         args.num_train_epochs, args.max_steps, args.seed, not args.disable_shuffling)
+        bs = args.per_device_train_batch_size
+        distributed.check_split(len(train), bs, self.world.size)
+        self.plan = Plan(len(train), bs * self.world.size, args.gradient_accumulation_steps, args.num_train_epochs,
+                         args.max_steps, args.seed, not args.disable_shuffling)
         total = self.plan.total
         warm = _count(args.warmup_steps, total) or math.ceil(total * args.warmup_ratio)
         self.sched = optim.Schedule(args.lr_scheduler_type, args.learning_rate, total, warm)
         self.params = lora.trainable(model)
         self.opt = optim.Optimizer(self.params, args.optim.replace("adamw_torch_fused", "adamw_torch"),
-                                   args.weight_decay)
+                                   args.weight_decay, world=self.world)
         self.grad = forward.Grad(model, self.params, jit=jit)
         self.max_norm = args.max_grad_norm
         self.out = args.output_dir
@@ -118,25 +126,32 @@ class Trainer:
         self.save_steps = _count(args.save_steps, total)
         self.step, self.epoch, self.history = 0, 0.0, []
         self.tokens_seen, self.t_start, self._start_step = 0, None, 0
+        self.stop = False
 
     # ---- one optimizer step
     def train_step(self, k: int):
         micro, epoch = self.plan.step(k)
-        steps = [forward.prepare(self.model, **collate([self.train[i] for i in idx], self.pad_id)) for idx in micro]
+        w = self.world
+        steps = [forward.prepare(self.model, **collate([self.train[i] for i in distributed.share(idx, w.rank, w.size)],
+                                                       self.pad_id)) for idx in micro]
         n_items = sum(s.tokens for s in steps)
         total, grads = 0.0, None
         for st in steps:
             loss, g = self.grad(st)
             total += float(loss.asnumpy())
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+        seen = sum(s.length * s.h.shape[0] for s in steps)
+        # the loss over every rank's trained tokens; a Ctrl-C on any rank stops them all after this step
+        total, n_items, seen, stop = distributed.sum_scalars(w, [total, n_items, seen, interrupt.requested()])
+        self.stop = stop > 0
         scale = 1.0 / max(n_items, 1)
-        grads = [g * scale for g in grads]
+        grads = self.opt.reduce(grads, scale)
         if self.max_norm > 0:
-            grads, _ = optim.clip_grad_norm(grads, self.max_norm)
+            grads, _ = self.opt.clip(grads, self.max_norm)
         self.opt.step(grads, self.sched.lr())
         self.sched.step()
         self.step, self.epoch = k + 1, epoch
-        self.tokens_seen += sum(s.length * s.h.shape[0] for s in steps)
+        self.tokens_seen += int(seen)
         return total * scale
 
     # ---- saving
@@ -150,15 +165,20 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         final = os.path.join(self.out, f"checkpoint-{self.step}")
+        opt_state = self.opt.state()   # sharded: gathered from every rank
+        if self.world.rank != 0:
+            return final
 
         def write(tmp):
             adapter.save(self.model, tmp, self.adapter_config())
-            np.savez(os.path.join(tmp, OPTIM), **self.opt.state())
+            np.savez(os.path.join(tmp, OPTIM), **opt_state)
             with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as f:
+                # batch: the global micro-batch (per device x ranks): a run resumes on any number of ranks with it
                 json.dump({"global_step": self.step, "epoch": self.epoch, "max_steps": self.plan.total,
                            "scheduler": self.sched.state(), "optim": self.opt.kind, "seed": self.plan.seed,
                            "shuffle": self.plan.shuffle, "num_samples": self.plan.n, "batch": self.plan.batch,
-                           "accum": self.plan.accum, "log_history": self.history}, f, indent=2)
+                           "accum": self.plan.accum, "ranks": self.world.size, "zero_stage": self.world.stage,
+                           "log_history": self.history}, f, indent=2)
         _atomic_dir(final, write)
         limit = self.args.save_total_limit
         if limit:
@@ -175,7 +195,8 @@ class Trainer:
         for key, mine in (("num_samples", self.plan.n), ("batch", self.plan.batch), ("accum", self.plan.accum),
                           ("seed", self.plan.seed), ("optim", self.opt.kind)):
             if st.get(key) != mine:
-                raise FinetuneError(f"resume_from_checkpoint: {folder} was made with {key} {st.get(key)}, this run "
+                what = "batch (per_device_train_batch_size x ranks)" if key == "batch" else key
+                raise FinetuneError(f"resume_from_checkpoint: {folder} was made with {what} {st.get(key)}, this run "
                                     f"has {mine}")
         mods = sorted(m for lo in self.model.loras for m in lo.targets)
         try:
@@ -191,7 +212,7 @@ class Trainer:
         self.params = lora.trainable(self.model)
         assert [p.name for p in self.params] == [n for n, _ in keep]
         kind = self.opt.kind
-        self.opt = optim.Optimizer(self.params, kind, self.opt.update.wd)
+        self.opt = optim.Optimizer(self.params, kind, self.opt.wd, world=self.world)
         with np.load(os.path.join(folder, OPTIM)) as d:
             self.opt.load_state(dict(d))
         self.grad = forward.Grad(self.model, self.params, jit=self.grad.run is not self.grad.vg)
@@ -215,7 +236,8 @@ class Trainer:
                 if self.step % self.logging_steps == 0 or self.step == total:
                     self.write_log(float(np.mean(window)), lr)
                     window = []
-                if interrupt.requested():
+                # on several ranks the vote taken inside the step, so that every rank stops at the same one
+                if self.stop or (self.world.size == 1 and interrupt.requested()):
                     path = self.save_checkpoint()
                     bar.close()
                     self.log(f"interrupted: saved {path} (step {self.step} of {total}); run again with "
@@ -228,6 +250,8 @@ class Trainer:
         bar.close()
         if self.save_steps and total % self.save_steps == 0:
             self.save_checkpoint()   # transformers saves the last step's checkpoint too when it falls on save_steps
+        if self.world.rank != 0:
+            return
         adapter.save(self.model, self.out, self.adapter_config())
         if self.args.plot_loss:
             from .plot import plot_loss
@@ -236,6 +260,8 @@ class Trainer:
                  f"the adapter is in {self.out}")
 
     def write_log(self, loss, lr):
+        if self.world.rank != 0:
+            return
         el = time.time() - self.t_start
         rate = el / max(self.step - self._start_step, 1)
         entry = {"current_steps": self.step, "total_steps": self.plan.total, "loss": round(loss, 4), "lr": lr,
@@ -335,31 +361,50 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     _check(args)
     if not train:
         raise FinetuneError("dataset: no training samples")
+    stage = distributed.zero_stage(args.deepspeed)
+    n_ranks = distributed.launched()
+    bs = args.per_device_train_batch_size
+    # checked alike on every rank before the process group is joined: a bad launch fails everywhere, none waits
+    distributed.check_split(len(train), bs, n_ranks)
+    distributed.check_batch_keys(args.deepspeed, bs, args.gradient_accumulation_steps, n_ranks)
     resume = _resume_point(args)
-    if os.path.isdir(args.output_dir) and args.overwrite_output_dir and not resume:
+    world = distributed.init(stage)
+    if world.size > 1:
+        distributed.sum_scalars(world, [0.0])   # every rank has read output_dir before rank 0 changes it
+    if world.rank == 0 and os.path.isdir(args.output_dir) and args.overwrite_output_dir and not resume:
         shutil.rmtree(args.output_dir)
     if model is None:
         from ..model import AutoModelForImageTextToText
         try:
-            model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path,
-                                                                dtype="bfloat16" if args.bf16 else None)
+            with distributed.replicated_model():
+                model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path,
+                                                                    dtype="bfloat16" if args.bf16 else None)
         except ValueError as e:
             raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
     ms.set_seed(args.seed)
     setup(args, model)
     pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
     pad = pad if pad is not None else (model.generation_config.pad_token_id or 0)
-    os.makedirs(args.output_dir, exist_ok=True)
-    tr = Trainer(args, model, train, pad, jit=jit)
+    if world.rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    tr = Trainer(args, model, train, pad, jit=jit, world=world)
     from .plan import training_plan
-    tr.log(f"[memory: {training_plan(model, args, len(tr.params) and sum(int(np.prod(p.shape)) for p in tr.params))}]")
+    n_trainable = sum(int(np.prod(p.shape)) for p in tr.params)
+    tr.log(f"[memory{_per_rank(world)}: {training_plan(model, args, n_trainable, world)}]")
     if resume:
         tr.resume(resume)
-        _truncate_log(args.output_dir, tr.step)
+        if world.rank == 0:
+            _truncate_log(args.output_dir, tr.step)
         tr.log(f"resuming from {resume} (step {tr.step} of {tr.plan.total})")
     tr._start_step = tr.step
     tr.run()
     return tr
+
+
+def _per_rank(world) -> str:
+    if world.size == 1:
+        return ""
+    return f" per rank ({world.size} ranks, data parallel, ZeRO stage {world.stage})"
 
 
 def _truncate_log(out, step):

@@ -1,0 +1,126 @@
+"""Fine-tuning on 2 ranks (msrun, MCCL on CPU) against 1 process, the same global batch, CPU, one run each:
+
+    .venv/bin/python benchmarks/bench_finetune_dp.py [--steps 6] [--model demo-tiny]
+
+LoRA on the demo dataset (examples/finetune, 4 image samples) with the demo recipe's keys, global batch 4 per step
+(1 process: per_device_train_batch_size 4; 2 ranks: 2 each), AdamW, `--steps` steps. Three runs: 1 process,
+2 ranks unsharded, 2 ranks with ZeRO-2 (a DeepSpeed JSON through the `deepspeed` key). Each rank records its
+step times and its peak resident set (getrusage); throughput = trained tokens of steps 2.. over their wall time
+(step 1 compiles; a rank's share of 2 samples changes shape from step to step, so later steps may compile too:
+the median step time is given beside it), of the slowest rank. MindSpore's CPU thread pool takes every core in
+each process (model.select_device); 2 ranks are also run at cores / 2 threads each, the fair split. The plan's
+per-rank gradient and optimizer terms are printed next to it:
+on this LoRA they are kilobytes, so the measured peaks cannot show the sharding's saving; the plan does.
+On a shared 2-core machine, 2 ranks share the cores that 1 process has alone: the ratio says what the
+collectives and the split cost there, not what N cards give.
+"""
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+YAML = os.path.join(ROOT, "examples", "finetune", "demo_tiny_lora.yaml")
+
+
+def worker(out, name, flags, threads):
+    """One rank: the trainer as finetune.py runs it, with each step timed."""
+    if threads:   # select_device sizes MindSpore's CPU pool by os.cpu_count(): this rank's share of the cores
+        os.cpu_count = lambda: threads
+    from glm4v_ms.finetune import plan, trainer
+    from glm4v_ms.finetune.__main__ import prepare
+    from glm4v_ms.quant_layers import weight_bytes
+    times, tokens = [], []
+    real = trainer.Trainer.train_step
+
+    def step(self, k):
+        t0, seen = time.perf_counter(), self.tokens_seen
+        loss = real(self, k)
+        times.append(time.perf_counter() - t0)
+        tokens.append(self.tokens_seen - seen)
+        return loss
+    trainer.Trainer.train_step = step
+    args, train, _, processor = prepare([YAML, *flags])
+    tr = trainer.run(args, train, [], processor)
+    a = tr.args
+    p = plan.parts(tr.model.config, 4, weight_bytes(tr.model)[0], a.per_device_train_batch_size, a.cutoff_len,
+                   sum(int(p.size) for p in tr.params), a.optim, ranks=tr.world.size, stage=tr.world.stage)
+    with open(os.path.join(out, f"{name}.rank{tr.world.rank}.json"), "w") as f:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        json.dump({"times": times, "tokens": tokens, "peak_mb": peak, "grads": p["grads"], "optimizer": p["optimizer"]},
+                  f)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--model", default="demo-tiny")
+    a = ap.parse_args()
+    from glm4v_ms import demo
+    if a.model in ("demo-tiny", "demo-150m"):
+        demo.cached(a.model)   # built once before the ranks start
+    tmp = tempfile.mkdtemp(prefix="bench_ft_dp_")
+    ds = os.path.join(tmp, "ds_z2_config.json")
+    with open(ds, "w") as f:
+        json.dump({"train_batch_size": "auto", "zero_optimization": {"stage": 2}}, f)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               PYTHONPATH=ROOT, GLOG_v="3")
+    common = ["--model_name_or_path", a.model, "--max_steps", str(a.steps), "--gradient_accumulation_steps", "1",
+              "--save_steps", str(10 ** 6), "--plot_loss", "false", "--lr_scheduler_type", "constant",
+              "--warmup_ratio", "0"]
+    cores = os.cpu_count() or 1
+    half = max(1, cores // 2)
+    runs = [("1 process", 1, 0, ["--per_device_train_batch_size", "4"]),
+            (f"2 ranks, {cores} threads each", 2, 0, ["--per_device_train_batch_size", "2"]),
+            (f"2 ranks, {half} thread(s) each", 2, half, ["--per_device_train_batch_size", "2"]),
+            (f"2 ranks, {half} thread(s) each, ZeRO-2", 2, half,
+             ["--per_device_train_batch_size", "2", "--deepspeed", ds])]
+    rows = []
+    for i, (label, n, threads, flags) in enumerate(runs):
+        name = f"run{i}"
+        f = [*common, "--output_dir", os.path.join(tmp, name), *flags]
+        me = [os.path.abspath(__file__), "worker", tmp, name, json.dumps(f), str(threads)]
+        if n == 1:
+            cmd = [sys.executable, *me]
+        else:
+            cmd = ["msrun", f"--worker_num={n}", f"--local_worker_num={n}", f"--master_port={free_port()}",
+                   f"--log_dir={os.path.join(tmp, name + '_logs')}", "--join=True", *me]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"{label}: exit {p.returncode}\n{p.stderr[-3000:]}")
+        ranks = [json.load(open(os.path.join(tmp, f"{name}.rank{r}.json"))) for r in range(n)]
+        slow = max(sum(r["times"][1:]) for r in ranks)
+        tps = sum(ranks[0]["tokens"][1:]) / slow
+        med = max(sorted(r["times"][1:])[len(r["times"][1:]) // 2] for r in ranks)
+        rows.append((label, tps, [r["peak_mb"] for r in ranks], ranks[0]["grads"], ranks[0]["optimizer"],
+                     time.perf_counter() - t0, ranks[0]["times"][0], med))
+    base = rows[0][1]
+    print(f"LoRA on {a.model}, global batch 4, {a.steps} steps (AdamW); {os.cpu_count()} CPU cores")
+    print("| run | tokens/s (steps 2..) | ratio to 1 process | median step (s) | peak RSS per rank (MiB) | plan: "
+          "gradients per rank (KB) | plan: optimizer state per rank (KB) | first step (s) | wall (s) |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for label, tps, peaks, g, o, wall, first, med in rows:
+        print(f"| {label} | {tps:,.0f} | {tps / base:.2f} | {med:.2f} | {' / '.join(f'{m:,.0f}' for m in peaks)} | "
+              f"{g / 1e3:,.1f} | {o / 1e3:,.1f} | {first:.1f} | {wall:.1f} |")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:   # a word, not a flag: msrun would take "--worker" for --worker_num
+        from glm4v_ms.finetune.distributed import silence_other_ranks
+        silence_other_ranks()
+        worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5]))
+    else:
+        main()
