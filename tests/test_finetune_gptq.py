@@ -1,0 +1,232 @@
+"""LoRA on a quantized (GPTQ) base against transformers + PEFT on the float model holding the same dequantized
+weights (fp32, CPU; rel <= 1e-4).
+
+The base: a tiny GPTQ checkpoint in GPTQModel's layout (MLP split into gate_proj / up_proj), act-order, a 4/8-bit
+`dynamic` mix chosen so that every kind of quantized linear carries LoRA: layer 0's q/k/v as one int4 matmul with a
+gather, layer 1's q/k/v as three (k_proj int8), layer 0's gate/up fused int4, layer 1's split int4/int8, an int8 and
+an int4 down_proj, layer 0's o_proj kept float. The reference: transformers' float Glm4vForConditionalGeneration
+holding the fixture's own dequantization (tests/gptq_fixtures.py: the float source fake-quantized with numpy, not
+glm4v_ms.quant), saved and loaded back, with PEFT on top.
+
+Paths: plain kernels (CPU's default: every weight dequantized at load, the float model), and the emulated Ascend
+path (GLM4V_MS_KERNELS=emulated: the weights stay quantized in QuantLinear / SplitLinear and run through the emulated
+WeightQuantBatchMatmul, the backward through quant_layers' bprop), eager and compiled. Then `python -m
+glm4v_ms.finetune` on a GPTQ folder as a user runs it, its adapter in PEFT on the dequantized float model."""
+import json
+import os
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+import gptq_fixtures
+import tinylora
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4
+L0, L1 = r".*\.layers\.0\.", r".*\.layers\.1\."
+MIX = dict(bits=4, group_size=32, desc_act=True, sym=True, checkpoint_format="gptq",
+           dynamic={"+:" + L1 + r"self_attn\.k_proj": {"bits": 8},
+                    "+:" + L1 + r"mlp\.up_proj": {"bits": 8},
+                    "+:" + L0 + r"mlp\.down_proj": {"bits": 8},
+                    "-:" + L0 + r"self_attn\.o_proj": {}})
+LR = 0.5
+
+
+def build(folder):
+    """(the GPTQ folder, the dequantized float folder transformers loads)."""
+    ref, gptq = gptq_fixtures.build(os.path.join(folder, "gptq"), MIX, seed=3, layout="gptqmodel")
+    deq = os.path.join(folder, "dequantized")
+    ref.save_pretrained(deq)
+    return gptq, deq
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("lora_gptq")))
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def step_against_peft(gptq, deq, jit):
+    """From the same PEFT adapter (nonzero B) on both: the loss, every LoRA gradient and one SGD step of a padded
+    batch of two image samples. Returns the worst relative errors and what was compared."""
+    from glm4v_ms import AutoModelForImageTextToText
+    from glm4v_ms.finetune import adapter, forward, lora, optim
+    pm = tinylora.peft_model("v", deq)
+    ad = os.path.join(os.path.dirname(gptq), f"adapter-{jit}")
+    pm.save_pretrained(ad)
+    ours = AutoModelForImageTextToText.from_pretrained(gptq)
+    adapter.load(ours, ad)
+    x, y = tinylora.padded_batch()
+    ref_loss, ref_grads = tinylora.peft_loss_and_grads(pm, x, y)
+    st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
+    params = lora.trainable(ours)
+    total, grads = forward.Grad(ours, params, jit=jit)(st)
+    grads = [g / st.tokens for g in grads]
+    worst, n, zero = 0.0, 0, []
+    for lo in ours.loras:
+        for mod in lo.targets:
+            ga, gb = lo.peft(mod, grads[2 * n].asnumpy(), grads[2 * n + 1].asnumpy())
+            for name, got in (("lora_A", ga), ("lora_B", gb)):
+                want = ref_grads[f"base_model.model.{mod}.{name}.weight"]
+                if not np.abs(want).max() > 0:
+                    zero.append(f"{mod}.{name}")
+                worst = max(worst, rel(got, want))
+            n += 1
+    opt = optim.Optimizer(params, "sgd")
+    opt.step(grads, LR)
+    torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR).step()
+    mine = adapter.peft_tensors(ours)
+    sgd = max(rel(mine[k.replace(".default", "")], p.detach().numpy()) for k, p in pm.named_parameters() if "lora_" in k)
+    from glm4v_ms.quant_layers import QuantLinear, SplitLinear
+    kinds = {lo.site.ours: type(lo.site.linear).__name__ for lo in ours.loras}
+    return {"loss": float(total.asnumpy()) / st.tokens, "ref": ref_loss, "worst": worst, "sgd": sgd, "n": n,
+            "n_ref": len(ref_grads) // 2, "zero": zero, "kinds": kinds,
+            "quantized": sum(isinstance(c, (QuantLinear, SplitLinear)) for _, c in ours.cells_and_names())}
+
+
+def check(out, path):
+    assert out["n"] == out["n_ref"] == 12 and not out["zero"], out   # q, k, v, o, gate_up, down x 2 layers
+    assert out["worst"] <= TOL and out["sgd"] <= TOL, (path, out)
+    assert abs(out["loss"] - out["ref"]) <= TOL * abs(out["ref"]), (path, out)
+
+
+def test_plain_path_dequantized_at_load(base):
+    """CPU's default: the GPTQ weights dequantized into float linears, which differentiate as they are; the loss,
+    every gradient (through GPTQModel's split gate/up, read as the fused layer, and the q/k/v fusion) and one SGD
+    step equal PEFT's on the float model."""
+    out = step_against_peft(*base, jit=False)
+    check(out, "plain")
+    assert out["quantized"] == 0 and set(out["kinds"].values()) == {"Linear"}, out
+
+
+_EMULATED = r"""
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from glm4v_ms.model import select_device
+select_device("cpu")
+from glm4v_ms import attention
+assert attention.mode() == "emulated", attention.mode()
+import test_finetune_gptq as t
+gptq, deq = t.build(sys.argv[2])
+out = {jit: t.step_against_peft(gptq, deq, jit) for jit in ("eager", "compiled")}
+from glm4v_ms import AutoModelForImageTextToText
+from glm4v_ms.finetune import lora, plan
+from glm4v_ms.quant_layers import weight_bytes
+m = AutoModelForImageTextToText.from_pretrained(gptq)
+base, quant = weight_bytes(m)
+lora.inject(m, lora.select(m, "all"), 8, 16)
+n = sum(int(p.size) for p in lora.trainable(m))
+p = plan.parts(m.config, 4, weight_bytes(m)[0], 1, 64, n, "adamw_torch")
+from glm4v_ms.weights import hf_shapes
+import numpy as np
+out["plan"] = {"frozen": p["frozen"], "base": base, "quant": quant,
+               "float": 4 * sum(int(np.prod(s)) for s in hf_shapes(m.config).values())}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_emulated_kernel_path(tmp_path):
+    """GLM4V_MS_KERNELS=emulated (the Ascend code path on CPU): the GPTQ weights stay quantized (int4 qint4x2 and
+    int8, per group, act-order gathers), LoRA sits on QuantLinear / SplitLinear, and the gradient reaches the
+    earlier layers through their backward; eagerly and compiled (the trainer's way), the loss, every gradient and
+    one SGD step equal PEFT's. The training plan counts the quantized weights at their bytes."""
+    env = dict(os.environ, GLM4V_MS_KERNELS="emulated", GLM4V_MS_DEVICE="cpu", GLOG_v="3")
+    r = subprocess.run([sys.executable, "-c", _EMULATED, ROOT, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    for path in ("eager", "compiled"):
+        check(out[path], path)
+        kinds = out[path]["kinds"]
+        # every kind of quantized site carries LoRA; layer 0's o_proj was kept float by its "-:" rule
+        assert kinds["text.layers.0.attn.qkv"] == "QuantLinear" and kinds["text.layers.1.attn.qkv"] == "SplitLinear"
+        assert kinds["text.layers.0.mlp.gate_up"] == "QuantLinear" and kinds["text.layers.1.mlp.gate_up"] == "SplitLinear"
+        assert kinds["text.layers.0.mlp.down"] == kinds["text.layers.1.attn.o"] == "QuantLinear"
+        assert kinds["text.layers.0.attn.o"] == "Linear", kinds
+    p = out["plan"]
+    assert p["frozen"] == p["base"] and 0 < p["quant"] < p["base"] < p["float"], p
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (4, 0), (8, 0)])
+def test_quantized_matmul_backward(bits, group):
+    """quant_layers' bprop, eager and compiled: dx = dy @ dequant(W)^T, dequant the documented (w + offset) *
+    scale per group; through the act-order gather too (QuantLinear's input permutation)."""
+    from glm4v_ms import quant
+    from glm4v_ms.quant_layers import QuantLinear
+    rng = np.random.default_rng(bits + group)
+    k, n = 128, 48
+    G = k // group if group else 1
+    w = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (k, n)).astype(np.int8)
+    p = quant.Packed(bits, w, rng.uniform(0.01, 0.1, (G, n)).astype(np.float16),
+                     rng.integers(-3, 4, (G, n)).astype(np.float16), rng.permutation(k).astype(np.int32))
+    cell = QuantLinear(p, ms.float32, False)
+    W = p.dequantize()                                  # (n, k), rows in input order
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    dy = rng.standard_normal((2, 3, n)).astype(np.float32)
+
+    def f(x):
+        return (cell(x) * Tensor(dy)).sum()
+    for run in (ms.grad(f), ms.jit(ms.grad(f))):
+        dx = run(Tensor(x)).asnumpy()
+        assert rel(dx, dy @ W) <= 1e-6
+    assert rel(cell(Tensor(x)).asnumpy(), x @ W.T) <= 1e-6
+
+
+def demo_prompt():
+    """An image prompt in demo-tiny's token ids (tinyref's prompt builder, its structure ids mapped)."""
+    import tinyref
+    from glm4v_ms.processing import tiny
+    x = tinyref.Prompt(4).text(4).image(8, 8).text(6).inputs()
+    ids = x["input_ids"]
+    for k, v in (("image_token_id", tiny.IMAGE_TOKEN_ID), ("image_start_token_id", tiny.IMAGE_START_TOKEN_ID),
+                 ("image_end_token_id", tiny.IMAGE_END_TOKEN_ID)):
+        ids[ids == tinyref.IDS[k]] = v
+    return x
+
+
+def test_finetune_command_on_a_gptq_base(tmp_path):
+    """The README's recipe with `model_name_or_path` a GPTQ folder (demo-tiny quantized by the fixture in GPTQModel's
+    layout, tokenizer and processor files copied), on the emulated Ascend path: it trains a few steps and writes a
+    PEFT adapter for the float model's module names; PeftModel.from_pretrained on transformers' float model holding
+    the fixture's dequantized weights gives our logits (ours: the GPTQ folder + that adapter)."""
+    from glm4v_ms import AutoModelForImageTextToText, demo
+    from transformers import Glm4vForConditionalGeneration
+    from peft import PeftModel
+    float_dir, gptq = str(tmp_path / "demo-tiny"), str(tmp_path / "demo-tiny-gptq")
+    demo.build(float_dir, "demo-tiny")
+    deq = gptq_fixtures.quantize_folder(float_dir, gptq, MIX, layout="gptqmodel")
+    out = str(tmp_path / "out")
+    env = dict(os.environ, GLM4V_MS_KERNELS="emulated", GLM4V_MS_DEVICE="cpu", GLOG_v="3",
+               GLM4V_MS_COMPILE_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "glm4v_ms.finetune", "examples/finetune/demo_tiny_lora.yaml",
+                        "--model_name_or_path", gptq, "--output_dir", out, "--max_steps", "2", "--save_steps", "100",
+                        "--plot_loss", "false", "--learning_rate", "0.05", "--disable_gradient_checkpointing", "true"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "[memory: frozen weights" in r.stderr, r.stderr[-2000:]
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert any(m.endswith("mlp.gate_up_proj") for m in cfg["target_modules"]), cfg["target_modules"]
+    assert not any(m.endswith(("gate_proj", "up_proj")) and "gate_up" not in m for m in cfg["target_modules"])
+
+    ref = Glm4vForConditionalGeneration.from_pretrained(float_dir).eval()
+    with torch.no_grad():
+        sd = ref.state_dict()
+        for name, d in deq.items():
+            sd[name].copy_(torch.from_numpy(d))
+    pm = PeftModel.from_pretrained(ref, out).eval()
+    assert max(float(p.abs().max()) for n, p in pm.named_parameters() if "lora_B" in n) > 0   # it trained
+    ours = AutoModelForImageTextToText.from_pretrained(gptq)
+    ours.load_adapter(out)
+    x = demo_prompt()
+    with torch.no_grad():
+        want = pm(**tinylora.torch_inputs(x)).logits.float().numpy()
+    got = ours(**x).logits.asnumpy()
+    assert rel(got, want) <= TOL and (got.argmax(-1) == want.argmax(-1)).all()
