@@ -175,3 +175,42 @@ def weight_bytes(model) -> tuple:
     return total, quant
 
 
+
+
+def _backward_bytes(k: int, n: int, bits: int, item: int) -> int:
+    # _QuantMatmul.bprop: dequant(W) (k, n), and for int4 the identity (k, k) it is made from
+    return item * (k * n + (k * k if bits == 4 else 0))
+
+
+def backward_peak(model) -> int:
+    """The largest transient of the quantized linears' backward in this model (they run one at a time)."""
+    return max((_backward_bytes(c.k, c.n, 4 if c.qweight.dtype == ms.qint4x2 else 8, _ITEM[model.dtype])
+                for _, c in model.cells_and_names() if isinstance(c, QuantLinear)), default=0)
+
+
+def backward_peak_estimate(cfg, qcfg, item: int) -> int:
+    """backward_peak from a config and a GPTQ quantization_config (the 9B plan), with quant.estimate_bytes'
+    assumptions: q/k/v one matmul where they agree, GPTQModel's gate/up halves likewise, a split MLP with a float
+    half dequantized (no quantized backward)."""
+    from .quant import split_names
+    from .weights import hf_shapes
+    shapes, peak = hf_shapes(cfg), 0
+    for i in range(cfg.text.num_hidden_layers):
+        L = f"model.language_model.layers.{i}."
+        groups = [[L + f"self_attn.{x}_proj" for x in "qkv"], [L + "self_attn.o_proj"],
+                  list(split_names(L + "mlp.gate_up_proj")), [L + "mlp.down_proj"]]
+        for mods in groups:
+            if L + "mlp.gate_proj" in mods:
+                N, K = shapes[L + "mlp.gate_up_proj.weight"]
+                dims = [(N // 2, K)] * 2
+            elif mods[0] + ".weight" in shapes:
+                dims = [shapes[m + ".weight"] for m in mods]
+            else:
+                continue   # a MoE layer's MLP: not in the dense model's table
+            specs = [qcfg.resolve(m)[0] for m in mods]
+            if None in specs:
+                continue
+            if len({(s.bits, s.group_size, s.desc_act) for s in specs}) == 1:
+                dims, specs = [(sum(d[0] for d in dims), dims[0][1])], specs[:1]
+            peak = max([peak] + [_backward_bytes(K, N, s.bits, item) for (N, K), s in zip(dims, specs)])
+    return peak

@@ -34,12 +34,15 @@ MIX = dict(bits=4, group_size=32, desc_act=True, sym=True, checkpoint_format="gp
                     "+:" + L1 + r"mlp\.up_proj": {"bits": 8},
                     "+:" + L0 + r"mlp\.down_proj": {"bits": 8},
                     "-:" + L0 + r"self_attn\.o_proj": {}})
+# all int8 (act-order, per group): what the emulation can run under recompute per layer (its int4 read is a host
+# callback, which MindSpore 2.10 cannot recompute: "The prim is not a PrimitivePy")
+INT8 = dict(bits=8, group_size=32, desc_act=True, sym=True, checkpoint_format="gptq", dynamic={})
 LR = 0.5
 
 
-def build(folder):
+def build(folder, qc=MIX):
     """(the GPTQ folder, the dequantized float folder transformers loads)."""
-    ref, gptq = gptq_fixtures.build(os.path.join(folder, "gptq"), MIX, seed=3, layout="gptqmodel")
+    ref, gptq = gptq_fixtures.build(os.path.join(folder, "gptq"), qc, seed=3, layout="gptqmodel")
     deq = os.path.join(folder, "dequantized")
     ref.save_pretrained(deq)
     return gptq, deq
@@ -54,7 +57,7 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def step_against_peft(gptq, deq, jit):
+def step_against_peft(gptq, deq, jit, recompute=False):
     """From the same PEFT adapter (nonzero B) on both: the loss, every LoRA gradient and one SGD step of a padded
     batch of two image samples. Returns the worst relative errors and what was compared."""
     from glm4v_ms import AutoModelForImageTextToText
@@ -64,6 +67,9 @@ def step_against_peft(gptq, deq, jit):
     pm.save_pretrained(ad)
     ours = AutoModelForImageTextToText.from_pretrained(gptq)
     adapter.load(ours, ad)
+    if recompute:   # as the trainer sets it up outside plain mode (gradient checkpointing)
+        for layer in ours.text.layers:
+            layer.recompute()
     x, y = tinylora.padded_batch()
     ref_loss, ref_grads = tinylora.peft_loss_and_grads(pm, x, y)
     st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
@@ -116,7 +122,8 @@ from glm4v_ms import attention
 assert attention.mode() == "emulated", attention.mode()
 import test_finetune_gptq as t
 gptq, deq = t.build(sys.argv[2])
-out = {jit: t.step_against_peft(gptq, deq, jit) for jit in ("eager", "compiled")}
+out = {name: t.step_against_peft(gptq, deq, name == "compiled") for name in ("eager", "compiled")}
+out["recompute_int8"] = t.step_against_peft(*t.build(sys.argv[2] + "/int8", t.INT8), True, recompute=True)
 from glm4v_ms import AutoModelForImageTextToText
 from glm4v_ms.finetune import lora, plan
 from glm4v_ms.quant_layers import weight_bytes
@@ -129,6 +136,11 @@ from glm4v_ms.weights import hf_shapes
 import numpy as np
 out["plan"] = {"frozen": p["frozen"], "base": base, "quant": quant,
                "float": 4 * sum(int(np.prod(s)) for s in hf_shapes(m.config).values())}
+from glm4v_ms.quant import GPTQConfig
+from glm4v_ms.quant_layers import backward_peak, backward_peak_estimate
+qc = GPTQConfig.from_dict(json.load(open(gptq + "/config.json"))["quantization_config"])
+out["plan"].update(dequant=backward_peak(m), estimate=backward_peak_estimate(m.config, qc, 4),
+                   line=plan.training_plan(m, None, n))
 print("RESULT " + json.dumps(out))
 """
 
@@ -137,12 +149,16 @@ def test_emulated_kernel_path(tmp_path):
     """GLM4V_MS_KERNELS=emulated (the Ascend code path on CPU): the GPTQ weights stay quantized (int4 qint4x2 and
     int8, per group, act-order gathers), LoRA sits on QuantLinear / SplitLinear, and the gradient reaches the
     earlier layers through their backward; eagerly and compiled (the trainer's way), the loss, every gradient and
-    one SGD step equal PEFT's. The training plan counts the quantized weights at their bytes."""
+    one SGD step equal PEFT's; compiled with recompute per layer on an all-int8 base too. The training plan counts the quantized weights at their bytes, and the backward's
+    dequantized copy as the config-only estimate (the README's 9B figure) does."""
     env = dict(os.environ, GLM4V_MS_KERNELS="emulated", GLM4V_MS_DEVICE="cpu", GLOG_v="3")
     r = subprocess.run([sys.executable, "-c", _EMULATED, ROOT, str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    print({k: {m: v[m] for m in ("loss", "ref", "worst", "sgd")} for k, v in out.items() if k != "plan"})
+    check(out["recompute_int8"], "recompute_int8")
+    assert set(out["recompute_int8"]["kinds"].values()) == {"QuantLinear"}, out["recompute_int8"]["kinds"]
     for path in ("eager", "compiled"):
         check(out[path], path)
         kinds = out[path]["kinds"]
@@ -153,6 +169,8 @@ def test_emulated_kernel_path(tmp_path):
         assert kinds["text.layers.0.attn.o"] == "Linear", kinds
     p = out["plan"]
     assert p["frozen"] == p["base"] and 0 < p["quant"] < p["base"] < p["float"], p
+    # the backward's transient: the largest dequant(W) (+ identity for int4), layer 0's fused int4 gate/up
+    assert p["dequant"] == p["estimate"] == 4 * (128 * 384 + 128 * 128) and "quantized backward" in p["line"], p
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (4, 0), (8, 0)])
