@@ -248,3 +248,25 @@ def test_finetune_command_on_a_gptq_base(tmp_path):
         want = pm(**tinylora.torch_inputs(x)).logits.float().numpy()
     got = ours(**x).logits.asnumpy()
     assert rel(got, want) <= TOL and (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_readme_plan_row_for_the_9b_int4_int8_mix():
+    """The README's 9B row on the GPTQ base is what config_plan gives (bf16, rank 8, batch 1, recompute) for an Int4
+    (group 128, act-order) base with its attention or its MLP down_proj in Int8."""
+    from glm4v_ms.config import Glm4vConfig
+    from glm4v_ms.finetune import plan
+    from glm4v_ms.quant import GPTQConfig
+    cfg = Glm4vConfig()   # the 9B model's shapes
+    base = dict(quant_method="gptq", bits=4, group_size=128, desc_act=True, sym=True)
+    figs = []
+    for dyn in ({r".*\.self_attn\..*": {"bits": 8}}, {r".*\.mlp\.down_proj": {"bits": 8}}):
+        qc = GPTQConfig.from_dict(dict(base, dynamic=dyn))
+        p = [plan.config_plan(cfg, 2, 1, L, 8, qcfg=qc) for L in (2048, 8192)]
+        figs.append([p[0]["frozen"], plan.total(p[0], True), plan.total(p[1], True)])
+    lo, hi = np.min(figs, 0) / 1e9, np.max(figs, 0) / 1e9
+    cell = lambda i: f"{lo[i]:.1f}-{hi[i]:.1f} GB"  # noqa: E731
+    row = f"| GLM-4.1V-9B, GPTQ Int4/Int8 mix (below) | 23.8 M | {cell(0)} | 5.2 GB / 20.6 GB | {cell(1)} | {cell(2)} |"
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert row in f.read(), row
+    bf16 = plan.config_plan(cfg, 2, 1, 2048, 8)
+    assert plan.total(bf16, True) / 1e9 > hi[1] + 10   # the quantized base saves ~11 GB of the 27.6
