@@ -141,6 +141,21 @@ from glm4v_ms.quant_layers import backward_peak, backward_peak_estimate
 qc = GPTQConfig.from_dict(json.load(open(gptq + "/config.json"))["quantization_config"])
 out["plan"].update(dequant=backward_peak(m), estimate=backward_peak_estimate(m.config, qc, 4),
                    line=plan.training_plan(m, None, n))
+# inference with that adapter on the quantized cells (the compiled decode graph): logits and greedy tokens
+import os, torch, tinyref, tinylora
+from peft import PeftModel
+ad = os.path.join(os.path.dirname(gptq), "adapter-True")
+pm = PeftModel.from_pretrained(tinylora.reference("v", deq), ad).eval()
+g = AutoModelForImageTextToText.from_pretrained(gptq)
+g.load_adapter(ad)
+x = tinyref.Prompt(4).text(4).image(8, 8).text(6).inputs()
+with torch.no_grad():
+    want = pm(**tinylora.torch_inputs(x)).logits.float().numpy()
+    wt = pm.generate(**tinylora.torch_inputs(x), max_new_tokens=6, min_new_tokens=6, do_sample=False).numpy()
+got = g(**x).logits.asnumpy()
+gt = g.generate(**x, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+out["infer"] = {"rel": t.rel(got, want), "argmax": bool((got.argmax(-1) == want.argmax(-1)).all()),
+                "greedy": bool(np.array_equal(gt, wt))}
 print("RESULT " + json.dumps(out))
 """
 
@@ -150,13 +165,15 @@ def test_emulated_kernel_path(tmp_path):
     int8, per group, act-order gathers), LoRA sits on QuantLinear / SplitLinear, and the gradient reaches the
     earlier layers through their backward; eagerly and compiled (the trainer's way), the loss, every gradient and
     one SGD step equal PEFT's; compiled with recompute per layer on an all-int8 base too. The training plan counts the quantized weights at their bytes, and the backward's
-    dequantized copy as the config-only estimate (the README's 9B figure) does."""
+    dequantized copy as the config-only estimate (the README's 9B figure) does. The adapter then generates on
+    the quantized base as PEFT does on the float one."""
     env = dict(os.environ, GLM4V_MS_KERNELS="emulated", GLM4V_MS_DEVICE="cpu", GLOG_v="3")
     r = subprocess.run([sys.executable, "-c", _EMULATED, ROOT, str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    print({k: {m: v[m] for m in ("loss", "ref", "worst", "sgd")} for k, v in out.items() if k != "plan"})
+    print({k: {m: v[m] for m in ("loss", "ref", "worst", "sgd")} for k, v in out.items() if k not in ("plan", "infer")},
+          out["infer"])
     check(out["recompute_int8"], "recompute_int8")
     assert set(out["recompute_int8"]["kinds"].values()) == {"QuantLinear"}, out["recompute_int8"]["kinds"]
     for path in ("eager", "compiled"):
@@ -167,6 +184,8 @@ def test_emulated_kernel_path(tmp_path):
         assert kinds["text.layers.0.mlp.gate_up"] == "QuantLinear" and kinds["text.layers.1.mlp.gate_up"] == "SplitLinear"
         assert kinds["text.layers.0.mlp.down"] == kinds["text.layers.1.attn.o"] == "QuantLinear"
         assert kinds["text.layers.0.attn.o"] == "Linear", kinds
+    inf = out["infer"]   # the trained adapter served on the quantized base: PEFT's logits and greedy tokens
+    assert inf["rel"] <= TOL and inf["argmax"] and inf["greedy"], inf
     p = out["plan"]
     assert p["frozen"] == p["base"] and 0 < p["quant"] < p["base"] < p["float"], p
     # the backward's transient: the largest dequant(W) (+ identity for int4), layer 0's fused int4 gate/up
