@@ -1,8 +1,14 @@
 """GPTQ's MindSpore side: the quantized linear (WeightQuantBatchMatmul, or its CPU emulation), the swap of a model's
 text linears for it, and the bytes it holds. The format (tensors, dynamic rules, dequantization, the kernel's
 layout) is quant.py's, NumPy only; see its docstring for the layouts.
+
+Training on a quantized base (LoRA, finetune/lora.py): the quantized weights stay frozen, a linear's `lora` delta
+is added to its output as on text.Linear, and the gradient reaches earlier layers through dx = dy @ dequant(W)^T.
+MindSpore 2.10 defines no backward for WeightQuantBatchMatmul ("bprop not defined"), so _QuantMatmul gives it one.
 """
 from __future__ import annotations
+
+import types
 
 import mindspore as ms
 import numpy as np
@@ -19,6 +25,45 @@ def _kernel():
     return ascend_emulation.weight_quant_batch_matmul
 
 
+def _backward_kernel():
+    """The same kernel as a distinct function object: MindSpore 2.10's graph mode fails ("The func graph is empty")
+    when a Cell's bprop calls the very Python function its construct calls, and the forward calls _kernel()'s."""
+    f = _kernel()
+    return types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_bprop", f.__defaults__, f.__closure__)
+
+
+_mm_nt = ops.MatMul(transpose_b=True)
+
+
+class _QuantMatmul(nn.Cell):
+    """x (m, k) @ dequant(W) (k, n) through the kernel, with the backward to x: dx = dy @ dequant(W)^T. W, its scales
+    and offsets are inputs (a bprop may not read Parameters); they are frozen, so their "gradients" are never used:
+    returned as themselves (there is no zeros kernel for qint4x2).
+    dequant(W) for the backward: int8 by plain ops, (w + offset) * scale per group, the kernel's documented formula;
+    int4 through the kernel itself on the identity, I @ dequant(W), since no other documented op reads qint4x2
+    (exact: one nonzero term per output; costs k^2 n multiply-adds, k times a one-row forward)."""
+
+    def __init__(self, group: int, int4: bool):
+        super().__init__()
+        self.group, self.int4 = group, int4
+        self.fwd, self.bwd = _kernel(), _backward_kernel()
+
+    def construct(self, x, w, scale, offset):
+        return self.fwd(x, w, scale, offset, None, None, None, False, False, self.group)
+
+    def bprop(self, x, w, scale, offset, out, dout):
+        k = x.shape[1]
+        if self.int4:
+            dq = self.bwd(ops.eye(k, k, x.dtype), w, scale, offset, None, None, None, False, False, self.group)
+        else:
+            G, n = scale.shape
+            gs = k // G
+            s = scale.reshape(G, 1, n).broadcast_to((G, gs, n)).reshape(k, n)
+            o = offset.reshape(G, 1, n).broadcast_to((G, gs, n)).reshape(k, n)
+            dq = (w.astype(x.dtype) + o) * s
+        return _mm_nt(dout, dq), w, scale, offset
+
+
 def _const(arr, dtype, name):
     return Parameter(Tensor(arr, dtype), name=name, requires_grad=False)
 
@@ -30,7 +75,7 @@ def _floats(arr, dtype, name):
 
 class QuantLinear(nn.Cell):
     """y = x @ dequant(W) + b through WeightQuantBatchMatmul, W kept quantized (see the module docstring).
-    The bias is added apart: the kernel wants it in float32 when x is bfloat16."""
+    The bias is added apart: the kernel wants it in float32 when x is bfloat16. `lora`: as text.Linear's."""
 
     def __init__(self, p: Packed, dtype, bias: bool):
         super().__init__()
@@ -44,16 +89,19 @@ class QuantLinear(nn.Cell):
         self.perm = None if p.perm is None else _const(p.perm, ms.int32, "perm")
         self.bias = Parameter(ms.common.initializer.initializer("zeros", (self.n,), dtype), name="bias",
                               requires_grad=False) if bias else None
+        self.mm = _QuantMatmul(self.group, p.bits == 4)
+        self.lora = None   # finetune/lora.py
 
     def construct(self, x):
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.k)
+        h = x.reshape(-1, self.k)
         if self.perm is not None:   # act-order: the rows were sorted by group, so the inputs are too
-            x = ops.gather(x, self.perm, 1)
-        y = _kernel()(x, self.qweight, self.scales, self.offsets, None, None, None, False, False, self.group)
+            h = ops.gather(h, self.perm, 1)
+        y = self.mm(h, self.qweight, self.scales, self.offsets)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(lead + (self.n,))
+        y = y.reshape(lead + (self.n,))
+        return y if self.lora is None else y + self.lora(x).astype(y.dtype)
 
 
 class SplitLinear(nn.Cell):
@@ -63,13 +111,16 @@ class SplitLinear(nn.Cell):
     def __init__(self, parts: list, dtype, bias: bool):
         super().__init__()
         self.parts = nn.CellList([QuantLinear(p, dtype, False) for p in parts])
-        n = sum(p.w.shape[1] for p in parts)
-        self.bias = Parameter(ms.common.initializer.initializer("zeros", (n,), dtype), name="bias",
+        self.k, self.n = parts[0].w.shape[0], sum(p.w.shape[1] for p in parts)
+        self.bias = Parameter(ms.common.initializer.initializer("zeros", (self.n,), dtype), name="bias",
                               requires_grad=False) if bias else None
+        self.lora = None   # one delta over the fused output, as on text.Linear (finetune/lora.py)
 
     def construct(self, x):
         y = ops.cat([p(x) for p in self.parts], -1)
-        return y if self.bias is None else y + self.bias
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.lora is None else y + self.lora(x).astype(y.dtype)
 
 
 def install(model, folder: str) -> set:
@@ -96,6 +147,8 @@ def install(model, folder: str) -> set:
         bias = getattr(parent, attr).bias is not None
         cell = QuantLinear(parts[0], model.dtype, bias) if len(parts) == 1 else SplitLinear(parts, model.dtype, bias)
         setattr(parent, attr, cell)
+        for name, prm in cell.parameters_and_names():   # full paths, as the float ones: a gradient graph (LoRA
+            prm.name = f"{e.ours[:-len('.weight')]}.{name}"   # training) refuses two parameters of one name
         skip.add(e.ours)
     if floats:   # said once, not silently: these cost float memory and speed
         import warnings
@@ -122,3 +175,42 @@ def weight_bytes(model) -> tuple:
     return total, quant
 
 
+
+
+def _backward_bytes(k: int, n: int, bits: int, item: int) -> int:
+    # _QuantMatmul.bprop: dequant(W) (k, n), and for int4 the identity (k, k) it is made from
+    return item * (k * n + (k * k if bits == 4 else 0))
+
+
+def backward_peak(model) -> int:
+    """The largest transient of the quantized linears' backward in this model (they run one at a time)."""
+    return max((_backward_bytes(c.k, c.n, 4 if c.qweight.dtype == ms.qint4x2 else 8, _ITEM[model.dtype])
+                for _, c in model.cells_and_names() if isinstance(c, QuantLinear)), default=0)
+
+
+def backward_peak_estimate(cfg, qcfg, item: int) -> int:
+    """backward_peak from a config and a GPTQ quantization_config (the 9B plan), with quant.estimate_bytes'
+    assumptions: q/k/v one matmul where they agree, GPTQModel's gate/up halves likewise, a split MLP with a float
+    half dequantized (no quantized backward)."""
+    from .quant import split_names
+    from .weights import hf_shapes
+    shapes, peak = hf_shapes(cfg), 0
+    for i in range(cfg.text.num_hidden_layers):
+        L = f"model.language_model.layers.{i}."
+        groups = [[L + f"self_attn.{x}_proj" for x in "qkv"], [L + "self_attn.o_proj"],
+                  list(split_names(L + "mlp.gate_up_proj")), [L + "mlp.down_proj"]]
+        for mods in groups:
+            if L + "mlp.gate_proj" in mods:
+                N, K = shapes[L + "mlp.gate_up_proj.weight"]
+                dims = [(N // 2, K)] * 2
+            elif mods[0] + ".weight" in shapes:
+                dims = [shapes[m + ".weight"] for m in mods]
+            else:
+                continue   # a MoE layer's MLP: not in the dense model's table
+            specs = [qcfg.resolve(m)[0] for m in mods]
+            if None in specs:
+                continue
+            if len({(s.bits, s.group_size, s.desc_act) for s in specs}) == 1:
+                dims, specs = [(sum(d[0] for d in dims), dims[0][1])], specs[:1]
+            peak = max([peak] + [_backward_bytes(K, N, s.bits, item) for (N, K), s in zip(dims, specs)])
+    return peak

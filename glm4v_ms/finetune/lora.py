@@ -22,8 +22,13 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from ..quant_layers import QuantLinear, SplitLinear
 from ..text import Linear
 from ..weights import hf_shapes, hf_table
+
+# the linears a LoRA delta may sit on: float, or a GPTQ base's quantized ones (frozen, kept quantized on the Ascend
+# path: quant_layers), which take the same `lora` hook and the same source modules (the float model's names)
+LINEARS = (Linear, QuantLinear, SplitLinear)
 
 _mm_nt = ops.MatMul(transpose_b=True)
 
@@ -73,7 +78,7 @@ def sites(model, projector: bool = False) -> list[Site]:
         if not (path.startswith("text.layers.") or (projector and path.startswith("visual.merger."))):
             continue
         cell = cells.get(path)
-        if not isinstance(cell, Linear):
+        if not isinstance(cell, LINEARS):
             continue
         sizes = [shapes[s][0] for s in e.sources]
         starts, perms = _row_order(cfg, e, sizes)
@@ -122,7 +127,7 @@ class Lora(nn.Cell):
 
     def __init__(self, site: Site, trained: dict, r: int, scaling: float, dropout: float = 0.0):
         super().__init__()
-        n_in = site.linear.weight.shape[1]
+        n_in = site.linear.weight.shape[1] if isinstance(site.linear, Linear) else site.linear.k
         self.site, self.r, self.scaling, self.p = site, r, float(scaling), float(dropout)
         self.segments = tuple((p.size, p.module in trained) for p in site.parts)
         self.targets = tuple(p.module for p in site.parts if p.module in trained)

@@ -78,17 +78,20 @@ def parts(cfg, item: int, total_w: int, batch: int, length: int, n_trainable: in
 
 def total(p: dict, recompute: bool) -> int:
     act = p["activations_recompute"] if recompute else p["activations"]
-    return p["frozen"] + p["trainable"] + p["grads"] + p["optimizer"] + act + p["runtime"]
+    return p["frozen"] + p["trainable"] + p["grads"] + p["optimizer"] + act + p["runtime"] + p.get("dequant", 0)
 
 
 def training_plan(model, args, n_trainable: int, world=None) -> str:
     bs, L, opt = args.per_device_train_batch_size, args.cutoff_len, args.optim
     rec = bool(getattr(model, "recompute_layers", False))
-    from ..quant_layers import weight_bytes
+    from ..quant_layers import backward_peak, weight_bytes
     n, st = (world.size, world.stage) if world is not None else (1, 0)
     w_bytes = weight_bytes(model)[0]
-    make = lambda stage: parts(model.config, _item(model), w_bytes, bs, L, n_trainable, opt,  # noqa: E731
-                               ranks=n, stage=stage)
+
+    def make(stage):
+        p = parts(model.config, _item(model), w_bytes, bs, L, n_trainable, opt, ranks=n, stage=stage)
+        p["dequant"] = backward_peak(model)   # a GPTQ base on the kernel path (its weights counted at their bytes)
+        return p
     p = make(st)
     line = describe(p, bs, L, rec)
     if n > 1 and st:
@@ -102,13 +105,15 @@ def describe(p: dict, batch: int, length: int, recompute: bool) -> str:
     return (f"frozen weights {f(p['frozen'])}; LoRA {p['trainable'] // 4 / 1e6:,.2f} M parameters = "
             f"{f(p['trainable'])} float32, gradients {f(p['grads'])}, optimizer state {f(p['optimizer'])}; "
             f"activations at {batch} x {length} tokens {f(p['activations'])} without recompute, "
-            f"{f(p['activations_recompute'])} with (recompute {'on' if recompute else 'off'}); runtime "
+            f"{f(p['activations_recompute'])} with (recompute {'on' if recompute else 'off'}); "
+            + (f"quantized backward <= {f(p['dequant'])}; " if p.get("dequant") else "") + "runtime "
             f"<= {f(p['runtime'])}; total {f(total(p, recompute))}")
 
 
 def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim: str = "adamw_torch",
-                plain: bool = False, ranks: int = 1, stage: int = 0) -> dict:
-    """The plan from a config alone (no weights loaded): the README's figures for the 9B model and GLM-4.5V."""
+                plain: bool = False, ranks: int = 1, stage: int = 0, qcfg=None) -> dict:
+    """The plan from a config alone (no weights loaded): the README's figures for the 9B model and GLM-4.5V.
+    qcfg: a GPTQ quantization_config (quant.GPTQConfig): the frozen base quantized, on the kernel path."""
     t = cfg.text
     n_lora = 0
     for i in range(t.num_hidden_layers):
@@ -123,4 +128,12 @@ def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim
             n_lora += rank * (D + 2 * t.intermediate_size) + rank * (t.intermediate_size + D)
     from ..weights import hf_shapes
     n_w = sum(int(np.prod(s)) for s in hf_shapes(cfg).values())
-    return parts(cfg, dtype_bytes, n_w * dtype_bytes + 4 * n_lora, batch, length, n_lora, optim, plain, ranks, stage)
+    if qcfg is None:
+        return parts(cfg, dtype_bytes, n_w * dtype_bytes + 4 * n_lora, batch, length, n_lora, optim, plain, ranks,
+                     stage)
+    from ..quant import estimate_bytes
+    from ..quant_layers import backward_peak_estimate
+    p = parts(cfg, dtype_bytes, estimate_bytes(cfg, qcfg, dtype_bytes)[0] + 4 * n_lora, batch, length, n_lora, optim,
+              plain, ranks, stage)
+    p["dequant"] = backward_peak_estimate(cfg, qcfg, dtype_bytes)
+    return p
