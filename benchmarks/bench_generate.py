@@ -115,7 +115,7 @@ def side_ours(a, inputs):
     if a.threads != (os.cpu_count() or 1):     # select_device() sets os.cpu_count() threads, settable once
         ms.set_device("CPU")
         ms.device_context.cpu.op_tuning.threads_num(a.threads)
-        ms.runtime.launch_blocking()   # as model.select_device does on CPU
+        ms.runtime.launch_blocking()   # as device.select_device does on CPU
         M._device = "CPU"
     from mindspore.graph.api import ms_compile_cache
     t = time.perf_counter()

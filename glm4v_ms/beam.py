@@ -23,7 +23,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from .generation import GenerationError, State, decode_one, prefill
-from .model import _np, cache_bucket, prompt_bucket
+from .shapes import cache_bucket, host_array as _np, prompt_bucket
 
 NEG = np.float32(-1.0e9)   # the reference's "never pick this" offset, in float32 as it adds it
 

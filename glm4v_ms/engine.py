@@ -37,7 +37,7 @@ import numpy as np
 
 from . import compile_cache
 from .generation import Batch, GenerationConfig, GenerationError, Sequence, thinking_force
-from .model import _np, prompt_bucket
+from .shapes import decode_graph, host_array as _np, prompt_bucket
 
 
 def group_sizes(max_num_seqs: int) -> list:
@@ -246,8 +246,8 @@ class Engine:
     def plan_compiles(self):
         """The warm-up's graphs, in order, for the persistent compile cache (when on: the server's default), so
         that the next start loads them. Prompt graphs compile as traffic comes, outside the plan: not kept."""
-        S = self.max_model_len
-        compile_cache.plan(self.model, [compile_cache.signature(len(g.seqs), 1, S, True, S) for g in self.groups])
+        compile_cache.plan(self.model, [compile_cache.signature(*decode_graph(len(g.seqs), self.max_model_len))
+                                        for g in self.groups])
 
     def _between(self, seq: Sequence):
         """Between two pieces of a prefill: one decode step of the busy rows (the current group: the prefill's

@@ -21,7 +21,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from . import compile_cache, rope
-from .model import _np, cache_bucket, prompt_bucket
+from .shapes import cache_bucket, graph_plan, host_array as _np, prompt_bucket
 from .text import CachedDecoder
 
 
@@ -529,13 +529,8 @@ def _emit(streamer, tokens):
 
 def plan_compiles(model, B: int, L: int, max_len: int, new: int):
     """Tell the persistent compile cache (compile_cache.py) which graphs this call compiles: its prompt's chunk
-    graph, then the decode graph (model.run's rules)."""
-    from .model import extent_of, prompt_chunk
-    extent = extent_of(L, max_len)
-    sigs = [compile_cache.signature(B, prompt_chunk(model.config.text, B, L, extent), max_len, True, extent)]
-    if new > 1:
-        sigs.append(compile_cache.signature(B, 1, max_len, True, max_len))
-    compile_cache.plan(model, sigs)
+    graph, then the decode graph (shapes.py's rules, those model.run runs by)."""
+    compile_cache.plan(model, [compile_cache.signature(*g) for g in graph_plan(model.config.text, B, L, max_len, new)])
 
 
 def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None = None, streamer=None,

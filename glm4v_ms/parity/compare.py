@@ -30,7 +30,7 @@ def ours_meta(model, folder):
     import mindspore as ms
 
     from .. import __version__
-    from ..model import select_device
+    from ..device import select_device
 
     return {"side": "ours (glm4v_ms)", "model": os.path.abspath(folder), "device": select_device(),
             "dtype": report.dtype_name(str(model.dtype).split(".")[-1].lower()),
