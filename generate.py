@@ -236,8 +236,8 @@ def run(a):
             print(f"note: max_new_tokens {cfg.max_new_tokens} is cut to {ctx - n_prompt}: the prompt has {n_prompt} "
                   f"tokens of the model's {ctx}-token context", file=sys.stderr)
         display = Display(processor.tokenizer, a.hide_thinking)
-        ids = model.generate(**inputs, streamer=display, past_key_values=cache, **gen)
-        t = model.last_timings
+        out = model.generate(**inputs, streamer=display, past_key_values=cache, return_dict_in_generate=True, **gen)
+        ids, t = out.sequences, out.timings
         tps = t["decode_steps"] / t["decode_s"] if t["decode_s"] > 0 else 0.0
         note = f" (first step {t['first_step_s']:.2f} s)" if "first_step_s" in t else ""
         reused = f", reused from the last turn: {t['reused_tokens']} tokens" if t.get("reused_tokens") else ""

@@ -169,8 +169,9 @@ def side_kernels(a, inputs):
     """Kernels in the decode graph: one short prefill + one decode step with the IR dump on (set by the parent)."""
     from glm4v_ms import Glm4vForConditionalGeneration
     from glm4v_ms.generation import decode_one, prefill
+    from glm4v_ms.prompt import Prompt
     model = Glm4vForConditionalGeneration.from_pretrained(a.model)
-    logits, st = prefill(model, inputs["warm"], 128)
+    logits, st = prefill(model, Prompt.of(model.config, inputs["warm"]), 128)
     decode_one(model, st, logits.argmax(-1))
     hidden = model.config.text.hidden_size
     for path in sorted(glob.glob(os.path.join(os.environ["MS_DEV_SAVE_GRAPHS_PATH"], "graph_build_*.ir"))):

@@ -86,7 +86,7 @@ def side_ours(a, turns):
         cache = PromptCache()
         res["turn1_s"] = ttft(turns[0], past_key_values=cache)
         res["turn2_s"] = ttft(turns[1], past_key_values=cache)
-        res["turn2_reused"] = model.last_timings.get("reused_tokens", 0)
+        res["turn2_reused"] = cache.reused
         res["turn2_fresh_s"] = ttft(turns[1])
     res["tokens"] = [int(t["input_ids"].shape[1]) for t in turns]
     return res

@@ -11,88 +11,17 @@ tags come from the checkpoint's tokenizer files (read as plain JSON) or from the
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from mindspore import Tensor, ops
 
-from . import compile_cache, rope
-from .shapes import cache_bucket, graph_plan, host_array as _np, prompt_bucket
+from . import compile_cache
+from .generation_config import GenerationConfig, GenerationError, thinking_force, thinking_ids  # noqa: F401
+from .prompt import Prompt
+from .shapes import cache_bucket, fit, graph_plan, prompt_bucket
 from .text import CachedDecoder
-
-
-class GenerationError(ValueError):
-    """Bad generation arguments, or a prompt that does not fit the model's context."""
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int = 8192   # the official demo's: a thinking model needs room
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0               # 0: off
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    eos_token_id: tuple = ()
-    pad_token_id: int | None = None
-    max_thinking_tokens: int | None = None
-    seed: int | None = None
-
-    @classmethod
-    def from_pretrained(cls, folder: str, fallback_eos=()) -> "GenerationConfig":
-        """Defaults from generation_config.json (eos ids, sampling); the config's eos ids where it has none."""
-        d = {}
-        p = os.path.join(folder, "generation_config.json")
-        if os.path.isfile(p):
-            try:
-                with open(p, encoding="utf-8") as f:
-                    d = json.load(f)
-            except (OSError, ValueError) as e:
-                raise GenerationError(f"{p}: not valid JSON ({e})") from None
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known and v is not None}
-        eos = kw.get("eos_token_id", fallback_eos)
-        kw["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        return cls(**kw)
-
-    def updated(self, **kw) -> "GenerationConfig":
-        kw = {k: v for k, v in kw.items() if v is not None}
-        unknown = set(kw) - {f.name for f in fields(self)}
-        if unknown:
-            raise GenerationError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
-        if "eos_token_id" in kw and not isinstance(kw["eos_token_id"], (list, tuple)):
-            kw["eos_token_id"] = (kw["eos_token_id"],)
-        cfg = replace(self, **kw)
-        cfg.validate()
-        return cfg
-
-    def validate(self):
-        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-                  (self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
-                  (not self.do_sample or self.temperature > 0, "temperature must be > 0 when sampling"),
-                  (self.top_k >= 0, "top_k must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-                  (self.max_thinking_tokens is None or self.max_thinking_tokens >= 0, "max_thinking_tokens must be >= 0")]
-        for ok, msg in checks:
-            if not ok:
-                raise GenerationError(msg)
-
-
-def thinking_ids(folder: str) -> dict:
-    """Ids of <think>, </think>, <answer>, </answer> from the checkpoint's tokenizer.json (added tokens)."""
-    p = os.path.join(folder, "tokenizer.json")
-    try:
-        with open(p, encoding="utf-8") as f:
-            added = json.load(f).get("added_tokens", [])
-    except (OSError, ValueError):
-        return {}
-    want = {"<think>", "</think>", "<answer>", "</answer>"}
-    return {t["content"]: t["id"] for t in added if t.get("content") in want}
 
 
 def sample(logits: np.ndarray, history: np.ndarray, step: int, cfg: GenerationConfig, rng) -> np.ndarray:
@@ -127,6 +56,17 @@ def sample(logits: np.ndarray, history: np.ndarray, step: int, cfg: GenerationCo
 
 
 @dataclass
+class GenerateOutput:
+    """transformers' GenerateDecoderOnlyOutput, as far as this port goes: sequences (B, prompt + new); ours:
+    timings (prefill_s, first_step_s, decode_s, decode_steps, new_tokens, prompt_tokens, reused_tokens)."""
+    sequences: np.ndarray
+    timings: dict = field(default_factory=dict)
+
+    def __getitem__(self, key):   # out["sequences"] as well as out.sequences, as transformers' ModelOutput
+        return getattr(self, key)
+
+
+@dataclass
 class State:
     """What the decode loop carries: the cache, which slots are real, each row's next slot and position."""
     dec: object
@@ -138,29 +78,19 @@ class State:
     media: list | None = None         # per row: [(start, end, digest)] of each image's tokens among its real ids
 
 
-def prefill(model, inputs: dict, max_len: int, chunk: int | None = None, dec=None, owner=None, between=None):
-    """Run the prompt (vision tower once) into a fresh cache of max_len slots. Returns (last logits (B, V), State).
-    `chunk` splits the prompt into pieces of that many tokens (same result; bounds prefill memory). `dec`: the
-    cache to fill (default: the model's shared one of this size, claimed for `owner`, a PromptCache or None).
-    `between()`: called between vision blocks and prompt chunks (the serving engine's chunked prefill)."""
+def prefill(model, p: Prompt, max_len: int, owner=None, between=None):
+    """Run the prompt (vision tower once) into the model's shared cache of max_len slots, claimed for `owner` (a
+    PromptCache or None). Returns (last logits (B, V), State). `between()`: called between vision blocks and prompt
+    chunks (the serving engine's chunked prefill)."""
     t0 = time.perf_counter()
-    h, pos3, mask, deltas, pad = model.prompt(**{k: inputs.get(k) for k in (
-        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-        "inputs_embeds")}, between=between)
+    h, pos3, mask, deltas, pad = model.prompt(**p.network_inputs(), between=between)
     B, L = mask.shape
-    dec = dec or model.decoder(B, max_len, owner)
+    dec = model.decoder(B, max_len, owner)
     kv_valid = np.zeros((B, max_len), bool)
     kv_valid[:, :L] = mask
     ids = np.full((B, max_len), -1, np.int64)
-    raw = _np(inputs["input_ids"], np.int64).reshape(B, -1) if inputs.get("input_ids") is not None else None
-    if raw is not None and raw.shape[1] + pad == L:
-        ids[:, :L] = np.where(mask, np.pad(raw, ((0, 0), (pad, 0)), constant_values=-1), -1)
-    step = chunk or L
-    for s in range(0, L, step):
-        if s and between is not None:
-            between()
-        logits = model.run(dec, h[:, s:s + step], pos3[:, :, s:s + step], s, kv_valid, last_only=True,
-                           between=between)
+    ids[:, :L] = np.where(mask, np.pad(p.ids, ((0, 0), (pad, 0)), constant_values=-1), -1)
+    logits = model.run(dec, h, pos3, 0, kv_valid, last_only=True, between=between)
     logits = logits.asnumpy()[:, -1]   # the host copy also waits for the device
     st = State(dec, kv_valid, np.full(B, L, np.int64), mask.sum(1) + deltas, {"prefill_s": time.perf_counter() - t0},
                ids)
@@ -181,36 +111,6 @@ def decode_one(model, st: State, tokens: np.ndarray) -> np.ndarray:
     return logits
 
 
-def media_spans(model, inputs: dict) -> list:
-    """Per row, [(start, end, digest)] of each image's run of tokens among the row's real ids: what tells two
-    images with the same grid (hence the same token ids) apart when a cached prefix is matched."""
-    c = model.config
-    ids = _np(inputs["input_ids"], np.int64)
-    ids = ids[None] if ids.ndim == 1 else ids
-    mask = _np(inputs.get("attention_mask"), np.int64)
-    mask = np.ones(ids.shape, bool) if mask is None else mask.reshape(ids.shape) > 0
-    grids = _np(inputs.get("image_grid_thw"), np.int64)
-    grids = np.zeros((0, 3), np.int64) if grids is None else grids.reshape(-1, 3)
-    pixels = _np(inputs.get("pixel_values"))
-    edges = np.concatenate([[0], np.cumsum(grids.prod(-1))])
-    out, k = [], 0
-    for b in range(ids.shape[0]):
-        real = ids[b][mask[b]]
-        img = rope.token_types(real, c.image_token_id, c.video_start_token_id, c.video_end_token_id) == rope.IMAGE
-        starts = np.nonzero(img & ~np.r_[False, img[:-1]])[0]
-        ends = np.nonzero(img & ~np.r_[img[1:], False])[0] + 1
-        row = []
-        for a, e in zip(starts, ends):
-            digest = None
-            if pixels is not None and k < len(grids):
-                digest = hashlib.blake2b(grids[k].tobytes() + np.ascontiguousarray(
-                    pixels[edges[k]:edges[k + 1]]).tobytes(), digest_size=16).digest()
-            row.append((int(a), int(e), digest, k))
-            k += 1
-        out.append(row)
-    return out
-
-
 class PromptCache:
     """`past_key_values` for generate(): keeps the static KV cache of the call that filled it, and the next call
     with the same batch size reuses, row by row, the longest common prefix of token ids (images compared by
@@ -228,7 +128,7 @@ class PromptCache:
         return st is not None and st.ids is not None and st.ids.shape[0] == B and getattr(st.dec, "owner", None) is self
 
 
-def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int, between=None):
+def prefill_reusing(model, p: Prompt, cache: PromptCache, new: int, between=None):
     """prefill() that starts from the longest prefix each row shares with `cache`; None where it cannot.
 
     Row b keeps its first k_b cached tokens (the slots they sit in); the rest of its prompt (s_b tokens) is
@@ -236,30 +136,17 @@ def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int, between=N
     slots between its kept tokens and its suffix are masked holes (attention goes by the mask, positions by
     pos3, so holes change nothing). Slots the row held past k_b are dropped from its mask."""
     t0 = time.perf_counter()
-    if inputs.get("inputs_embeds") is not None or inputs.get("pixel_values_videos") is not None:
+    if p.inputs_embeds is not None or p.pixel_values_videos is not None:
         return None
-    ids = _np(inputs["input_ids"], np.int64)
-    ids = ids[None] if ids.ndim == 1 else ids
-    B, L = ids.shape
+    B, L = p.shape
     if not cache.usable(B):
         return None
     old = cache.st
-    mask = _np(inputs.get("attention_mask"), np.int64)
-    mask = np.ones((B, L), bool) if mask is None else mask.reshape(B, L) > 0
-    media = media_spans(model, inputs)
     keep, tails, kept_slots = [], [], []
     for b in range(B):
-        real = ids[b][mask[b]]
+        real = p.real(b)
         slots = np.nonzero(old.ids[b] >= 0)[0]
-        held = old.ids[b][slots]
-        n = min(len(held), len(real) - 1)   # at least one token runs: it gives the next logits
-        diff = np.nonzero(held[:n] != real[:n])[0]
-        k = int(diff[0]) if len(diff) else n
-        olds = old.media[b] if old.media is not None else []
-        for i, (a, e, digest, _) in enumerate(media[b]):   # an image is reused whole and only if it is the same
-            if a < k and (i >= len(olds) or olds[i][:3] != (a, e, digest) or digest is None or e > k):
-                k = a
-                break
+        k = _shared(old.ids[b][slots], real, old.media[b] if old.media is not None else [], p.media[b])
         keep.append(k)
         kept_slots.append(slots[:k])
         tails.append(real[k:])
@@ -273,20 +160,13 @@ def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int, between=N
     smask = np.zeros((B, P), bool)
     for b, t in enumerate(tails):
         suffix[b, P - len(t):], smask[b, P - len(t):] = t, True
-    want = [k for b in range(B) for a, e, d, k in media[b] if a >= keep[b]]
-    pixels = grid = None
-    if want:
-        g = _np(inputs["image_grid_thw"], np.int64).reshape(-1, 3)
-        edges = np.concatenate([[0], np.cumsum(g.prod(-1))])
-        pv = _np(inputs["pixel_values"], np.float32)
-        pixels = np.concatenate([pv[edges[k]:edges[k + 1]] for k in want])
-        grid = g[want]
+    pixels, grid = p.images([k for b in range(B) for a, e, d, k in p.media[b] if a >= keep[b]])
     h = model.embed(suffix, pixels, grid, between=between)
     # positions of the whole new prompt (host-side), then each row's suffix part
-    pos_full, deltas = model.positions(ids, mask.astype(np.int64), inputs.get("image_grid_thw"))
+    pos_full, deltas = model.positions(p.ids, p.mask.astype(np.int64), p.image_grid if len(p.image_grid) else None)
     pos3 = np.zeros((3, B, P), np.int64)
     for b, t in enumerate(tails):
-        pos3[:, b, P - len(t):] = pos_full[:, b][:, mask[b]][:, keep[b]:]
+        pos3[:, b, P - len(t):] = pos_full[:, b][:, p.mask[b]][:, keep[b]:]
     kv_valid = np.zeros_like(old.kv_valid)
     cached = np.full_like(old.ids, -1)
     for b in range(B):
@@ -296,9 +176,22 @@ def prefill_reusing(model, inputs: dict, cache: PromptCache, new: int, between=N
     cached[:, S0:S0 + P] = np.where(smask, suffix, -1)
     logits = model.run(old.dec, h, pos3, S0, kv_valid, last_only=True, between=between).asnumpy()[:, -1]
     cache.reused = int(sum(keep))
-    st = State(old.dec, kv_valid, np.full(B, S0 + P, np.int64), mask.sum(1) + deltas,
-               {"prefill_s": time.perf_counter() - t0, "reused_tokens": cache.reused}, cached, media)
+    st = State(old.dec, kv_valid, np.full(B, S0 + P, np.int64), p.mask.sum(1) + deltas,
+               {"prefill_s": time.perf_counter() - t0, "reused_tokens": cache.reused}, cached, p.media)
     return logits, st
+
+
+def _shared(held: np.ndarray, real: np.ndarray, held_media: list, media: list) -> int:
+    """How many leading ids of a prompt row (`real`, its images `media`) a cache row holding `held` (its images
+    `held_media`) can give: the common prefix, at least one token left to run (it gives the next logits), an
+    image reused whole and only if it is the same image."""
+    n = min(len(held), len(real) - 1)
+    diff = np.nonzero(held[:n] != real[:n])[0]
+    k = int(diff[0]) if len(diff) else n
+    for i, (a, e, digest, _) in enumerate(media):
+        if a < k and (i >= len(held_media) or held_media[i][:3] != (a, e, digest) or digest is None or e > k):
+            return a
+    return k
 
 
 class Sequence:
@@ -352,16 +245,6 @@ class Sequence:
             self.listener(kind, value)
 
 
-def thinking_force(cfg: GenerationConfig, think_ids: dict | None) -> list:
-    """The ids the thinking budget forces (</think>, then <answer> where the tokenizer has it), or []."""
-    if cfg.max_thinking_tokens is None:
-        return []
-    think_ids = think_ids or {}
-    if "</think>" not in think_ids:
-        raise GenerationError("max_thinking_tokens needs the </think> token id (not in the tokenizer)")
-    return [think_ids["</think>"]] + ([think_ids["<answer>"]] if "<answer>" in think_ids else [])
-
-
 class Batch:
     """Rows of one static KV cache, each with its own slots, positions and Sequence (None: a free row).
 
@@ -389,20 +272,14 @@ class Batch:
         b.saved = [None] * rows if prefix_reuse else None   # per free row: (ids (S,), media) its cache holds
         return b
 
-    def shared(self, inputs: dict, row: int) -> int:
+    def shared(self, p: Prompt, row: int) -> int:
         """How many leading prompt ids free row `row`'s remembered cache holds (0 without prefix reuse)."""
         if self.saved is None or self.saved[row] is None:
             return 0
-        ids = _np(inputs["input_ids"], np.int64).reshape(-1)
-        mask = _np(inputs.get("attention_mask"), np.int64)
-        real = ids if mask is None else ids[mask.reshape(-1) > 0]
+        real = p.real(0)
         held = self.saved[row][0][self.saved[row][0] >= 0][:len(real)]
         diff = np.nonzero(held != real[:len(held)])[0]
         return int(diff[0]) if len(diff) else len(held)
-
-    def best_row(self, inputs: dict) -> int:
-        """The free row to admit this prompt into: the one whose remembered cache shares the longest prefix."""
-        return max(self.free_rows(), key=lambda r: self.shared(inputs, r))
 
     @property
     def max_len(self) -> int:
@@ -414,7 +291,7 @@ class Batch:
     def active(self) -> bool:
         return any(s is not None and s.finish_reason is None for s in self.seqs)
 
-    def admit(self, row: int, inputs: dict, seq: Sequence, origin: tuple | None = None, between=None):
+    def admit(self, row: int, p: Prompt, seq: Sequence, origin: tuple | None = None, between=None):
         """Prefill one prompt (batch 1) into a scratch cache of the same length, then copy it into `row`: the
         other rows' state is untouched, so they keep decoding from where they were. With prefix reuse, the
         prefill starts from the remembered cache of free row `origin` = (batch, row) (default: this row), which
@@ -434,13 +311,13 @@ class Batch:
             held, media, _ = src.saved[srow]
             pc.st = State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
                           media=[media])
-            got = prefill_reusing(self.model, inputs, pc, seq.max_new, between)
-        logits, one = got if got is not None else prefill(self.model, inputs, self.max_len, between=between)
+            got = prefill_reusing(self.model, p, pc, seq.max_new, between)
+        logits, one = got if got is not None else prefill(self.model, p, self.max_len, between=between)
         for a, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
             ops.scatter_nd_update(dst, Tensor(np.array([[row]], np.int32)), a)
         if self.st.ids is not None:
             self.st.ids[row] = one.ids[0] if one.ids is not None else -1
-            self.st.media[row] = one.media[0] if one.media is not None else media_spans(self.model, inputs)[0]
+            self.st.media[row] = one.media[0] if one.media is not None else p.media[0]
         self.last_reused = one.timings.get("reused_tokens", 0)
         self.st.kv_valid[row] = one.kv_valid[0]
         self.st.slot[row], self.st.next_pos[row] = one.slot[0], one.next_pos[0]
@@ -533,40 +410,34 @@ def plan_compiles(model, B: int, L: int, max_len: int, new: int):
     compile_cache.plan(model, [compile_cache.signature(*g) for g in graph_plan(model.config.text, B, L, max_len, new)])
 
 
-def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None = None, streamer=None,
+def generate(model, p: Prompt, cfg: GenerationConfig, think_ids: dict | None = None, streamer=None,
              cache: PromptCache | None = None):
-    """Token ids (B, prompt + new) as numpy int64, as transformers' generate returns them.
+    """(token ids (B, prompt + new) as numpy int64, as transformers' generate returns them; timings).
 
     Rows that finished (an eos id after min_new_tokens) are filled with the pad id. With max_thinking_tokens,
     a row that has made that many tokens without </think> is made to continue with </think><answer>.
     `cache`: a PromptCache whose longest common prefix with this prompt is reused, and which keeps this call's
-    cache for the next one."""
-    ids = _np(inputs["input_ids"], np.int64)
-    if ids.ndim == 1:
-        ids = ids[None]
-    B, L = ids.shape
-    ctx = model.config.text.max_position_embeddings
-    if L >= ctx:
-        raise GenerationError(f"the prompt has {L} tokens; the model's context is {ctx}")
+    cache for the next one. timings: prefill_s, first_step_s, decode_s, decode_steps, new_tokens, prompt_tokens,
+    reused_tokens (with a cache)."""
+    B, L = p.shape
     force = thinking_force(cfg, think_ids)
-    new = min(cfg.max_new_tokens, ctx - L)
+    new = fit(L, model.config.text.max_position_embeddings, cfg.max_new_tokens)
     max_len = cache_bucket(prompt_bucket(L) + new)   # the prompt sits left-padded to its bucket
     rng = np.random.default_rng(cfg.seed)            # one generator, drawn from row by row
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
 
-    got = prefill_reusing(model, inputs, cache, new) if cache is not None else None
+    got = prefill_reusing(model, p, cache, new) if cache is not None else None
     if got is None:
         plan_compiles(model, B, prompt_bucket(L), max_len, new)
-        logits, st = prefill(model, inputs, max_len, owner=cache)
+        logits, st = prefill(model, p, max_len, owner=cache)
         if cache is not None:
-            cache.reused, st.media, st.timings["reused_tokens"] = 0, media_spans(model, inputs), 0
+            cache.reused, st.media, st.timings["reused_tokens"] = 0, p.media, 0
     else:
         logits, st = got
     if cache is not None:
         cache.st = st
     batch = Batch(model, st, logits, keep=cache is not None)
-    mask = _np(inputs.get("attention_mask", np.ones((B, L))), np.int64).reshape(B, L) > 0
-    batch.seqs = [Sequence(ids[b][mask[b]], cfg, new, force, rng) for b in range(B)]
+    batch.seqs = [Sequence(p.real(b), cfg, new, force, rng) for b in range(B)]
     out = np.full((B, new), pad, np.int64)
     t0 = t1 = time.perf_counter()
     n = 0
@@ -583,5 +454,4 @@ def generate(model, inputs: dict, cfg: GenerationConfig, think_ids: dict | None 
     end = time.perf_counter()
     # decode_s: the steps after the first (n - 2 of them produce tokens 3..n); 0 when there were none
     st.timings.update(decode_s=end - t1 if n > 2 else 0.0, decode_steps=max(n - 2, 0), new_tokens=n, prompt_tokens=L)
-    model.last_timings = st.timings
-    return np.concatenate([ids, out[:, :n]], 1)
+    return np.concatenate([p.ids, out[:, :n]], 1), st.timings

@@ -31,7 +31,8 @@ from mindspore import Tensor, nn, ops
 from . import beam, compile_cache, parallel, rope
 from .config import ConfigError, Glm4vConfig
 from .device import ITEM_BYTES, NAMES, kernel_mode, resolve_dtype, select_device
-from .generation import GenerationConfig, PromptCache, generate, thinking_ids
+from .generation import GenerationConfig, GenerateOutput, PromptCache, generate, thinking_ids
+from .prompt import Prompt
 from .layers import Linear
 from .shapes import RUNTIME_BYTES, activation_bytes, cache_bucket, host_array as _np, prompt_bucket, prompt_graph
 from .text import CachedDecoder, TextModel
@@ -66,7 +67,6 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self._decoders = {}
         self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
         self.think_ids = {}
-        self.last_timings = {}
         self.config_digest = None
 
     # ------------------------------------------------------------------ loading
@@ -109,8 +109,9 @@ class Glm4vForConditionalGeneration(nn.Cell):
         temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, max_thinking_tokens, seed.
         Defaults come from the checkpoint's generation_config.json. `streamer`: a callable taking the new
         token ids (B,), or an object with put(ids) / end(). Beam search (beam.py): num_beams,
-        num_return_sequences, length_penalty, early_stopping; return_dict_in_generate (with output_scores) returns
-        sequences, sequences_scores, scores and beam_indices as transformers does.
+        num_return_sequences, length_penalty, early_stopping. return_dict_in_generate returns an output with
+        `sequences` and `timings` (prefill_s, decode_s, decode_steps, new_tokens, prompt_tokens, ...); with beams
+        (and output_scores) also sequences_scores, scores and beam_indices, as transformers does.
 
         `inputs_embeds` (B, L, D), as transformers takes it: the prompt runs from these embeddings (positions
         then run 0..L-1, no M-RoPE, as in the reference); given without input_ids, only the new tokens return.
@@ -118,45 +119,32 @@ class Glm4vForConditionalGeneration(nn.Cell):
         `past_key_values`: a glm4v_ms.PromptCache (as transformers takes a Cache object): the next call reuses the
         KV cache of the longest prefix its prompt shares with the last one (multi-turn chat), same output."""
         beam_args = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences", "length_penalty",
-                                                "early_stopping", "output_scores", "return_dict_in_generate")
-                     if k in kwargs}
+                                                "early_stopping", "output_scores") if k in kwargs}
+        as_dict = kwargs.pop("return_dict_in_generate", False)
         cfg = self.generation_config.updated(**kwargs)
         if self.layout.world > 1 and cfg.do_sample and cfg.seed is None:
             # every rank samples from the same logits: one seed for all of them, or their tokens diverge
             cfg = cfg.updated(seed=parallel.broadcast_int(self.layout, int(np.random.SeedSequence().entropy % 2**31)))
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("generate needs input_ids or inputs_embeds")
-        ids = input_ids
-        if inputs_embeds is not None:
-            B, L = np.shape(inputs_embeds)[:2]
-            ids = np.full((B, L), -1, np.int64) if input_ids is None else input_ids   # -1: no id (history skips it)
-            if _np(ids).reshape(B, -1).shape[1] != L:
-                raise ValueError(f"input_ids have {_np(ids).reshape(B, -1).shape[1]} tokens, inputs_embeds {L}")
-        inputs = dict(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                      image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                      video_grid_thw=video_grid_thw, inputs_embeds=inputs_embeds)
-        inputs = {k: v for k, v in inputs.items() if v is not None}
+        p = Prompt.of(self.config, dict(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            inputs_embeds=inputs_embeds))
         if past_key_values is not None and not isinstance(past_key_values, PromptCache):
             raise ValueError("past_key_values must be a glm4v_ms.PromptCache (the static cache is this package's own)")
         if past_key_values is not None and (beam_args.get("num_beams", 1) > 1 or self.layout.world > 1):
             raise ValueError("past_key_values (prefix reuse) works with greedy or sampled search on one rank only")
-        if beam_args.get("num_beams", 1) > 1 or beam_args.get("return_dict_in_generate"):
-            if beam_args.get("num_beams", 1) == 1:
-                raise ValueError("return_dict_in_generate is supported with num_beams > 1 only")
+        if beam_args.get("num_beams", 1) > 1:
             beam.check(cfg, **{k: beam_args.get(k, d) for k, d in (("num_beams", 1), ("num_return_sequences", 1),
                        ("length_penalty", 1.0), ("early_stopping", False))}, streamer=streamer)
-            out = beam.generate(self, inputs, cfg, **beam_args)
+            out = beam.generate(self, p, cfg, **beam_args)
         else:
             if beam_args.get("num_return_sequences", 1) != 1:
                 raise ValueError("num_return_sequences > 1 needs num_beams >= num_return_sequences (no sampling "
                                  "of several sequences here)")
-            out = generate(self, inputs, cfg, self.think_ids, streamer, past_key_values)
-        if input_ids is None:   # the reference returns only the new tokens when it was given embeddings alone
-            if hasattr(out, "sequences"):
-                out.sequences = out.sequences[:, np.shape(inputs_embeds)[1]:]
-                return out
-            return out[:, np.shape(inputs_embeds)[1]:]
-        return out
+            out = GenerateOutput(*generate(self, p, cfg, self.think_ids, streamer, past_key_values))
+        if not p.given_ids:   # the reference returns only the new tokens when it was given embeddings alone
+            out.sequences = out.sequences[:, p.shape[1]:]
+        return out if as_dict else out.sequences
 
     def load_weights(self, folder: str, skip=()):
         from .weights import WeightError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .device import kernel_mode
+from .generation_config import GenerationError
 
 
 def host_array(x, dtype=None):
@@ -66,6 +67,23 @@ def prompt_chunk(t, batch: int, n: int, extent: int | None = None) -> int:
     while c > 16 and live_layers(t) * batch * t.num_attention_heads * 4 * e * c > SCORES_BUDGET:
         c = max(16, 1 << ((c - 1).bit_length() - 1)) if c & (c - 1) else c // 2
     return c
+
+
+def fit(prompt_tokens: int, context: int, max_new: int | None = None, strict: bool = False,
+        padded: bool = False) -> int:
+    """The one context rule of every face: how many new tokens a prompt of `prompt_tokens` may make in a context
+    of `context` tokens. max_new None: all that is left; beyond what is left it is cut to it, or with `strict`
+    (the server, as OpenAI's API) refused. `padded`: the prompt fills its bucket's slots (a server row's cache
+    holds it left-padded). GenerationError when not even one new token fits."""
+    room = int(context) - (prompt_bucket(prompt_tokens) if padded else int(prompt_tokens))
+    if room < 1:
+        raise GenerationError(f"This model's maximum context length is {context} tokens. However, your prompt has "
+                              f"{prompt_tokens} tokens.")
+    if max_new is not None and max_new > room and strict:
+        raise GenerationError(f"This model's maximum context length is {context} tokens. However, you requested "
+                              f"{prompt_tokens + max_new} tokens ({prompt_tokens} in the messages, {max_new} in the "
+                              f"completion).")
+    return room if max_new is None else min(int(max_new), room)
 
 
 def prompt_graph(t, batch: int, n: int, slot0: int, max_len: int) -> tuple:

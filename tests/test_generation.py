@@ -6,6 +6,7 @@ import tinyref
 import torch
 from glm4v_ms import Glm4vForConditionalGeneration
 from glm4v_ms.generation import GenerationConfig, GenerationError, decode_one, prefill
+from glm4v_ms.prompt import Prompt
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_decode_continues_the_prompt(pair):
     """Prefill of the prompt, then decode of token t == the forward of prompt + t at that position."""
     _, m = pair
     inputs = tinyref.Prompt(9).text(4).image(4, 4).text(3).inputs()
-    logits, st = prefill(m, inputs, 128)
+    logits, st = prefill(m, Prompt.of(m.config, inputs), 128)
     tok = np.array([logits[0].argmax()])
     nxt = decode_one(m, st, tok)
     full = dict(inputs, input_ids=np.concatenate([inputs["input_ids"], tok[None]], 1),

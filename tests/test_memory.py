@@ -14,6 +14,7 @@ import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration, demo
 from glm4v_ms import shapes
 from glm4v_ms.generation import prefill
+from glm4v_ms.prompt import Prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +107,7 @@ def test_chunked_prompt_equals_transformers(pair, monkeypatch):
     layers = ours.config.text.num_hidden_layers   # 64 queries x 4 heads over 256 slots, in every layer
     monkeypatch.setattr(shapes, "SCORES_BUDGET", 64 * 4 * 4 * 256 * layers)
     assert shapes.prompt_chunk(ours.config.text, 1, shapes.prompt_bucket(L)) == 64
-    logits, _ = prefill(ours, inputs, 512)
+    logits, _ = prefill(ours, Prompt.of(ours.config, inputs), 512)
     with torch.no_grad():
         t = {k: torch.from_numpy(v) for k, v in inputs.items()}
         want = ref(**t).logits[0, -1].numpy()
