@@ -27,7 +27,7 @@ from ..processing.boxes import parse_boxes
 from ..processing.chat import strip_thinking
 from ..processing.errors import ProcessorError
 from .media import MediaError, MediaLoader, pdf_pages
-from .text import Reply, split
+from ..processing.reply import Reply, split
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
 MAX_N = 16   # choices per request (`n`): each takes a row of the engine
