@@ -24,6 +24,7 @@ from mindspore import Tensor, ops
 
 from .generation import GenerateOutput, GenerationError, State, decode_one, prefill
 from .prompt import Prompt
+from .sampling import process_logits
 from .shapes import cache_bucket, fit, prompt_bucket
 
 NEG = np.float32(-1.0e9)   # the reference's "never pick this" offset, in float32 as it adds it
@@ -58,18 +59,6 @@ def check(cfg, num_beams, num_return_sequences, length_penalty, early_stopping, 
 def _log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def _process(lp, history, step, cfg):
-    """The reference's logits processors that apply without sampling: repetition penalty, min_new_tokens."""
-    if cfg.repetition_penalty != 1.0:
-        for r in range(lp.shape[0]):
-            seen = np.unique(history[r][history[r] >= 0])
-            v = lp[r, seen]
-            lp[r, seen] = np.where(v < 0, v * cfg.repetition_penalty, v / cfg.repetition_penalty)
-    if step < cfg.min_new_tokens and cfg.eos_token_id:
-        lp[:, list(cfg.eos_token_id)] = -np.inf
-    return lp
 
 
 def _top(x, k):
@@ -136,7 +125,7 @@ def generate(model, p: Prompt, cfg, num_beams: int, num_return_sequences: int = 
     offset = (np.arange(B) * nb)[:, None]
     for step in range(new):
         hist = np.concatenate([prompt_hist, run_seq[:, :, :step].reshape(B * nb, step)], 1)
-        lp = _process(_log_softmax(logits.astype(np.float32)), hist, step, cfg)
+        lp = process_logits(_log_softmax(logits.astype(np.float32)), hist, step, cfg)
         if output_scores:
             all_scores.append(lp.copy())
         acc = (lp.reshape(B, nb, V) + run_score[:, :, None]).reshape(B, nb * V)

@@ -20,39 +20,9 @@ from mindspore import Tensor, ops
 from . import compile_cache
 from .generation_config import GenerationConfig, GenerationError, thinking_force, thinking_ids  # noqa: F401
 from .prompt import Prompt
+from .sampling import sample
 from .shapes import cache_bucket, fit, graph_plan, prompt_bucket
 from .text import CachedDecoder
-
-
-def sample(logits: np.ndarray, history: np.ndarray, step: int, cfg: GenerationConfig, rng) -> np.ndarray:
-    """Next token per row from float32 logits (B, V). history (B, n): prompt and generated ids (-1 = none).
-    The processor order of transformers: repetition penalty, min length, temperature, top-k, top-p."""
-    x = logits.astype(np.float32, copy=True)
-    B = x.shape[0]
-    if cfg.repetition_penalty != 1.0:
-        for b in range(B):
-            seen = np.unique(history[b][history[b] >= 0])
-            v = x[b, seen]
-            x[b, seen] = np.where(v < 0, v * cfg.repetition_penalty, v / cfg.repetition_penalty)
-    if step < cfg.min_new_tokens and cfg.eos_token_id:
-        x[:, list(cfg.eos_token_id)] = -np.inf
-    if not cfg.do_sample:
-        return x.argmax(-1)
-    x /= cfg.temperature
-    if cfg.top_k and cfg.top_k < x.shape[1]:
-        kth = np.partition(x, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
-        x[x < kth] = -np.inf
-    if cfg.top_p < 1.0:
-        order = np.argsort(-x, axis=-1, kind="stable")
-        sx = np.take_along_axis(x, order, -1)
-        p = np.exp(sx - sx[:, :1])
-        p /= p.sum(-1, keepdims=True)
-        drop = np.cumsum(p, -1) - p > cfg.top_p          # keep the smallest prefix reaching top_p (>= 1 token)
-        sx[drop] = -np.inf
-        np.put_along_axis(x, order, sx, -1)
-    p = np.exp(x - x.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.array([rng.choice(p.shape[1], p=p[b]) for b in range(B)])
 
 
 @dataclass
