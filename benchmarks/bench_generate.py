@@ -168,7 +168,7 @@ def side_reference(a, inputs):
 def side_kernels(a, inputs):
     """Kernels in the decode graph: one short prefill + one decode step with the IR dump on (set by the parent)."""
     from glm4v_ms import Glm4vForConditionalGeneration
-    from glm4v_ms.generation import decode_one, prefill
+    from glm4v_ms.steps import decode_one, prefill
     from glm4v_ms.prompt import Prompt
     model = Glm4vForConditionalGeneration.from_pretrained(a.model)
     logits, st = prefill(model, Prompt.of(model.config, inputs["warm"]), 128)

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor, ops
 
-from .generation import GenerateOutput, GenerationError, State, decode_one, prefill
+from .generation import GenerateOutput
+from .generation_config import GenerationError
 from .prompt import Prompt
 from .sampling import process_logits
 from .shapes import cache_bucket, fit, prompt_bucket
+from .steps import State, decode_one, prefill
 
 NEG = np.float32(-1.0e9)   # the reference's "never pick this" offset, in float32 as it adds it
 

@@ -6,7 +6,7 @@ listener runs on the engine thread, so it must only hand the event on (e.g. `loo
 Row groups: static KV caches of 1, 2, 4, ... rows up to `max_num_seqs` (`group_sizes`), each of `max_model_len`
 slots per row (llama.cpp's per-slot context) and each with its own compiled (rows, 1) decode graph (vLLM likewise
 captures its decode graph for a list of batch sizes and pads a live batch up to the nearest). All busy rows live in
-one group: the smallest that holds them. A step decodes that group's rows (generation.Batch.step, the loop body
+one group: the smallest that holds them. A step decodes that group's rows (batch.Batch.step, the loop body
 model.generate() runs), free rows decoding a dummy token, so a step costs about what the busy rows need (on CPU a
 step of 8 rows costs 2.1-2.5x a step of one, of 2 rows about the same). A waiting request is prefilled into a free
 row as soon as one exists while the other rows keep their state; when the busy rows and the newcomers outgrow the
@@ -36,7 +36,8 @@ import time
 import numpy as np
 
 from . import compile_cache
-from .generation import Batch, GenerationConfig, Sequence, thinking_force
+from .batch import Batch, Sequence
+from .generation_config import GenerationConfig, thinking_force
 from .prompt import Prompt
 from .shapes import decode_graph, fit
 

@@ -31,9 +31,11 @@ from mindspore import Tensor, nn, ops
 from . import beam, compile_cache, parallel, rope
 from .config import ConfigError, Glm4vConfig
 from .device import ITEM_BYTES, NAMES, kernel_mode, resolve_dtype, select_device
-from .generation import GenerationConfig, GenerateOutput, PromptCache, generate, thinking_ids
-from .prompt import Prompt
+from .generation import GenerateOutput, generate
+from .generation_config import GenerationConfig, thinking_ids
 from .layers import Linear
+from .prompt import Prompt
+from .reuse import PromptCache
 from .shapes import RUNTIME_BYTES, activation_bytes, cache_bucket, host_array as _np, prompt_bucket, prompt_graph
 from .text import CachedDecoder, TextModel
 from .vision import VisionModel

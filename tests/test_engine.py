@@ -9,7 +9,7 @@ from PIL import Image
 
 from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor, demo
 from glm4v_ms.engine import Engine, QueueFull, group_sizes
-from glm4v_ms.generation import GenerationError
+from glm4v_ms.generation_config import GenerationError
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import pytest
 import tinyref
 import torch
 from glm4v_ms import Glm4vForConditionalGeneration
-from glm4v_ms.generation import GenerationConfig, GenerationError, decode_one, prefill
+from glm4v_ms.generation_config import GenerationConfig, GenerationError
+from glm4v_ms.steps import decode_one, prefill
 from glm4v_ms.prompt import Prompt
 
 
@@ -85,7 +86,7 @@ def test_sampling_is_seeded(pair):
 
 def test_sampling_filters():
     """top-k 1 and a tiny top-p are greedy; the repetition penalty and min_new_tokens act as transformers'."""
-    from glm4v_ms.generation import sample
+    from glm4v_ms.sampling import sample
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((3, 50)).astype(np.float32)
     hist = np.full((3, 1), -1)

@@ -13,7 +13,7 @@ import torch
 import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration, demo
 from glm4v_ms import shapes
-from glm4v_ms.generation import prefill
+from glm4v_ms.steps import prefill
 from glm4v_ms.prompt import Prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

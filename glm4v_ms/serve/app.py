@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import QueueFull
-from ..generation import GenerationError
+from ..generation_config import GenerationError
 from ..processing.boxes import parse_boxes
 from ..processing.chat import strip_thinking
 from ..processing.errors import ProcessorError

@@ -28,7 +28,7 @@ import numpy as np
 
 from glm4v_ms import parallel
 from glm4v_ms.engine import Cancelled, Engine
-from glm4v_ms.generation import Sequence
+from glm4v_ms.batch import Sequence
 from glm4v_ms.prompt import Prompt
 
 STOP, IDLE = ("stop",), ("idle",)
