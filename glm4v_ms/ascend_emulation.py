@@ -1,9 +1,10 @@
 """EMULATIONS of five Ascend kernels, for CPU tests of the Ascend code path. Not used on an NPU.
 
 Each function takes the same arguments as the MindSpore 2.10 op of the same name, checks them against the op's
-documented contract (layouts, head counts, head size, mask shape and meaning, sequence-length arguments) and
-computes the documented result with plain ops. Deliberate difference: float32 inputs are accepted (the real
-kernels take float16/bfloat16 only for attention), because CPU has no bfloat16 kernels.
+documented contract (layouts, head counts, head size, mask shape and meaning, sequence-length arguments; the
+limits and their sources are in kernel_limits.py) and computes the documented result with plain ops.
+Deliberate difference: float32 inputs are accepted (the real kernels take float16/bfloat16 only for attention),
+because CPU has no bfloat16 kernels.
 Only hardware can confirm speed, the kernels' own rounding, and contract details the documentation leaves open.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 from mindspore import ops
+
+from . import kernel_limits as lim
 
 _ATTN_DTYPES = (ms.float16, ms.bfloat16, ms.float32)   # float32: emulation only
 _bmm_nt = ops.BatchMatMul(transpose_b=True)
@@ -45,7 +48,10 @@ def fused_infer_attention_score(query, key, value, *, atten_mask=None, actual_se
     nkv = num_key_value_heads or N
     _check(nkv == Nkv, f"num_key_value_heads={num_key_value_heads} but key has N={Nkv} (BNSD requires equality)")
     _check(N % nkv == 0 and N // nkv <= 64, f"num_heads {N} / kv heads {nkv}: must divide, ratio <= 64")
-    _check(Bk == B and Dk == D and D <= 512, f"key {key.shape} does not fit query {query.shape}")
+    _check(Bk == B and Dk == D, f"key {key.shape} does not fit query {query.shape}")
+    # [kernel_limits: ms-fia] N <= 256, D <= 512 and 16-aligned (float16/bfloat16), B <= 65535
+    _check(N <= 256 and D <= 512 and D % 16 == 0, f"N={N} (<= 256), D={D} (<= 512, a multiple of 16)")
+    _check(B <= lim.FIA_MAX_BATCH, f"batch {B} > {lim.FIA_MAX_BATCH}")
     _check(sparse_mode in (0, 1), f"sparse_mode {sparse_mode}: only 0/1 take a full user mask")
     if Sq == 1:
         _check(inner_precise in (0, 1), f"inner_precise {inner_precise} is not allowed when Q_S is 1")
@@ -71,38 +77,87 @@ def fused_infer_attention_score(query, key, value, *, atten_mask=None, actual_se
     return out, ops.zeros((1,), ms.float32)
 
 
-def flash_attention_score_th(query, key, value, head_num, scale_value=1.0, input_layout="TH", sparse_mode=0,
-                             attn_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None):
-    """The FlashAttentionScore primitive (its construction arguments, then its inputs) in the varlen "TH" layout:
-    query/key/value (T, N*D), segments given by cumulative lengths, no mask: non-causal attention inside each
-    segment (the vision tower's call). Returns attention_out (T, N*D), the primitive's fourth output."""
-    _check(input_layout == "TH", f"emulation covers input_layout TH, got {input_layout}")
-    _check(query.ndim == 2 and key.ndim == 2 and value.shape == key.shape, "TH needs (T, H) query/key/value")
-    T1, H1 = query.shape
-    T2, H2 = key.shape
+def flash_attention_score(query, key, value, head_num, scale_value=1.0, input_layout="TND", sparse_mode=0,
+                          attn_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None):
+    """The FlashAttentionScore primitive (its construction arguments, then its inputs) in a varlen layout, no mask:
+    non-causal attention inside each segment (the vision tower's call). Returns attention_out, the primitive's
+    fourth output, shaped as query. The two layouts reach different kernels with different rules
+    (kernel_limits.py):
+      "TND" (T, N, D), aclnnFlashAttentionVarLenScore: actual_seq_* are cumulative segment ends, increasing, the
+            last equal to T [ms-fas, ms-aclnn];
+      "TH"  (T, N*D), the internal kernel (infer_boost only): actual_seq_* are per-segment lengths summing to T
+            [ms-int], as vllm-mindspore's GLM-4.1V passes repeat_interleave(h*w, t)."""
+    _check(input_layout in ("TND", "TH"), f"emulation covers the varlen layouts TND and TH, got {input_layout}")
+    tnd = input_layout == "TND"
+    _check(query.ndim == (3 if tnd else 2) and key.ndim == query.ndim and value.shape == key.shape,
+           f"{input_layout} needs {'(T, N, D)' if tnd else '(T, N*D)'} query/key/value, got {query.shape}")
+    T1, T2 = query.shape[0], key.shape[0]
     _check(query.dtype in _ATTN_DTYPES and key.dtype == query.dtype, f"dtype {query.dtype}")
-    _check(H1 % head_num == 0, f"hidden {H1} is not a multiple of head_num {head_num}")
-    D = H1 // head_num
-    _check(H2 % D == 0 and head_num % (H2 // D) == 0, "key heads must divide query heads")
+    if tnd:
+        N1, D = query.shape[1], query.shape[2]
+        _check(N1 == head_num and key.shape[2] == D, f"head_num {head_num}, query {query.shape}, key {key.shape}")
+        N2 = key.shape[1]
+    else:
+        _check(query.shape[1] % head_num == 0, f"hidden {query.shape[1]} is not a multiple of head_num {head_num}")
+        N1, D = head_num, query.shape[1] // head_num
+        _check(key.shape[1] % D == 0, "key hidden is not a multiple of the head size")
+        N2 = key.shape[1] // D
+    _check(N1 % N2 == 0 and N1 <= 256, f"heads {N1} / kv heads {N2}: kv heads divide, <= 256")
     _check(D % 16 == 0 and D <= 512, f"head size {D}: must be a multiple of 16, <= 512")
     _check(attn_mask is None and sparse_mode == 0, "non-causal varlen: no mask, sparse_mode 0")
-    for name, cu, T in (("actual_seq_qlen", actual_seq_qlen, T1), ("actual_seq_kvlen", actual_seq_kvlen, T2)):
-        _check(cu is not None, f"TH requires {name}")
-        cu = [int(c) for c in cu]
-        _check(all(b > a for a, b in zip([0] + cu, cu)), f"{name} must be cumulative lengths, no empty segment: {cu[:8]}")
-        _check(cu[-1] == T, f"{name} ends at {cu[-1]}, the tensor has T={T}")
-        _check(len(cu) <= 1024, f"{name}: at most 1024 segments")
-    _check(list(actual_seq_qlen) == list(actual_seq_kvlen), "self-attention: q and kv segments coincide")
-    N2 = H2 // D
+    bounds = []
+    for name, seq, T in (("actual_seq_qlen", actual_seq_qlen, T1), ("actual_seq_kvlen", actual_seq_kvlen, T2)):
+        _check(seq is not None, f"{input_layout} requires {name}")
+        seq = [int(c) for c in seq]
+        _check(1 <= len(seq) <= lim.VARLEN_MAX_SEGMENTS and T <= lim.VARLEN_MAX_TOKENS,
+               f"{name}: 1 to {lim.VARLEN_MAX_SEGMENTS} segments, T <= {lim.VARLEN_MAX_TOKENS}")
+        if tnd:
+            _check(all(b > a for a, b in zip([0] + seq, seq)),
+                   f"TND: {name} must be cumulative ends, increasing, no empty segment: {seq[:8]}")
+            _check(seq[-1] == T, f"TND: {name} ends at {seq[-1]}, the tensor has T={T}")
+            ends = seq
+        else:
+            ends, total = [], 0
+            for n in seq:
+                total += n
+                ends.append(total)
+            _check(all(n > 0 for n in seq) and total == T,
+                   f"TH: {name} must be per-segment lengths summing to T={T}, got {seq[:8]} (sum {total})")
+        bounds.append(ends)
+    _check(bounds[0] == bounds[1], "self-attention: q and kv segments coincide")
     outs, start = [], 0
-    for end in [int(c) for c in actual_seq_qlen]:
-        q = query[start:end].reshape(end - start, head_num, D).transpose(1, 0, 2)
+    for end in bounds[0]:
+        q = query[start:end].reshape(end - start, N1, D).transpose(1, 0, 2)
         k, v = (t[start:end].reshape(end - start, N2, D).transpose(1, 0, 2) for t in (key, value))
-        if N2 != head_num:
-            k, v = (ops.repeat_interleave(t, head_num // N2, 0) for t in (k, v))
-        outs.append(_softmax_attend(q, k, v, None, scale_value).transpose(1, 0, 2).reshape(end - start, H1))
+        if N2 != N1:
+            k, v = (ops.repeat_interleave(t, N1 // N2, 0) for t in (k, v))
+        outs.append(_softmax_attend(q, k, v, None, scale_value).transpose(1, 0, 2).reshape(query[start:end].shape))
         start = end
     return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
+
+
+def flash_attention_score_bnsd(query, key, value, head_num, scale_value=1.0, attn_mask=None, sparse_mode=0):
+    """The FlashAttentionScore primitive in the "BNSD" layout with a full user mask (sparse_mode 0): query
+    (B, N1, S1, D), key/value (B, N2, S2, D), N2 dividing N1; attn_mask bool (B, 1, S1, S2), True = discard (the
+    training decoder's causal + padding mask). Returns attention_out (B, N1, S1, D), the fourth output. Written in
+    differentiable ops: the emulated training path takes its gradient as the real kernel's backward would."""
+    _check(query.ndim == 4 and key.ndim == 4 and value.shape == key.shape, "BNSD needs 4-D query/key/value")
+    B, N1, S1, D = query.shape
+    Bk, N2, S2, Dk = key.shape
+    _check(query.dtype in _ATTN_DTYPES and key.dtype == query.dtype, f"dtype {query.dtype} / {key.dtype}")
+    _check(head_num == N1, f"head_num={head_num} but query has N1={N1}")
+    _check(Bk == B and Dk == D and N1 % N2 == 0, f"key {key.shape} does not fit query {query.shape}")
+    _check(D % 16 == 0 and D <= 512, f"head size {D}: must be a multiple of 16, <= 512")
+    _check(sparse_mode == 0 and attn_mask is not None, "emulation covers sparse_mode 0 with a full mask")
+    _check(attn_mask.dtype in (ms.bool_, ms.uint8) and tuple(attn_mask.shape) in ((B, 1, S1, S2), (S1, S2)),
+           f"attn_mask {attn_mask.shape} {attn_mask.dtype}: (B, 1, S1, S2) or (S1, S2), bool or uint8")
+    g = N1 // N2
+    q = query.reshape(B, N2, g * S1, D)   # query heads sharing a KV head stacked along the length axis
+    m = attn_mask if attn_mask.ndim == 4 else attn_mask[None, None]
+    s = _bmm_nt(q, key).astype(ms.float32) * scale_value
+    s = s.reshape(B, N2, g, S1, S2) + m[:, :, None].astype(ms.float32) * -1e30
+    p = ops.softmax(s, -1).astype(query.dtype).reshape(B, N2, g * S1, S2)
+    return ops.matmul(p, value).reshape(B, N1, S1, D)
 
 
 def rms_norm(x, gamma, epsilon=1e-6):
@@ -121,6 +176,9 @@ def rotary_position_embedding(x, cos, sin, mode=0):
     _check(cos.dtype == x.dtype, f"cos dtype {cos.dtype} != x dtype {x.dtype}")
     D = x.shape[-1]
     _check(D % 2 == 0 and D < 896 and cos.shape[-1] == D, f"head size {D} (even, < 896, == cos's)")
+    # [kernel_limits: ms-rope] "B, N < 1000"; our calls are BSND (cos 1S1D / BS1D)
+    _check(x.shape[0] < lim.ROPE_MAX_BN and x.shape[2] < lim.ROPE_MAX_BN, f"x {x.shape}: B, N < {lim.ROPE_MAX_BN}")
+    _check(cos.shape[2] == 1, f"cos {cos.shape}: BS1D / 1S1D for a BSND x")
     _check(all(c in (1, s) for c, s in zip(cos.shape, x.shape)), f"cos {cos.shape} does not broadcast to x {x.shape}")
     _check(mode in (0, 1), f"mode {mode}")
     if mode == 0:

@@ -20,6 +20,11 @@ def parity():
     sys.exit(main())
 
 
+def finetune():
+    from .finetune.__main__ import main
+    sys.exit(main())
+
+
 def serve():
     try:
         from .serve.__main__ import main

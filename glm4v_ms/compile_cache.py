@@ -5,19 +5,25 @@ MindSpore's own cache (MS_COMPILER_CACHE_ENABLE / MS_COMPILER_CACHE_PATH) stores
 compiles as compile_cache_i.mindir and loads it back for the i-th compile of a later run, checking only a hash of
 the entry script (not the Parameters' shapes, not a package importable from sys.path): a decode graph compiled
 for a 256-slot KV cache was loaded for a 512-slot one (a crash in that case; with compatible shapes it could
-run silently wrong). Its folder is fixed at the process's first compile; whether to use it is read at each one.
+run silently wrong). It numbers only the graphs compiled with it on and takes its folder at the first of them;
+whether it is on is read at each compile.
 
 So the folder is keyed on everything that shapes the graphs (this package's sources, MindSpore's version, the
 checkpoint's config.json, dtype, kernel mode, device, parallel layout) and on the exact sequence of graph
-signatures the run will compile, planned before the first compile (generate(): its prompt graph, then its decode
-graph). The cache stays on while the compiles follow that plan and goes off for the rest of the process at the
-first one that does not (a chat's next turn, a server's other shapes): those compile as usual, never cached.
+signatures the run will compile, planned before the first of them (generate(): its prompt graph, then its
+decode graph). The cache stays on while the compiles follow that plan and goes off for the rest of the process
+once it is complete, or at the first compile that does not follow it: later graphs (a chat's next turn, a
+server's other shapes, the caller's own) compile as usual, never cached.
 
 A folder is written under a private name (KEY.partial-PID) and renamed to KEY once the planned graphs are all
 compiled (or at exit), so a run killed mid-write never leaves a truncated graph where a later run would load it
 (MindSpore then logs an ERROR and compiles anyway). A run whose folder holds fewer graphs than it plans works on
 a copy the same way. At most KEEP folders are kept, the least recently used go first; a folder of a few graphs
 is ~0.1-1 MB (no weights).
+
+MindSpore's cache also hashes the entry script (and what it imports from outside sys.path) and reloads graphs only
+while that hash holds; here it hashes this file instead (_own_dependency_files says why), and no graph outside the
+plan is ever cached, so a folder serves every entry point: a script, `python -m`, `python -c`, a console script.
 
 GLM4V_MS_COMPILE_CACHE=DIR turns it on (generate.py sets its default folder, ~/.cache/glm4v_ms/compile, unless
 --no_compile_cache); unset, nothing is written or read.
@@ -37,7 +43,8 @@ DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "glm4v_ms", "compi
 
 _plan = None        # the signatures this process was planned to compile, in order (None: not planned)
 _done = []          # the signatures compiled so far in this process (through model._run)
-_off = False        # the process left its plan (or compiled before planning): no caching from then on
+_start = 0          # len(_done) when the plan was made: graphs compiled before it were not cached
+_off = False        # the process left its plan, or completed it: no caching from then on
 _pending = None     # (private folder, its key's folder): published once the plan's graphs are all compiled
 KEEP = 32           # finished folders kept (least recently used evicted)
 PARTIAL = ".partial-"
@@ -61,14 +68,30 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
-def _entry_digest() -> str:
-    """MindSpore's cache also checks a hash of the entry script: a folder is only ever used by one script."""
-    import sys
+def _own_dependency_files() -> bool:
+    """Make MindSpore's cache hash this file, not the entry script; False where this MindSpore has no such hook.
+
+    MindSpore (graph/api.py) takes the entry script's path from sys.argv[0] once, when it is imported, and at each
+    cached compile parses that file and what it imports from outside sys.path, storing their hash with the graphs
+    (a later run reloads them only while the hash is unchanged). While `python -m pkg.mod` imports its packages,
+    sys.argv[0] is the string "-m" (Python puts the module's path there only when its __main__ starts running), and
+    under `python -c` it is "-c": MindSpore then opens <cwd>/-m or <cwd>/-c at the first compile, and the run fails.
+    Giving it the real entry file (the module's, from __main__.__spec__) would not be enough: its parser resolves a
+    top-level relative import (`from . import x`) without a package, an ImportError it does not catch, and there is
+    no file at all under `python -c`. Nor is the entry script's hash needed: the folder's key already holds what
+    shapes the graphs (this package's sources, the model, the graph plan), and no graph outside the plan is cached
+    (after_call), so no user code's graph can be. This file always exists and its bytes are in the key, so
+    MindSpore's check passes in every folder. (An empty list would skip the check too, but MindSpore then warns that
+    MS_DEV_FORCE_USE_COMPILE_CACHE is set, which it is not.)"""
     try:
-        with open(sys.argv[0], "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-    except (OSError, IndexError):
-        return ""
+        from mindspore.graph import api
+    except ImportError:
+        return False
+    if not callable(getattr(api, "_get_compile_cache_dep_files", None)):
+        return False
+    here = os.path.abspath(__file__)
+    api._get_compile_cache_dep_files = lambda: [here]
+    return True
 
 
 def _model_key(model) -> dict:
@@ -79,9 +102,14 @@ def _model_key(model) -> dict:
 
 
 def plan(model, signatures: list):
-    """Before a process's first compile: the graphs it is about to compile, in order. Sets MindSpore's cache
-    folder to one keyed on them; does nothing when the cache is off or something was compiled already."""
-    global _plan, _off, _pending
+    """Before a process's first cached compile: the graphs it is about to compile, in order. Sets MindSpore's
+    cache folder to one keyed on them; does nothing when the cache is off or a plan was made already.
+
+    Graphs compiled before (a forward before the first generate, as in the README's example) do not matter:
+    MindSpore numbers only the graphs it compiles with its cache on, and reads the folder at the first of those
+    (checked on 2.10). A planned graph compiled before would not be compiled again, though, and the next
+    planned one would take its number: no plan then."""
+    global _plan, _off, _pending, _start
     base = folder()
     from . import attention
     # the fused kernels' own small graphs (the vision tower's varlen attention) compile before the prompt's,
@@ -89,17 +117,17 @@ def plan(model, signatures: list):
     if base is None or _plan is not None or _off or attention.mode() != "plain":
         return
     from mindspore.graph.api import ms_compile_cache
-    if len(ms_compile_cache) or _done:
+    if len(ms_compile_cache) and os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1":
+        return   # the caller turned MindSpore's own cache on and compiled through it: its numbers are taken
+    if any(tuple(s) in _done for s in signatures):
         return
-    import sys
-    if not (sys.argv and os.path.isfile(sys.argv[0])):   # MindSpore's cache reads the entry script (and fails
-        import warnings                                   # on `python -c`): a script is needed
-        warnings.warn("compile cache off: it needs a script file as the entry point (not python -c or a shell)",
-                      stacklevel=2)
+    if not _own_dependency_files():   # a MindSpore whose cache would read the entry script: never enabled
+        import warnings
+        warnings.warn("compile cache off: this MindSpore version's cache reads the entry script", stacklevel=2)
         _off = True
         return
-    key = json.dumps({"sources": _source_digest(), "entry": _entry_digest(), "model": _model_key(model),
-                      "graphs": signatures}, sort_keys=True, default=str)
+    key = json.dumps({"sources": _source_digest(), "model": _model_key(model), "graphs": signatures},
+                     sort_keys=True, default=str)
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
     try:
         path = open_folder(base, name, len(signatures))
@@ -111,16 +139,23 @@ def plan(model, signatures: list):
     os.environ["MS_COMPILER_CACHE_PATH"] = path
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
     _plan = [tuple(s) for s in signatures]
+    _start = len(_done)
     _pending = (path, os.path.join(base, name)) if path != os.path.join(base, name) else None
 
 
 def after_call():
     """After a graph call: once every planned graph has been compiled (MindSpore stores each as it compiles it),
-    the folder is published at once rather than at exit, which a server stopped by a signal never reaches."""
-    global _pending
-    if _pending is not None and len(_done) >= len(_plan) and _done[:len(_plan)] == _plan:
+    the folder is published at once rather than at exit, which a server stopped by a signal never reaches, and
+    caching ends: MindSpore would otherwise store (and a later run load, by its index alone) the next graph this
+    process compiles, ours or its caller's, which nothing in the key describes."""
+    global _pending, _off
+    if _plan is None or _off or len(_done) - _start < len(_plan):
+        return
+    if _pending is not None:
         close_folder(*_pending)
         _pending = None
+    _off = True
+    os.environ["MS_COMPILER_CACHE_ENABLE"] = "0"
 
 
 def graphs_in(path: str) -> int:
@@ -200,7 +235,10 @@ def before_compile(signature: tuple):
     _done.append(sig)
     if _off:
         return
-    if _plan is None or len(_done) > len(_plan) or _plan[len(_done) - 1] != sig:
+    if _plan is None:   # not planned (yet): MindSpore's cache is not on, this graph is compiled as usual
+        return
+    n = len(_done) - _start
+    if n > len(_plan) or _plan[n - 1] != sig:
         _off = True
         if os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1":
             os.environ["MS_COMPILER_CACHE_ENABLE"] = "0"

@@ -28,7 +28,6 @@ import os
 import resource
 import shutil
 import signal
-import struct
 import sys
 import threading
 import time
@@ -36,9 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__
+from . import __version__, quant
 from .config import ConfigError, Glm4vConfig
-from .weights import KEEP_DTYPE, ST_DTYPES, Checkpoint, Entry, WeightError, expected_shapes, is_converted, plan, to_float32
+from .safetensors_io import CHUNK, ST_DTYPES, Checkpoint, Range, SafetensorsWriter, WeightError, pread, to_float32
+from .weights import KEEP_DTYPE, Entry, expected_shapes, is_converted, plan
 
 CONVERTER_VERSION = 1
 MANIFEST = "glm4v_ms_manifest.json"
@@ -46,95 +46,6 @@ DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _FLOATS = {"BF16", "F16", "F32"}
 _IDENTITY = Entry("", ()).fn          # the table's default transform: bytes pass through unchanged
 _COPIED = (".json", ".jinja", ".txt", ".model", ".tiktoken")
-CHUNK = 4 << 20
-
-
-# ----------------------------------------------------------------------------------------------- low-level I/O
-def _pread(fd: int, n: int, off: int, what: str) -> bytearray:
-    buf = bytearray(n)
-    mv, got = memoryview(buf), 0
-    while got < n:   # one read returns at most ~2 GB on Linux
-        k = os.preadv(fd, [mv[got:]], off + got)
-        if k <= 0:
-            raise WeightError(f"{what}: truncated (read past the end of the file)")
-        got += k
-    return buf
-
-
-def _write_all(fd: int, buf) -> None:
-    mv = memoryview(buf).cast("B")
-    while len(mv):
-        mv = mv[os.write(fd, mv):]
-
-
-_kernel_copy = hasattr(os, "copy_file_range")
-
-
-def _copy_range(fd_in: int, off: int, fd_out: int, n: int, what: str) -> None:
-    """n bytes from fd_in at off to fd_out's position; in the kernel where it can (no user-space buffer)."""
-    global _kernel_copy
-    while n and _kernel_copy:
-        try:
-            k = os.copy_file_range(fd_in, fd_out, n, off)
-        except OSError:          # another filesystem, old kernel: fall back to read + write
-            _kernel_copy = False
-            break
-        if k <= 0:
-            raise WeightError(f"{what}: truncated (read past the end of the file)")
-        off, n = off + k, n - k
-    while n:
-        k = min(n, CHUNK)
-        _write_all(fd_out, _pread(fd_in, k, off, what))
-        off, n = off + k, n - k
-
-
-class SafetensorsWriter:
-    """Streaming safetensors writer: the header (names, dtypes, shapes, offsets) first, then the tensors' bytes in
-    that order, so that no tensor is held longer than it takes to write it."""
-
-    def __init__(self, path: str, specs: list, metadata: dict | None = None):
-        self.path, self.specs, self.at = path, specs, 0
-        header, end = {"__metadata__": metadata or {}}, 0
-        for name, dtype, shape in specs:
-            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(ST_DTYPES[dtype]).itemsize
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [end, end + n]}
-            end += n
-        self.ends = [header[name]["data_offsets"][1] for name, _, _ in specs]
-        h = json.dumps(header, separators=(",", ":")).encode()
-        h += b" " * (-len(h) % 8)   # the format pads the header to 8 bytes so that tensors stay aligned
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        _write_all(self.fd, struct.pack("<Q", len(h)) + h)
-        self.pos = 0
-
-    def write(self, pieces, progress=None) -> None:
-        """The next tensor, as an iterable of buffers and `_Range`s (bytes still in a source file)."""
-        for p in pieces:
-            if isinstance(p, _Range):
-                for off in range(0, p.n, 1 << 30):   # big steps: much faster than 256 MB ones here
-                    k = min(1 << 30, p.n - off)
-                    _copy_range(p.fd, p.off + off, self.fd, k, p.what)
-                    self.pos += k
-                    progress and progress.add(k)
-            else:
-                mv = memoryview(p).cast("B")
-                _write_all(self.fd, mv)
-                self.pos += len(mv)
-                progress and progress.add(len(mv))
-        name = self.specs[self.at][0]
-        if self.pos != self.ends[self.at]:
-            raise WeightError(f"{self.path}: wrote {self.pos} bytes up to {name}, expected {self.ends[self.at]}")
-        self.at += 1
-
-    def close(self) -> None:
-        if self.at != len(self.specs):
-            self.abort()
-            raise WeightError(f"{self.path}: closed after {self.at} of {len(self.specs)} tensors")
-        self.abort()   # fsync'ed later, all at once, while the source is still being hashed
-
-    def abort(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 # ----------------------------------------------------------------------------------------------- dtypes
@@ -176,14 +87,6 @@ class Job:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(ST_DTYPES[self.dtype]).itemsize
 
 
-@dataclass(frozen=True)
-class _Range:
-    fd: int
-    off: int
-    n: int
-    what: str
-
-
 def _check_index(ckpt: Checkpoint) -> None:
     """Checkpoint checks that the index's tensors are in the shards; a tensor in a shard must also be indexed."""
     p = os.path.join(ckpt.folder, "model.safetensors.index.json")
@@ -219,7 +122,7 @@ def schedule(cfg: Glm4vConfig, ckpt: Checkpoint, dtype: str | None) -> list[list
 
 
 def _pieces(cfg, ckpt: Checkpoint, fds: dict, job: Job, fast: bool):
-    """The output bytes of one job, in order: `_Range`s of a source file (fast, dtype kept) or arrays."""
+    """The output bytes of one job, in order: `Range`s of a source file (fast, dtype kept) or arrays."""
     e = job.entry
 
     def where(s):
@@ -231,18 +134,18 @@ def _pieces(cfg, ckpt: Checkpoint, fds: dict, job: Job, fast: bool):
     if e.fn is _IDENTITY and len(e.sources) == 1:   # elementwise at most: stream it in pieces
         fd, off, n, path = where(e.sources[0])
         if fast and job.src_dtype == job.dtype:
-            yield _Range(fd, off, n, path)
+            yield Range(fd, off, n, path)
             return
         item = np.dtype(ST_DTYPES[job.src_dtype]).itemsize
         step = CHUNK - CHUNK % item
         for a in range(0, n, step):
-            raw = np.frombuffer(_pread(fd, min(step, n - a), off + a, path), ST_DTYPES[job.src_dtype])
+            raw = np.frombuffer(pread(fd, min(step, n - a), off + a, path), ST_DTYPES[job.src_dtype])
             yield _cast(raw, job.src_dtype, job.dtype, e.ours)
         return
     arrays = []
     for s in e.sources:
         fd, off, n, path = where(s)
-        arrays.append(np.frombuffer(_pread(fd, n, off, path), ST_DTYPES[job.src_dtype]).reshape(ckpt.info(s)[1]))
+        arrays.append(np.frombuffer(pread(fd, n, off, path), ST_DTYPES[job.src_dtype]).reshape(ckpt.info(s)[1]))
     try:
         arr = e.fn(cfg, *arrays)
     except ValueError as err:
@@ -407,36 +310,56 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     cfg, ckpt, groups = _load_source(src, dtype)
     jobs = [j for g in groups for j in g]
     total = sum(j.nbytes for j in jobs)
-
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    _remove_stale(dst)
-    tmp = _tmp_name(dst, "tmp", os.getpid())
-    os.mkdir(tmp)
+    shown_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, "as the source")
     t0, fds = time.time(), _open_all(ckpt)
+
+    def weights(tmp):
+        names, weight_map, records = _write_weights(tmp, cfg, ckpt, groups, fds,
+                                                    Progress(total, len(groups), "converting"))
+        return names, weight_map, total, records, None
+
     try:
-        names, weight_map, records = _write_weights(tmp, cfg, ckpt, groups, fds, Progress(total, len(groups), "converting"))
-        for fn in _aux_files(src):
-            shutil.copyfile(os.path.join(src, fn), os.path.join(tmp, fn))
-            records.append(_file_record(os.path.join(src, fn)))
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total, "format": "glm4v_ms"}, "weight_map": weight_map}, f, indent=2)
-        shown_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, "as the source")
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"converter": "glm4v_ms.convert", "converter_version": CONVERTER_VERSION,
-                       "glm4v_ms_version": __version__, "source": src, "dtype": shown_dtype,
-                       "tensor_dtypes": sorted({j.dtype for j in jobs}), "tensors": len(jobs), "total_size": total,
-                       "source_files": records, "files": names}, f, indent=2)
-        if verify:
-            verify_folder(src, tmp, dtype, _loaded=(cfg, ckpt, groups, fds))
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        names, _, _ = _write_folder(src, dst, weights, "glm4v_ms",
+                              {"dtype": shown_dtype, "tensor_dtypes": sorted({j.dtype for j in jobs})},
+                              verify and (lambda tmp: verify_folder(src, tmp, dtype, _loaded=(cfg, ckpt, groups, fds))))
     finally:
         for fd in fds.values():
             os.close(fd)
     return {"src": src, "dst": dst, "shards": len(names), "tensors": len(jobs), "bytes": total, "dtype": shown_dtype,
             "seconds": time.time() - t0, "verified": verify, "peak_rss": peak_rss()}
+
+
+def _write_folder(src: str, dst: str, weights, fmt: str, manifest: dict, check=None) -> list:
+    """The tail both pipelines share: a fresh temporary folder beside dst; the weights (`weights(tmp)` -> shard
+    names, weight map, bytes, the source files' records, and a config.json to write or None to copy the source's);
+    the other small files; the index and the manifest; `check(tmp)` if given; then the atomic publish. Any failure
+    removes the temporary folder. Returns the shard names, the tensor count and the bytes."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    _remove_stale(dst)
+    tmp = _tmp_name(dst, "tmp", os.getpid())
+    os.mkdir(tmp)
+    try:
+        names, weight_map, total, records, config = weights(tmp)
+        for fn in _aux_files(src):
+            if config is None or fn != "config.json":
+                shutil.copyfile(os.path.join(src, fn), os.path.join(tmp, fn))
+            records.append(_file_record(os.path.join(src, fn)))
+        if config is not None:
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total, "format": fmt}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"converter": "glm4v_ms.convert", "converter_version": CONVERTER_VERSION,
+                       "glm4v_ms_version": __version__, "source": src, **manifest, "tensors": len(weight_map),
+                       "total_size": total, "source_files": records, "files": names}, f, indent=2)
+        if check:
+            check(tmp)
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names, len(weight_map), total
 
 
 def _write_weights(tmp: str, cfg, ckpt: Checkpoint, groups: list, fds: dict, progress: Progress):
@@ -532,7 +455,7 @@ def verify_folder(src: str, out: str, dtype: str | None = None, _loaded=None) ->
                     off = st.base + st.tensors[name]["data_offsets"][0]
                     for p in _pieces(cfg, ckpt, fds, j, fast=False):
                         mv = memoryview(p).cast("B")
-                        if _pread(out_fds[got.where[name]], len(mv), off, st.path) != mv:
+                        if pread(out_fds[got.where[name]], len(mv), off, st.path) != mv:
                             raise WeightError(f"verify: tensor {name} in {st.path} differs from the source "
                                               f"({', '.join(j.entry.sources)})")
                         off += len(mv)
@@ -555,9 +478,9 @@ def convert_quantized(src, dst, dtype=None, overwrite=False, verify=False, quant
     rebuilt), into shards of about 2 GB:
     - a GPTQ folder, no dtype: repacked into the kernel's layout (quant.py), config.json listing the modules;
     - a GPTQ folder with dtype: dequantized, a plain float checkpoint in this port's layout;
-    - a float folder with quantize int4/int8: the GPTQ on-disk format, Hugging Face names (readable by vLLM and
-      transformers), text linears quantized by round-to-nearest unless a keep_float regex matches them."""
-    from . import quant
+    - a float folder with quantize int4/int8: the GPTQ on-disk format in GPTQModel's layout (Hugging Face names, the
+      MLP split into gate_proj / up_proj), text linears quantized by round-to-nearest unless a keep_float regex
+      matches them."""
     t0 = time.time()
     cfg = Glm4vConfig.from_pretrained(src)
     ckpt = Checkpoint(src)
@@ -593,41 +516,22 @@ def convert_quantized(src, dst, dtype=None, overwrite=False, verify=False, quant
             items, modules = quant.repack_items(v)
             mode = "quantized (repacked)"
         fmt = "glm4v_ms"
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    _remove_stale(dst)
-    tmp = _tmp_name(dst, "tmp", os.getpid())
-    os.mkdir(tmp)
-    try:
+
+    def weights(tmp):
         names, weight_map, total = _write_items(tmp, items, fmt)
         if modules is not None:
             config["quantization_config"] = {"quant_method": quant.OURS, "source_quant_method": "gptq",
                                              "modules": modules}
-        records = []
-        for fn in _aux_files(src):
-            if fn != "config.json":
-                shutil.copyfile(os.path.join(src, fn), os.path.join(tmp, fn))
-            records.append(_file_record(os.path.join(src, fn)))
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total, "format": fmt}, "weight_map": weight_map}, f, indent=2)
-        records += [_file_record(st.path) for st in ckpt.files.values()]
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"converter": "glm4v_ms.convert", "converter_version": CONVERTER_VERSION,
-                       "glm4v_ms_version": __version__, "source": src, "dtype": mode, "tensors": len(weight_map),
-                       "total_size": total, "source_files": records, "files": names}, f, indent=2)
-        if verify:
-            _verify_dequantized(src, tmp, cfg, dtype)
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"src": src, "dst": dst, "shards": len(names), "tensors": len(weight_map), "bytes": total, "dtype": mode,
+        return names, weight_map, total, [_file_record(st.path) for st in ckpt.files.values()], config
+
+    names, tensors, total = _write_folder(src, dst, weights, fmt, {"dtype": mode},
+                                          verify and (lambda tmp: _verify_dequantized(src, tmp, cfg, dtype)))
+    return {"src": src, "dst": dst, "shards": len(names), "tensors": tensors, "bytes": total, "dtype": mode,
             "seconds": time.time() - t0, "verified": verify, "peak_rss": peak_rss()}
 
 
 def _quantized(src: str) -> bool:
-    # read config.json here: quant.py imports MindSpore, which a float conversion does not need
+    # whether config.json has a quantization_config at all (quant.py reads and checks it)
     try:
         with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
             return "quantization_config" in json.load(f)
@@ -683,7 +587,6 @@ def _write_items(tmp, items, fmt, limit=2 << 30):
 def _verify_dequantized(src, out, cfg, dtype):
     """Every weight of the output, read as the loader reads it (dequantized), equals the source's through the
     table (cast to dtype when one was given)."""
-    from . import quant
     a, b = quant.view(Checkpoint(src), cfg), quant.view(Checkpoint(out), cfg)
     ours = {e.ours: e for e in plan(cfg, b)}
     for e in plan(cfg, a):
@@ -714,7 +617,12 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128, help="with --quantize: input rows per scale (-1: all)")
     ap.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                     help="with --quantize: leave modules whose name matches this regex float (repeatable)")
+    ap.add_argument("--adapter", metavar="DIR", help="merge this PEFT LoRA adapter into the weights (finetune/merge.py)")
+    ap.add_argument("--layout", choices=["ours", "hf"], default="ours",
+                    help="with --adapter: hf = a Hugging Face checkpoint (transformers, vLLM); ours = this port's")
     args = ap.parse_args(argv)
+    if args.adapter:
+        return _merge_main(args)
     if args.quantize and args.dtype:
         ap.error("--quantize and --dtype exclude each other")
     if args.group_size != -1 and args.group_size < 1:
@@ -733,6 +641,24 @@ def main(argv=None) -> int:
     print(f"glm4v_ms.convert: {s['tensors']} tensors in {s['shards']} shards, {size} "
           f"({s['dtype']}) -> {s['dst']} in {s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} "
           f"GB/s), peak memory {s['peak_rss'] / 2**20:.0f} MiB{', verified' if s['verified'] else ''}")
+    return 0
+
+
+def _merge_main(args) -> int:
+    from .finetune.adapter import AdapterError
+    from .finetune.merge import merge
+    if args.quantize:
+        print("glm4v_ms.convert: error: --adapter and --quantize exclude each other", file=sys.stderr)
+        return 1
+    try:
+        s = merge(args.src, args.adapter, args.dst, args.layout, DTYPES.get(args.dtype), args.overwrite)
+    except (WeightError, ConfigError, AdapterError, OSError) as e:
+        print(f"glm4v_ms.convert: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"glm4v_ms.convert: interrupted; nothing was written to {args.dst}", file=sys.stderr)
+        return 130
+    print(f"glm4v_ms.convert: merged {s['merged']} LoRA deltas -> {s['dst']} ({s['layout']} layout)")
     return 0
 
 

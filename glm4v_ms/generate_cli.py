@@ -44,6 +44,7 @@ def parse(argv):
     p.add_argument("--enable_thinking", type=true_or_false, default=None, metavar="true|false",
                    help="passed to the chat template (GLM-4.5V thinks unless false; GLM-4.1V's template ignores it)")
     add_runtime_args(p)
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder to apply (model.load_adapter)")
     p.add_argument("--no_compile_cache", action="store_true",
                    help="do not keep compiled graphs for the next run (default: kept in $GLM4V_MS_COMPILE_CACHE, "
                         "else ~/.cache/glm4v_ms/compile; a second run of the same command then compiles nothing)")
@@ -158,6 +159,8 @@ def run(a):
     # the first turn's prompt (media decoded) is built before the model loads: bad media fail fast
     pending = turn(a.prompt, True) if a.prompt else None
     model = load_model(folder, a)
+    if a.adapter:
+        model.load_adapter(a.adapter)
     gen = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                repetition_penalty=a.repetition_penalty, max_thinking_tokens=a.max_thinking_tokens, seed=a.seed)
     if a.greedy:

@@ -51,12 +51,15 @@ class Linear(nn.Cell):
         self.weight = _param((n_out, n_in), dtype)
         self.bias = _param((n_out,), dtype) if bias else None
         self.reduce = reduce
+        self.lora = None   # finetune/lora.py: a LoRA delta added to the output (one per fused source linear)
 
     def construct(self, x):
         # MatMul(transpose_b), not ops.dense: eager (PyNative) dense runs ~2.5x slower on CPU; same kernel in a graph
         y = _mm_nt(x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[:-1] + (self.weight.shape[0],))
         if self.bias is not None:
             y = y + self.bias
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         return y if self.reduce is None else self.reduce(y)
 
 

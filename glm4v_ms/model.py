@@ -28,7 +28,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from . import beam, compile_cache, parallel, rope
+from . import attention, beam, compile_cache, parallel, rope
 from .config import ConfigError, Glm4vConfig
 from .device import ITEM_BYTES, NAMES, kernel_mode, resolve_dtype, select_device
 from .generation import GenerateOutput, generate
@@ -39,7 +39,8 @@ from .reuse import PromptCache
 from .shapes import RUNTIME_BYTES, activation_bytes, cache_bucket, host_array as _np, prompt_bucket, prompt_graph
 from .text import CachedDecoder, TextModel
 from .vision import VisionModel
-from .weights import load as load_weights, to_float32
+from .safetensors_io import to_float32
+from .weights import load as load_weights
 
 def _refuse(extra: dict, what: str):
     """The processor's token-type arrays are accepted (derived from the ids here); anything else is named."""
@@ -53,6 +54,7 @@ def _refuse(extra: dict, what: str):
 class Output:
     logits: Tensor               # (B, L, vocab)
     rope_deltas: np.ndarray      # (B,)
+    loss: Tensor | None = None   # with labels: the mean cross-entropy over the shifted trained tokens
 
 
 class Glm4vForConditionalGeneration(nn.Cell):
@@ -63,6 +65,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self.config, self.dtype = config, dtype
         self.layout = layout or parallel.Layout()
         parallel.check(config, self.layout)
+        # fused Ascend kernels where this configuration fits their documented limits, the plain maths past them
+        self.plain_kernels = attention.choose_kernels(config, dtype, self.layout.world)
         self.visual = VisionModel(config.vision, dtype)
         self.text = TextModel(config.text, dtype, self.layout)
         self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size // self.layout.world, dtype)
@@ -88,7 +92,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         if expert_parallel and not cfg.text.n_routed_experts:
             raise parallel.ParallelError(f"expert_parallel: {cfg.model_type} has no experts")
         model = cls(cfg, resolve_dtype(dtype, dev), parallel.init(tensor_parallel_size, expert_parallel))
-        from .quant import install
+        from .quant_layers import install
         skip = install(model, folder)   # GPTQ linears kept quantized on the Ascend path
         if skip and model.layout.world > 1:
             raise parallel.ParallelError("GPTQ weights kept quantized (the Ascend path) are not split across ranks "
@@ -148,10 +152,19 @@ class Glm4vForConditionalGeneration(nn.Cell):
             out.sequences = out.sequences[:, p.shape[1]:]
         return out if as_dict else out.sequences
 
+    def load_adapter(self, folder: str):
+        """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) on top of these weights, as
+        transformers' load_adapter (finetune/adapter.py); replaces any adapter loaded before."""
+        from .finetune.adapter import load
+        load(self, folder)
+        with open(os.path.join(folder, "adapter_model.safetensors"), "rb") as f:   # the compile cache's key
+            self.config_digest = hashlib.sha256((self.config_digest or "").encode() + f.read()).hexdigest()
+
     def load_weights(self, folder: str, skip=()):
-        from .weights import WeightError
+        from .quant import view
+        from .safetensors_io import Checkpoint, WeightError
         params = dict(self.parameters_and_names())
-        for name, arr, st in load_weights(self.config, folder, skip, self.layout):
+        for name, arr, st in load_weights(self.config, view(Checkpoint(folder), self.config), skip, self.layout):
             p = params[name]
             if tuple(arr.shape) != tuple(p.shape):
                 raise WeightError(f"{name}: this rank's slice has shape {list(arr.shape)}, the model {list(p.shape)}")
@@ -172,7 +185,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         act = activation_bytes(t, batch, n, item)
         gb = 1e9
         dt = NAMES[self.dtype]
-        from .quant import weight_bytes
+        from .quant_layers import weight_bytes
         wbytes, qbytes = weight_bytes(self)   # real bytes: the router stays float32, qint4x2 packs two a byte
         lay = self.layout
         where = f"rank {lay.rank} of {lay.world}{' (experts whole)' if lay.expert_parallel else ''}: " \
@@ -300,11 +313,18 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, **extra) -> Output:
+                 pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None, labels=None, **extra) -> Output:
         """Logits for every position of a full prompt. Exactly one of input_ids and inputs_embeds (B, L, D), as in
         transformers. The processor's mm_token_type_ids / token_type_ids are taken and not needed (the token types
-        follow from the ids); any other argument is refused by name."""
+        follow from the ids); any other argument is refused by name. With `labels` (B, L), -100 where not trained:
+        the training path (no cache, finetune/forward.py) and `.loss`, as transformers computes it."""
         _refuse(extra, "forward")
+        if labels is not None:
+            if input_ids is None:
+                raise ValueError("labels need input_ids")
+            from .finetune.forward import forward_with_loss
+            return forward_with_loss(self, input_ids, attention_mask, labels, pixel_values, image_grid_thw,
+                                     pixel_values_videos, video_grid_thw)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         return self._forward(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,

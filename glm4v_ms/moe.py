@@ -19,10 +19,9 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn, ops
 
-from . import attention
 from .config import TextConfig
 from .layers import MLP, _param   # the shared expert is the dense MLP, column/row split
-from .moe_kernels import route_fused, routed_experts
+from .moe_kernels import choose, route_fused, routed_experts
 from .parallel import Layout, all_reduce
 
 NEG_INF = float("-inf")
@@ -61,16 +60,22 @@ class MoE(nn.Cell):
         self.shared = MLP(H, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, lay, reduce=False) \
             if cfg.n_shared_experts else None
         self.reduce = all_reduce(lay)
+        plain = choose(cfg, dtype)   # fused Ascend kernels where the documented limits allow (moe_kernels.py)
+        self.fused_router, self.fused_experts = "router" not in plain, "experts" not in plain
+        self.fused_unpermute = "unpermute" not in plain
 
     def construct(self, x):
         B, L, H = x.shape
         t = x.reshape(B * L, H)
-        if attention.mode() == "plain":
-            w, idx = route(t, self.router_weight, self.router_bias, self.cfg)
-            y = self._routed_plain(t, w, idx)
-        else:   # the fused kernels (moe_kernels.py), real on Ascend, emulated in CPU tests
+        if self.fused_router:   # the fused kernels (moe_kernels.py), real on Ascend, emulated in CPU tests
             w, idx = route_fused(t, self.router_weight, self.router_bias, self.cfg)
-            y = routed_experts(t, w, idx, self.gate_up, self.down, self.e0, self.n_local, self.cfg.n_routed_experts)
+        else:
+            w, idx = route(t, self.router_weight, self.router_bias, self.cfg)
+        if self.fused_experts:
+            y = routed_experts(t, w, idx, self.gate_up, self.down, self.e0, self.n_local, self.cfg.n_routed_experts,
+                               self.fused_unpermute)
+        else:
+            y = self._routed_plain(t, w, idx)
         y = y.reshape(B, L, H)
         if self.shared is not None:
             y = y + self.shared(x)

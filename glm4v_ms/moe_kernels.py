@@ -12,6 +12,13 @@ point at local expert 0 with weight 0 (vllm-mindspore's TP_MIX_EP trick), so the
 
 "ascend" mode calls the real ops; "emulated" mode (CPU tests) calls the EMULATIONS below, which take the same
 arguments, check them against the documented contracts and compute the documented result with plain ops.
+Each part runs fused only where the model's configuration fits the op's documented limits (`choose`, at build
+time; kernel_limits.py has the limits and sources), else the plain maths of moe.py, as vllm-mindspore does:
+  router     FusedAddTopKDiv: <= 32 experts per group and 8 groups from 32 experts on, and an internal kernel
+             (needs infer_boost). GLM-4.5V (128 experts, 1 group) always takes the plain sigmoid + top-k.
+  experts    MoeInitRoutingV2 + GroupedMatmulV4 (float16/bfloat16/float32);
+  unpermute  MoeTokenUnpermute: bfloat16 only, Atlas A2 only; otherwise the same gather + weighted sum in plain
+             ops after the grouped matmul.
 Deliberate difference: float32 is accepted (CPU has no bfloat16 kernels). Only hardware can confirm the real
 ops' exact index conventions (documented tersely for MoeInitRoutingV2's expanded_row_idx) and rounding.
 """
@@ -22,6 +29,7 @@ from mindspore import ops
 from mindspore.ops import auto_generate as _ag
 
 from . import attention
+from . import kernel_limits as lim
 from .ascend_emulation import _check
 
 
@@ -32,6 +40,20 @@ def _kernels():
     return fused_add_topk_div, moe_init_routing_v2, grouped_matmul_v4, moe_token_unpermute
 
 
+def choose(cfg, dtype) -> dict:
+    """The reason each MoE part ("router", "experts", "unpermute") runs plain for this configuration; a part
+    not named runs fused. All plain in plain mode."""
+    if attention.mode() == "plain":
+        return {"router": "plain mode", "experts": "plain mode", "unpermute": "plain mode"}
+    emulated = attention.mode() == "emulated"
+    chip = lim.soc(emulated)
+    why = {"router": lim.fused_add_topk_div(cfg.n_routed_experts, cfg.n_group, cfg.topk_group,
+                                            cfg.num_experts_per_tok, chip, lim.internal_kernels("FusedAddTopKDiv")),
+           "experts": lim.moe_init_routing(dtype, emulated) or lim.grouped_matmul(dtype, emulated),
+           "unpermute": lim.moe_token_unpermute(dtype, cfg.num_experts_per_tok, chip, emulated)}
+    return {k: r for k, r in why.items() if r is not None}
+
+
 def route_fused(x, weight, bias, cfg):
     """The router through FusedAddTopKDiv: (weights (T, k) float32, expert ids (T, k) int32)."""
     logits = ops.dense(x.astype(ms.float32), weight)
@@ -40,7 +62,7 @@ def route_fused(x, weight, bias, cfg):
     return w, idx.astype(ms.int32)
 
 
-def routed_experts(t, w, idx, gate_up, down, e0: int, n_local: int, n_experts: int):
+def routed_experts(t, w, idx, gate_up, down, e0: int, n_local: int, n_experts: int, fused_unpermute: bool = True):
     """Sum over the local experts of weight x SwiGLU expert(token), for tokens t (T, H)."""
     _, init_routing, gmm, unpermute = _kernels()
     T, k = idx.shape
@@ -55,7 +77,10 @@ def routed_experts(t, w, idx, gate_up, down, e0: int, n_local: int, n_experts: i
     gu = gmm([xs], [gate_up], group_list=counts, split_item=3, group_type=0, group_list_type=1)[0]
     g, u = ops.split(gu, gu.shape[-1] // 2, -1)
     y = gmm([ops.silu(g) * u], [down], group_list=counts, split_item=3, group_type=0, group_list_type=1)[0]
-    return unpermute(y, row_idx, w.astype(y.dtype))
+    if fused_unpermute:
+        return unpermute(y, row_idx, w.astype(y.dtype))
+    rows = ops.gather(y, row_idx, 0).reshape(T, k, -1)   # pair n*k+s sits at row_idx[n*k+s]
+    return (rows * w[..., None].astype(rows.dtype)).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------- EMULATIONS
@@ -66,8 +91,14 @@ def fused_add_topk_div(x, add_num, group_num, group_topk, n, k, activate_type=0,
     _check(x.ndim == 2 and x.dtype == ms.float32 and add_num.shape == (x.shape[1],), "x (T, E) float32, add_num (E,)")
     E = x.shape[1]
     _check(activate_type == 0, "activate_type 0 (sigmoid) only")
+    # [kernel_limits: akg-fatd] b % groupNum == 0, groupTopk <= groupNum, k <= b, b >= groupNum * n,
+    # b <= groupNum * 32, and groupNum == 8 when b >= 32
     _check(group_num > 0 and E % group_num == 0 and 0 < group_topk <= group_num, f"groups {group_num}/{group_topk}")
-    _check(n == 2 and 0 < k <= group_topk * (E // group_num), f"n {n} (group score = top-2 sum), k {k}")
+    _check(n == 2 and 0 < k <= group_topk * (E // group_num) and E >= group_num * n, f"n {n} (top-2 sum), k {k}")
+    _check(E <= group_num * lim.FATD_MAX_PER_GROUP, f"{E} experts in {group_num} groups: at most "
+                                                    f"{lim.FATD_MAX_PER_GROUP} experts per group")
+    _check(E < 32 or group_num == lim.FATD_GROUPS_AT_32, f"{E} experts (>= 32) need group_num "
+                                                         f"{lim.FATD_GROUPS_AT_32}, got {group_num}")
     _check(not enable_expert_mapping and mapping_table is None, "expert mapping is not used")
     scores = ops.sigmoid(x)
     choice = scores + add_num
@@ -143,6 +174,9 @@ def moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode
     _check(probs is not None and probs.ndim == 2 and probs.shape[0] * probs.shape[1] == permuted_tokens.shape[0],
            "probs (N, k) with N*k permuted rows")
     _check(probs.shape[1] <= 512, "topk <= 512")
+    # [kernel_limits: ms-unp] bfloat16 only (float32 stands in for it on CPU, never float16)
+    _check(permuted_tokens.dtype in (ms.bfloat16, ms.float32) and probs.dtype == permuted_tokens.dtype,
+           f"permuted_tokens / probs dtype {permuted_tokens.dtype} / {probs.dtype}: bfloat16 only")
     N, k = probs.shape
     rows = ops.gather(permuted_tokens, sorted_indices, 0).reshape(N, k, -1)
     return (rows * probs[..., None].astype(rows.dtype)).sum(1)

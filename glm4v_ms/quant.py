@@ -6,6 +6,9 @@ On-disk format (per quantized nn.Linear `<m>` of in-width K, out-width N, b bits
 act-order). W[o, i] = scales[g, o] * (q[i, o] - z[g, o]) with g = g_idx[i], and z the stored zero + 1 in the v1
 format (`checkpoint_format: gptq`; gptq_v2 stores z itself). `dynamic` maps module-name regexes (re.match, first
 match wins) to overrides of bits/group_size/desc_act/sym; a `-:` key keeps the module float.
+The text MLP comes in two layouts: transformers' fused `mlp.gate_up_proj`, or GPTQModel's, which splits it into
+`mlp.gate_proj` and `mlp.up_proj` before quantizing (its rules then name the halves, which may differ); the split
+halves read as the fused weight (SplitMLP), so the weight table stays the one for transformers' names.
 
 Where the weights go:
 - plain mode (CPU): dequantized at load by that formula into the compute dtype; the float model runs unchanged.
@@ -14,7 +17,8 @@ Where the weights go:
   dequant(w) = (w + offset) * scale, w = q - 2^(b-1), offset = 2^(b-1) - z. Under act-order the rows are sorted by
   group (each group then holds gs consecutive rows) and the activations gathered by that permutation at run time.
   The text q/k rotary row permutation (weights.py) is a permutation of the N columns: applied exactly.
-  q/k/v share one matmul only when their bits, group size and row order agree; otherwise one matmul each.
+  q/k/v (and GPTQModel's gate/up halves) share one matmul only when their bits, group size and row order agree;
+  otherwise one matmul each.
 - This port's converted layout stores exactly those tensors (`<ours>.qweight/.scales/.offsets[/.perm]`), so a
   converted folder loads with no repacking; config.json then says `quant_method: glm4v_ms` and lists each module.
 """
@@ -27,17 +31,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .weights import Checkpoint, WeightError, hf_table, is_converted, to_float32
+from .safetensors_io import Checkpoint, WeightError, to_float32
+from .weights import converted_table, hf_shapes, hf_table, is_converted
 
 SUPPORTED_FORMATS = ("gptq", "gptq_v2")
-# the linears GPTQ quantizes (of model.language_model.layers.N); the vision tower and lm_head stay float
+# the linears GPTQ quantizes (of model.language_model.layers.N); the vision tower and lm_head stay float.
+# GLM-4.1V's MLP comes two ways: fused `mlp.gate_up_proj` (transformers' module), or split into `mlp.gate_proj` and
+# `mlp.up_proj` (GPTQModel replaces the MLP before quantizing: gate = the fused weight's first intermediate_size rows)
 TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_up_proj",
-                "mlp.down_proj")
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_MLP, SPLIT_MLP = "mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")
+OURS = "glm4v_ms"          # quant_method of a converted folder
 
 
 def is_text_linear(module: str) -> bool:
     return ".language_model.layers." in module and module.endswith(TEXT_LINEARS)
-OURS = "glm4v_ms"          # quant_method of a converted folder
+
+
+def split_names(module: str) -> tuple:
+    """`...mlp.gate_up_proj` -> its GPTQModel halves (`...mlp.gate_proj`, `...mlp.up_proj`)."""
+    head = module[:-len(FUSED_MLP)]
+    return tuple(head + h for h in SPLIT_MLP)
 
 
 class QuantError(WeightError):
@@ -283,10 +297,37 @@ class GPTQModule:
                       (half - z).astype(np.float16), None if perm is None else perm.astype(np.int32))
 
 
+class SplitMLP:
+    """GPTQModel's split text MLP read as transformers' fused `mlp.gate_up_proj` (gate rows, then up rows). Each
+    half is a GPTQModule, or the name of its float weight (a `-:` rule kept that half float)."""
+
+    def __init__(self, ckpt: Checkpoint, halves: list, shape: tuple):
+        self.ckpt, self.halves = ckpt, halves
+        self.N, self.K = shape
+
+    def quantized(self) -> bool:
+        return any(isinstance(h, GPTQModule) for h in self.halves)
+
+    def _float_dtypes(self) -> set:
+        return {self.ckpt.info(h)[0] for h in self.halves if isinstance(h, str)}
+
+    def info(self):
+        dts = self._float_dtypes()
+        return (dts.pop() if not self.quantized() and len(dts) == 1 else "F32"), (self.N, self.K)
+
+    def read(self):
+        if not self.quantized() and len(self._float_dtypes()) == 1:   # both float: raw bits, their own dtype
+            return np.concatenate([np.asarray(self.ckpt.read(h)[0]) for h in self.halves], 0), self.info()[0]
+        return np.concatenate([h.dequantize() if isinstance(h, GPTQModule) else to_float32(*self.ckpt.read(h))
+                               for h in self.halves], 0), "F32"
+
+
 def kernel_ok(p: Packed) -> bool:
-    """The WeightQuantBatchMatmul contract: k, n <= 65535; per-group sizes a multiple of 32 in [32, k-1]."""
+    """The WeightQuantBatchMatmul contract (kernel_limits.weight_quant_batch_matmul, without the dtype):
+    k, n <= 65535; per-group sizes a multiple of 32 in [32, k-1]."""
+    from .kernel_limits import weight_quant_batch_matmul
     K, N = p.w.shape
-    return K <= 65535 and N <= 65535 and (p.scale.shape[0] == 1 or p.group % 32 == 0)
+    return weight_quant_batch_matmul(K, N, 0 if p.scale.shape[0] == 1 else p.group, None, False) is None
 
 
 # ----------------------------------------------------------------------------------------------- the checkpoint view
@@ -302,7 +343,7 @@ class QuantView:
     def __init__(self, ckpt: Checkpoint, cfg, qcfg):
         self.ckpt, self.cfg, self.qcfg = ckpt, cfg, qcfg
         self.folder, self.files, self.where = ckpt.folder, ckpt.files, ckpt.where
-        self.virtual = {}      # "<module>.weight" -> GPTQModule or list of our Packed parts
+        self.virtual = {}      # "<module>.weight" -> GPTQModule, SplitMLP, or list of our Packed parts
         self.hidden = set()
         self.converted = is_converted(ckpt)
         if self.converted != isinstance(qcfg, dict):
@@ -316,36 +357,67 @@ class QuantView:
 
     # HF GPTQ folder
     def _gptq(self, table):
-        from .weights import hf_shapes
         shapes = hf_shapes(self.cfg)
         have = set(self.ckpt.keys())
-        for k in have:
-            if k.endswith(".qweight") and not (is_text_linear(k[:-len(".qweight")])
-                                               and k[:-len(".qweight")] + ".weight" in shapes):
+        for k in sorted(k for k in have if k.endswith(".qweight")):
+            m = k[:-len(".qweight")]
+            fused = m.rsplit(".", 1)[0] + ".gate_up_proj" if m.endswith(SPLIT_MLP) else m
+            if not (is_text_linear(m) and (m + ".weight" in shapes or fused + ".weight" in shapes)):
                 raise QuantError(f"tensor {k}: quantized weights are supported for the text linears only")
+        self._split_mlp(shapes, have)
         for e in table:
-            mods = [s[:-len(".weight")] for s in e.sources if s.endswith(".weight")]
+            mods = [s[:-len(".weight")] for s in e.sources if s.endswith(".weight") and s not in self.virtual]
             quant = [m + ".qweight" in have for m in mods]
             if not any(quant):
                 continue
-            specs = [self.qcfg.resolve(m) for m in mods]
-            for m, q, (spec, key) in zip(mods, quant, specs):
-                if q and spec is None:
-                    raise QuantError(f"{m} is quantized (it has qweight) but quantization_config.dynamic[{key!r}] "
-                                     f"keeps it float")
             if not all(quant):
                 fl = [m for m, q in zip(mods, quant) if not q]
-                keys = sorted({k for (_, k) in specs if k})
+                keys = sorted({k for (_, k) in map(self.qcfg.resolve, mods) if k})
                 raise QuantError(f"{fl[0]} is float while {[m for m, q in zip(mods, quant) if q][0]} is quantized: "
                                  f"they form one fused layer and must be quantized alike"
                                  + (f" (see quantization_config.dynamic {keys})" if keys else ""))
-            for m, (spec, _) in zip(mods, specs):
-                self.virtual[m + ".weight"] = GPTQModule(self.ckpt, m, spec, self.qcfg.v2, shapes[m + ".weight"])
-                self.hidden |= {f"{m}.{s}" for s in _QUANT_SUFFIXES}
+            for m in mods:
+                self.virtual[m + ".weight"] = self._module(m, shapes[m + ".weight"])
         stray = sorted(k for k in have if k.endswith(_QUANT_SUFFIXES[1:]) and k not in self.hidden
                        and k.rsplit(".", 1)[-1] in _QUANT_SUFFIXES)
         if stray:
             raise QuantError(f"tensor {stray[0]} belongs to no quantized module (its qweight is missing)")
+
+    def _module(self, m: str, shape: tuple) -> GPTQModule:
+        spec, key = self.qcfg.resolve(m)
+        if spec is None:
+            raise QuantError(f"{m} is quantized (it has qweight) but quantization_config.dynamic[{key!r}] keeps it "
+                             f"float")
+        self.hidden |= {f"{m}.{s}" for s in _QUANT_SUFFIXES}
+        return GPTQModule(self.ckpt, m, spec, self.qcfg.v2, shape)
+
+    def _split_mlp(self, shapes, have):
+        """GPTQModel's layout: each layer's `mlp.gate_proj` and `mlp.up_proj` (quantized by their own `dynamic`
+        rules, or float) read as the fused `mlp.gate_up_proj.weight` the table maps."""
+        for name, shape in shapes.items():
+            m = name[:-len(".weight")]
+            if not m.endswith(FUSED_MLP):
+                continue
+            N, K = shape
+            halves = split_names(m)
+            there = [h for h in halves if h + ".qweight" in have or h + ".weight" in have]
+            if not there or any(f"{m}.{s}" in have for s in ("weight",) + _QUANT_SUFFIXES):
+                continue   # the fused layout (or nothing: plan names what is missing)
+            parts = []
+            for h in halves:
+                if h + ".qweight" in have:
+                    parts.append(self._module(h, (N // 2, K)))
+                elif h + ".weight" in have:
+                    got = self.ckpt.info(h + ".weight")[1]
+                    if got != (N // 2, K):
+                        raise QuantError(f"tensor {h}.weight has shape {list(got)}, the config implies "
+                                         f"{[N // 2, K]}")
+                    parts.append(h + ".weight")
+                    self.hidden.add(h + ".weight")
+                else:
+                    raise QuantError(f"tensor {h}.qweight (or {h}.weight) is missing from the checkpoint in "
+                                     f"{self.folder} ({there[0]} is there: GPTQModel's split MLP needs both halves)")
+            self.virtual[name] = SplitMLP(self.ckpt, parts, (N, K))
 
     # converted folder (our layout)
     def _ours(self, table):
@@ -383,6 +455,8 @@ class QuantView:
             return self.ckpt.info(name)
         if isinstance(v, GPTQModule):
             return "F32", (v.N, v.K)
+        if isinstance(v, SplitMLP):
+            return v.info()
         shapes = [(self.ckpt.info(f"{p}.qweight")[1], b) for p, b in v]
         return "F32", (sum(s[1] * (2 if b == 4 else 1) for s, b in shapes), shapes[0][0][0])
 
@@ -392,15 +466,21 @@ class QuantView:
             return self.ckpt.read(name)
         if isinstance(v, GPTQModule):
             return v.dequantize(), "F32"
+        if isinstance(v, SplitMLP):
+            return v.read()
         return np.concatenate([self._ours_packed(p, b).dequantize() for p, b in v], 0), "F32"
 
     # the kernel layout
     def quantized_entries(self):
         return [e for e in self._table() if e.ours in self.virtual or
-                (not self.converted and any(s in self.virtual for s in e.sources))]
+                (not self.converted and any(isinstance(p, GPTQModule) for s in e.sources for p in self._parts(s)))]
+
+    def _parts(self, source):
+        """The linears behind one source of the table: GPTQModules, or float weight names."""
+        v = self.virtual.get(source)
+        return v.halves if isinstance(v, SplitMLP) else [v if v is not None else source]
 
     def _table(self):
-        from .weights import converted_table
         return converted_table(self.cfg) if self.converted else hf_table(self.cfg)
 
     def packed(self, e):
@@ -408,13 +488,18 @@ class QuantView:
         if self.converted:
             parts = [self._ours_packed(p, b) for p, b in self.virtual[e.ours]]
             return parts if all(kernel_ok(p) for p in parts) else None
-        mods = [self.virtual[s] for s in e.sources]
+        mods = [p for s in e.sources for p in self._parts(s)]
+        if not all(isinstance(m, GPTQModule) for m in mods):
+            return None   # a split MLP with one half float: the layer runs dequantized
         parts = [m.packed() for m in mods]
         if any(p is None for p in parts):
             return None
         # where the table's transform sends each output row: apply it to the row numbers themselves
+        ends = np.cumsum([0] + [self.virtual[s].N for s in e.sources])
+        order = np.asarray(e.fn(self.cfg, *[np.arange(a, b)[:, None] for a, b in zip(ends, ends[1:])]))[:, 0]
         offs = np.cumsum([0] + [m.N for m in mods])
-        order = np.asarray(e.fn(self.cfg, *[np.arange(a, b)[:, None] for a, b in zip(offs, offs[1:])]))[:, 0]
+        # one matmul when the parts agree in bits, group size and row order (q/k/v of one GPTQ subset; GPTQModel's
+        # gate/up halves); the zero points need not agree: they are per output column, exact when concatenated
         if len({p.key() for p in parts}) == 1:
             out = [concat(parts).columns(order)]
         else:   # separate matmuls: each part's rows must stay one block, in source order
@@ -434,121 +519,6 @@ def view(ckpt: Checkpoint, cfg):
     return ckpt if qcfg is None else QuantView(ckpt, cfg, qcfg)
 
 
-# ----------------------------------------------------------------------------------------------- the quantized linear
-import mindspore as ms  # noqa: E402  (the format code above is NumPy only)
-from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
-
-from . import ascend_emulation, attention  # noqa: E402
-
-
-def _kernel():
-    if attention.mode() == "ascend":
-        return ops.auto_generate.weight_quant_batch_matmul
-    return ascend_emulation.weight_quant_batch_matmul
-
-
-def _const(arr, dtype, name):
-    return Parameter(Tensor(arr, dtype), name=name, requires_grad=False)
-
-
-def _floats(arr, dtype, name):
-    t = Tensor(np.asarray(arr, np.float32))
-    return Parameter(t if dtype == ms.float32 else t.astype(dtype), name=name, requires_grad=False)
-
-
-class QuantLinear(nn.Cell):
-    """y = x @ dequant(W) + b through WeightQuantBatchMatmul, W kept quantized (see the module docstring).
-    The bias is added apart: the kernel wants it in float32 when x is bfloat16."""
-
-    def __init__(self, p: Packed, dtype, bias: bool):
-        super().__init__()
-        self.k, self.n = p.w.shape
-        self.group = 0 if p.scale.shape[0] == 1 else p.group   # one group: the per-channel form
-        self.qweight = (_const(pack_int4(p.w), ms.qint4x2, "qweight") if p.bits == 4
-                        else _const(p.w, ms.int8, "qweight"))
-        # in x's dtype (the kernel's contract): fp16 scales are exact in float32 and float16; bfloat16 rounds them
-        self.scales = _floats(p.scale, dtype, "scales")
-        self.offsets = _floats(p.offset, dtype, "offsets")   # integers up to 2^8: exact in every float dtype
-        self.perm = None if p.perm is None else _const(p.perm, ms.int32, "perm")
-        self.bias = Parameter(ms.common.initializer.initializer("zeros", (self.n,), dtype), name="bias",
-                              requires_grad=False) if bias else None
-
-    def construct(self, x):
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.k)
-        if self.perm is not None:   # act-order: the rows were sorted by group, so the inputs are too
-            x = ops.gather(x, self.perm, 1)
-        y = _kernel()(x, self.qweight, self.scales, self.offsets, None, None, None, False, False, self.group)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(lead + (self.n,))
-
-
-class SplitLinear(nn.Cell):
-    """A fused layer whose parts differ in bits / group size / row order: one quantized matmul each, outputs
-    concatenated in the fused layer's order."""
-
-    def __init__(self, parts: list, dtype, bias: bool):
-        super().__init__()
-        self.parts = nn.CellList([QuantLinear(p, dtype, False) for p in parts])
-        n = sum(p.w.shape[1] for p in parts)
-        self.bias = Parameter(ms.common.initializer.initializer("zeros", (n,), dtype), name="bias",
-                              requires_grad=False) if bias else None
-
-    def construct(self, x):
-        y = ops.cat([p(x) for p in self.parts], -1)
-        return y if self.bias is None else y + self.bias
-
-
-def install(model, folder: str) -> set:
-    """On the Ascend path (ascend or emulated kernels), replace the model's quantized text linears by QuantLinear /
-    SplitLinear cells holding the checkpoint's integers; returns the table entries the float loader must skip.
-    A module the kernel cannot take (group size not a multiple of 32, unequal act-order groups) stays float,
-    dequantized at load. In plain mode nothing changes: every weight is dequantized at load."""
-    if attention.mode() == "plain":
-        return set()
-    v = view(Checkpoint(folder), model.config)
-    if not isinstance(v, QuantView):
-        return set()
-    skip, floats = set(), []
-    for e in v.quantized_entries():
-        parts = v.packed(e)
-        if parts is None:
-            floats.append(e.ours[:-len(".weight")])
-            continue
-        *path, attr = e.ours[:-len(".weight")].split(".")
-        parent = model
-        for a in path:
-            parent = parent[int(a)] if a.isdigit() else getattr(parent, a)
-        bias = getattr(parent, attr).bias is not None
-        cell = QuantLinear(parts[0], model.dtype, bias) if len(parts) == 1 else SplitLinear(parts, model.dtype, bias)
-        setattr(parent, attr, cell)
-        skip.add(e.ours)
-    if floats:   # said once, not silently: these cost float memory and speed
-        import warnings
-        warnings.warn(f"{len(floats)} GPTQ module(s) run dequantized in {model.dtype} (e.g. {floats[0]}): the "
-                      f"quantized matmul needs equal-size groups, group sizes a multiple of 32 and float16-range "
-                      f"scales", stacklevel=3)
-    return skip
-
-
-_ITEM = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2, ms.int8: 1, ms.qint4x2: 1, ms.int32: 4}
-
-
-def weight_bytes(model) -> tuple:
-    """(all weights, the quantized linears' share) in bytes: qint4x2 holds two values a byte (its shape is the
-    packed one)."""
-    total = quant = 0
-    for name, p in model.parameters_and_names():
-        if name.startswith("cache."):
-            continue
-        b = int(np.prod(p.shape)) * _ITEM[p.dtype]
-        total += b
-        if name.endswith((".qweight", ".scales", ".offsets", ".perm")):
-            quant += b
-    return total, quant
-
-
 # ----------------------------------------------------------------------------------------------- converting
 def quantize_rtn(W: np.ndarray, bits: int, group_size: int) -> dict:
     """Round-to-nearest GPTQ tensors (symmetric, plain group order, v1 zero points) for a float weight (N, K):
@@ -566,8 +536,9 @@ def quantize_rtn(W: np.ndarray, bits: int, group_size: int) -> dict:
 
 
 def quantize_items(ckpt: Checkpoint, bits: int, group_size: int, keep_float=()):
-    """(name, safetensors dtype, array) for a GPTQ folder made from a float checkpoint: the text linears
-    quantized unless a keep_float regex matches their module name (re.match), everything else as stored."""
+    """(name, safetensors dtype, array) for a GPTQ folder made from a float checkpoint, in GPTQModel's layout: the
+    text MLP's gate_up_proj split into gate_proj and up_proj, the text linears quantized unless a keep_float regex
+    matches their module name (re.match, as a `-:` rule of `dynamic`), everything else as stored."""
     rules = []
     for p in keep_float:
         try:
@@ -577,23 +548,29 @@ def quantize_items(ckpt: Checkpoint, bits: int, group_size: int, keep_float=()):
     for name in sorted(ckpt.keys()):
         arr, st = ckpt.read(name)
         m = name[:-len(".weight")]
-        if name.endswith(".weight") and is_text_linear(m) and not any(r.match(m) for r in rules):
-            N, K = arr.shape
-            if group_size != -1 and K % group_size:
-                raise QuantError(f"--group-size {group_size} does not divide the input width {K} of {m} "
-                                 f"(use a divisor of {K}, or -1 for one group per column)")
-            t = quantize_rtn(to_float32(arr, st), bits, group_size)
-            for k in ("qweight", "qzeros", "scales", "g_idx"):
-                yield f"{m}.{k}", {"qweight": "I32", "qzeros": "I32", "scales": "F16", "g_idx": "I32"}[k], t[k]
-        else:
+        if not (name.endswith(".weight") and is_text_linear(m)):
             yield name, st, np.asarray(arr)
+            continue
+        halves = split_names(m) if m.endswith(FUSED_MLP) else (m,)
+        for h, w in zip(halves, np.split(np.asarray(arr), len(halves), 0)):   # gate: the first half of the rows
+            if any(r.match(h) for r in rules):
+                yield h + ".weight", st, w
+                continue
+            N, K = w.shape
+            if group_size != -1 and K % group_size:
+                raise QuantError(f"--group-size {group_size} does not divide the input width {K} of {h} "
+                                 f"(use a divisor of {K}, or -1 for one group per column)")
+            t = quantize_rtn(to_float32(w, st), bits, group_size)
+            for k in ("qweight", "qzeros", "scales", "g_idx"):
+                yield f"{h}.{k}", {"qweight": "I32", "qzeros": "I32", "scales": "F16", "g_idx": "I32"}[k], t[k]
 
 
 def gptq_config(bits: int, group_size: int, keep_float=()) -> dict:
-    """The quantization_config --quantize writes (what GPTQModel writes, so vLLM and transformers read it)."""
-    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": True,
-            "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False, "true_sequential": True,
-            "dynamic": {f"-:{p}": {} for p in keep_float}, "quantizer": ["glm4v_ms round-to-nearest"]}
+    """The quantization_config --quantize writes: GPTQModel's fields, so its loader and vLLM read the folder."""
+    return {"quant_method": "gptq", "method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False,
+            "sym": True, "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32", "lm_head": False,
+            "true_sequential": True, "dynamic": {f"-:{p}": {} for p in keep_float},
+            "meta": {"quantizer": ["glm4v_ms round-to-nearest"]}}
 
 
 def repack_items(v: QuantView):
@@ -623,21 +600,38 @@ def repack_items(v: QuantView):
     return items(), modules
 
 
-def estimate_bytes(cfg, qcfg: GPTQConfig, item: int = 2) -> tuple:
+def estimate_bytes(cfg, qcfg: GPTQConfig, item: int = 2, split_mlp: bool = True) -> tuple:
     """(all weights, the quantized linears' share) in bytes on the Ascend path, for a config and a GPTQ
     quantization_config, without the checkpoint: the memory plan of a model not at hand (the 9B Int4/Int8-mix).
-    Assumes every text linear is quantized unless a `-:` rule keeps it float, and q/k/v fused (shared order)."""
-    from .weights import hf_shapes
+    Assumes every text linear is quantized unless a `-:` rule keeps it float, q/k/v fused (shared order), and the
+    MLP in GPTQModel's split layout (split_mlp; its rules name gate_proj / up_proj), the halves fused where they
+    agree, the whole layer dequantized where one half is float."""
     total = quant = 0
     for name, shape in hf_shapes(cfg).items():
         m = name[:-len(".weight")]
-        spec = qcfg.resolve(m)[0] if name.endswith(".weight") and is_text_linear(m) else None
-        N, K = shape if spec else (0, 0)
-        gs = K if spec and spec.group_size in (-1, K) else (spec.group_size if spec else 0)
-        if spec is None or K % gs or (gs != K and gs % 32):
-            total += int(np.prod(shape)) * item   # float (or dequantized: the kernel cannot take it)
-            continue
+        linear = name.endswith(".weight") and is_text_linear(m)
+        if linear and split_mlp and m.endswith(FUSED_MLP):
+            specs = [qcfg.resolve(h)[0] for h in split_names(m)]
+            if None in specs or len({(sp.bits, sp.group_size, sp.desc_act) for sp in specs}) == 1:
+                blocks = [(None if None in specs else specs[0], shape)]   # one matmul (or the layer float)
+            else:
+                blocks = [(sp, (shape[0] // 2, shape[1])) for sp in specs]
+        else:
+            blocks = [(qcfg.resolve(m)[0] if linear else None, shape)]
         shared = m.endswith(("k_proj", "v_proj"))   # the fused q/k/v holds one act-order permutation
-        b = K * N * spec.bits // 8 + 2 * (K // gs) * N * item + (4 * K if spec.desc_act and not shared else 0)
-        total, quant = total + b, quant + b
+        for spec, shp in blocks:
+            b = _block_bytes(spec, shp, item, shared)
+            total += b if b else int(np.prod(shp)) * item   # float (or dequantized: the kernel cannot take it)
+            quant += b
     return total, quant
+
+
+def _block_bytes(spec, shape, item, shared) -> int:
+    """The quantized bytes of one matmul (0: it runs float)."""
+    if spec is None:
+        return 0
+    N, K = shape
+    gs = K if spec.group_size in (-1, K) else spec.group_size
+    if K % gs or (gs != K and gs % 32):
+        return 0
+    return K * N * spec.bits // 8 + 2 * (K // gs) * N * item + (4 * K if spec.desc_act and not shared else 0)

@@ -17,7 +17,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from .attention import decoder_attention, rms_norm, rope
+from .attention import causal_attention, decoder_attention, rms_norm, rope
 from .config import TextConfig
 from .layers import MLP, Embedding, Linear, Norm, _param
 from .moe import MoE
@@ -45,6 +45,8 @@ class Attention(nn.Cell):
         cs, sn = cos[:, :, None, :], sin[:, :, None, :]
         q = ops.cat([rope(q[..., :r], cs, sn), q[..., r:]], -1)
         k = ops.cat([rope(k[..., :r], cs, sn), k[..., r:]], -1)
+        if k_cache is None:   # training (finetune/forward.py): this step's own keys and values; `seen` is then
+            return self.o(causal_attention(q, k, v, seen, c.head_dim ** -0.5))   # attention.training_mask's
         # write this step's keys/values at their explicit cache slots, then attend over the first `extent` slots:
         # a prompt reads only the filled part (its scores grow with the prompt, not with max_new_tokens)
         kc = ops.scatter_nd_update(k_cache, write_idx, k.transpose(0, 2, 1, 3))

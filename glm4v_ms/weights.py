@@ -1,8 +1,10 @@
-"""The one weight table: checkpoint names -> this port's parameter layout, and safetensors reading.
+"""The one weight table: checkpoint names -> this port's parameter layout (the files: safetensors_io.py).
 
-Every entry is (our name, source names, transform). Transforms are pure layout operations (reshape, permute,
-concatenate), so they work on raw bf16 bits as well as on floats: the converter reuses this table and writes
-bit-identical tensors. `{i}` stands for the layer index.
+Every entry is (our name, source names, transform, the sources' shapes as functions of the config); our shape
+follows from the transform's shape rule, so the checks (plan, load, the converter) and the demo checkpoints read
+the shapes from this one table. Transforms are pure layout operations (reshape, permute, concatenate), so they work
+on raw bf16 bits as well as on floats: the converter reuses this table and writes bit-identical tensors. `{i}`
+stands for the layer index.
 
 Layout changes against the Hugging Face checkpoint:
 - patch embed Conv3d (o, C, T, P, P) -> Dense (o, C*T*P*P); downsample Conv2d (o, c, 2, 2) -> Dense (o, 4c) over
@@ -19,10 +21,7 @@ sources per expert, so that expert parallelism reads only the rank's own experts
 """
 from __future__ import annotations
 
-import json
-import os
-import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -30,132 +29,45 @@ import numpy as np
 from . import parallel
 from .config import Glm4vConfig
 from .rope import neox_permutation
-
-
-class WeightError(ValueError):
-    """A checkpoint file or tensor is missing, corrupt, unexpected or of the wrong shape."""
-
-
-# ----------------------------------------------------------------------------------------------- safetensors I/O
-# Our own reader: numpy has no bfloat16, so BF16 tensors are returned as their raw uint16 bits (see to_float32).
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-class SafetensorsFile:
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise WeightError(f"{path}: truncated (no safetensors header)")
-                (n,) = struct.unpack("<Q", head)
-                if n > size - 8 or n > 100 << 20:
-                    raise WeightError(f"{path}: truncated or not a safetensors file (header of {n} bytes)")
-                header = json.loads(f.read(n))
-        except OSError as e:
-            raise WeightError(f"{path}: cannot read ({e.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise WeightError(f"{path}: corrupt safetensors header") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.base = 8 + n
-        self.tensors = header
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if self.base + end > size:
-            raise WeightError(f"{path}: truncated ({size} bytes, the header describes {self.base + end})")
-        self._mm = None
-
-    def keys(self):
-        return self.tensors.keys()
-
-    def info(self, name):
-        t = self.tensors[name]
-        return t["dtype"], tuple(t["shape"])
-
-    def read(self, name) -> tuple[np.ndarray, str]:
-        """Zero-copy view of one tensor (a memory map) and its safetensors dtype name."""
-        t = self.tensors[name]
-        dt = ST_DTYPES.get(t["dtype"])
-        if dt is None:
-            raise WeightError(f"{self.path}: tensor {name} has unsupported dtype {t['dtype']}")
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        a, b = t["data_offsets"]
-        arr = self._mm[self.base + a:self.base + b].view(dt)
-        if arr.size != int(np.prod(t["shape"], dtype=np.int64)):
-            raise WeightError(f"{self.path}: tensor {name} has {arr.size} elements for shape {t['shape']}")
-        return arr.reshape(t["shape"]), t["dtype"]
-
-
-def to_float32(arr: np.ndarray, st_dtype: str) -> np.ndarray:
-    if st_dtype == "BF16":  # bf16 is the top half of a float32
-        return (np.asarray(arr, np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(arr, np.float32)
-
-
-class Checkpoint:
-    """The tensors of a folder: sharded (model.safetensors.index.json) or single-file."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    wmap = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise WeightError(f"{index}: unreadable index ({e})") from None
-            files = sorted(set(wmap.values()))
-        else:
-            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
-            wmap = None
-        if not files:
-            raise WeightError(f"{folder}: no *.safetensors weights found")
-        self.files = {}
-        for fn in files:
-            p = os.path.join(folder, fn)
-            if not os.path.isfile(p):
-                raise WeightError(f"{p}: missing (listed in the index)")
-            self.files[fn] = SafetensorsFile(p)
-        self.where = {}
-        for fn, st in self.files.items():
-            for k in st.keys():
-                self.where[k] = fn
-        if wmap is not None:
-            for k, fn in wmap.items():
-                if self.where.get(k) != fn:
-                    raise WeightError(f"tensor {k}: listed in the index under {fn} but not found there")
-
-    def keys(self):
-        return self.where.keys()
-
-    def read(self, name):
-        return self.files[self.where[name]].read(name)
-
-    def info(self, name):
-        return self.files[self.where[name]].info(name)
+from .safetensors_io import Checkpoint, WeightError
 
 
 # ----------------------------------------------------------------------------------------------- the table
+# A transform carries the rule that gives its output's shape from its sources' shapes, so that an entry's shape
+# (what the loader and the converter check) follows from its sources' (what a checkpoint must hold).
+def _shaped(rule):
+    def mark(fn):
+        fn.out_shape = rule
+        return fn
+    return mark
+
+
+def _rows(shapes):   # sources concatenated along the rows
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+@_shaped(lambda s: s[0])
 def _same(cfg, x):
     return x
 
 
+@_shaped(lambda s: (s[0][0], int(np.prod(s[0][1:]))))
 def _conv_to_dense(cfg, w):
     return w.reshape(w.shape[0], -1)
 
 
+@_shaped(lambda s: (s[0][0], int(np.prod(s[0][1:]))))
 def _downsample_to_dense(cfg, w):
     # rows of a merge block are concatenated as (block row, block col, channel)
     return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
+@_shaped(_rows)
 def _cat(cfg, *xs):
     return np.concatenate(xs, axis=0)
 
 
+@_shaped(_rows)
 def _text_qkv(cfg, q, k, v):
     t = cfg.text
     if not t.interleaved_rope_rows:   # GLM-4.5V: the checkpoint is already rotate-half
@@ -168,11 +80,13 @@ def _text_qkv(cfg, q, k, v):
     return np.concatenate([per_head(q), per_head(k), v], axis=0)
 
 
+@_shaped(lambda s: (len(s) // 2, s[0][1], 2 * s[0][0]))
 def _stack_gate_up(cfg, *xs):
     """(gate_0, up_0, gate_1, up_1, ...), each (I, H) -> (E, H, 2I): gate columns first, then up."""
     return np.stack([np.concatenate([g, u], 0).T for g, u in zip(xs[0::2], xs[1::2])])
 
 
+@_shaped(lambda s: (len(s), s[0][1], s[0][0]))
 def _stack_down(cfg, *xs):
     """(down_0, down_1, ...), each (H, I) -> (E, I, H)."""
     return np.stack([x.T for x in xs])
@@ -185,47 +99,78 @@ class Entry:
     fn: Callable = _same
     split: tuple = ()      # per source: a parallel split kind ("" replicated); empty: all replicated
     per_expert: int = 0    # sources per expert, for an entry stacking all experts
+    shapes: Callable = None   # cfg -> the sources' shapes, one per source
 
+    def source_shapes(self, cfg) -> list:
+        return [tuple(s) for s in self.shapes(cfg)]
+
+    def shape(self, cfg) -> tuple:
+        """Ours: the transform's rule applied to the sources' shapes."""
+        return tuple(self.fn.out_shape(self.source_shapes(cfg)))
+
+
+def _vec(size):    # cfg -> one 1-D source of a size read from the config
+    return lambda c: [(size(c),)]
+
+
+def _mat(*dims):   # cfg -> one source of these dims
+    return lambda c: [tuple(d(c) for d in dims)]
+
+
+# the sizes the shapes are made of
+_hv, _d, _vi = (lambda c: c.vision.hidden_size), (lambda c: c.vision.out_hidden_size), (lambda c: c.vision.intermediate_size)
+_H, _I, _q, _kv = ((lambda c: c.text.hidden_size), (lambda c: c.text.intermediate_size), (lambda c: c.text.q_size),
+                   (lambda c: c.text.kv_size))
+_vocab = lambda c: c.text.vocab_size   # noqa: E731
 
 V, T = "model.visual.", "model.language_model."
 _VISION = [
-    Entry("visual.patch_embed.weight", (V + "patch_embed.proj.weight",), _conv_to_dense),
-    Entry("visual.patch_embed.bias", (V + "patch_embed.proj.bias",)),
-    Entry("visual.post_conv_norm.weight", (V + "post_conv_layernorm.weight",)),
-    Entry("visual.pos_embed", (V + "embeddings.position_embedding.weight",)),
-    Entry("visual.post_norm.weight", (V + "post_layernorm.weight",)),
-    Entry("visual.downsample.weight", (V + "downsample.weight",), _downsample_to_dense),
-    Entry("visual.downsample.bias", (V + "downsample.bias",)),
-    Entry("visual.merger.proj.weight", (V + "merger.proj.weight",)),
-    Entry("visual.merger.norm.weight", (V + "merger.post_projection_norm.weight",)),
-    Entry("visual.merger.norm.bias", (V + "merger.post_projection_norm.bias",)),
-    Entry("visual.merger.gate_up.weight", (V + "merger.gate_proj.weight", V + "merger.up_proj.weight"), _cat),
-    Entry("visual.merger.down.weight", (V + "merger.down_proj.weight",)),
+    Entry("visual.patch_embed.weight", (V + "patch_embed.proj.weight",), _conv_to_dense, shapes=lambda c: [
+        (c.vision.hidden_size, c.vision.in_channels, c.vision.temporal_patch_size, c.vision.patch_size,
+         c.vision.patch_size)]),
+    Entry("visual.patch_embed.bias", (V + "patch_embed.proj.bias",), shapes=_vec(_hv)),
+    Entry("visual.post_conv_norm.weight", (V + "post_conv_layernorm.weight",), shapes=_vec(_hv)),
+    Entry("visual.pos_embed", (V + "embeddings.position_embedding.weight",), shapes=_mat(lambda c: c.vision.pos_grid ** 2, _hv)),
+    Entry("visual.post_norm.weight", (V + "post_layernorm.weight",), shapes=_vec(_hv)),
+    Entry("visual.downsample.weight", (V + "downsample.weight",), _downsample_to_dense,
+          shapes=lambda c: [(c.vision.out_hidden_size, c.vision.hidden_size, c.vision.spatial_merge_size,
+                             c.vision.spatial_merge_size)]),
+    Entry("visual.downsample.bias", (V + "downsample.bias",), shapes=_vec(_d)),
+    Entry("visual.merger.proj.weight", (V + "merger.proj.weight",), shapes=_mat(_d, _d)),
+    Entry("visual.merger.norm.weight", (V + "merger.post_projection_norm.weight",), shapes=_vec(_d)),
+    Entry("visual.merger.norm.bias", (V + "merger.post_projection_norm.bias",), shapes=_vec(_d)),
+    Entry("visual.merger.gate_up.weight", (V + "merger.gate_proj.weight", V + "merger.up_proj.weight"), _cat,
+          shapes=lambda c: [(_vi(c), _d(c))] * 2),
+    Entry("visual.merger.down.weight", (V + "merger.down_proj.weight",), shapes=_mat(_d, _vi)),
 ]
 _VISION_BLOCK = [
-    Entry("visual.blocks.{i}.norm1.weight", (V + "blocks.{i}.norm1.weight",)),
-    Entry("visual.blocks.{i}.norm2.weight", (V + "blocks.{i}.norm2.weight",)),
-    Entry("visual.blocks.{i}.attn.qkv.weight", (V + "blocks.{i}.attn.qkv.weight",)),
-    Entry("visual.blocks.{i}.attn.proj.weight", (V + "blocks.{i}.attn.proj.weight",)),
-    Entry("visual.blocks.{i}.mlp.gate_up.weight", (V + "blocks.{i}.mlp.gate_proj.weight", V + "blocks.{i}.mlp.up_proj.weight"), _cat),
-    Entry("visual.blocks.{i}.mlp.down.weight", (V + "blocks.{i}.mlp.down_proj.weight",)),
+    Entry("visual.blocks.{i}.norm1.weight", (V + "blocks.{i}.norm1.weight",), shapes=_vec(_hv)),
+    Entry("visual.blocks.{i}.norm2.weight", (V + "blocks.{i}.norm2.weight",), shapes=_vec(_hv)),
+    Entry("visual.blocks.{i}.attn.qkv.weight", (V + "blocks.{i}.attn.qkv.weight",), shapes=_mat(lambda c: 3 * _hv(c), _hv)),
+    Entry("visual.blocks.{i}.attn.proj.weight", (V + "blocks.{i}.attn.proj.weight",), shapes=_mat(_hv, _hv)),
+    Entry("visual.blocks.{i}.mlp.gate_up.weight", (V + "blocks.{i}.mlp.gate_proj.weight", V + "blocks.{i}.mlp.up_proj.weight"), _cat,
+          shapes=lambda c: [(_d(c), _hv(c))] * 2),
+    Entry("visual.blocks.{i}.mlp.down.weight", (V + "blocks.{i}.mlp.down_proj.weight",), shapes=_mat(_hv, _d)),
 ]
 _L = T + "layers.{i}."
 _TEXT_LAYER = [
-    Entry("text.layers.{i}.input_norm.weight", (_L + "input_layernorm.weight",)),
-    Entry("text.layers.{i}.attn.qkv.weight", (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"), _text_qkv),
-    Entry("text.layers.{i}.attn.qkv.bias", (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"), _text_qkv),
-    Entry("text.layers.{i}.attn.o.weight", (_L + "self_attn.o_proj.weight",)),
-    Entry("text.layers.{i}.post_attn_norm.weight", (_L + "post_self_attn_layernorm.weight",)),
-    Entry("text.layers.{i}.pre_mlp_norm.weight", (_L + "post_attention_layernorm.weight",)),   # sic: the pre-MLP norm
-    Entry("text.layers.{i}.mlp.gate_up.weight", (_L + "mlp.gate_up_proj.weight",)),
-    Entry("text.layers.{i}.mlp.down.weight", (_L + "mlp.down_proj.weight",)),
-    Entry("text.layers.{i}.post_mlp_norm.weight", (_L + "post_mlp_layernorm.weight",)),
+    Entry("text.layers.{i}.input_norm.weight", (_L + "input_layernorm.weight",), shapes=_vec(_H)),
+    Entry("text.layers.{i}.attn.qkv.weight", (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"), _text_qkv,
+          shapes=lambda c: [(_q(c), _H(c)), (_kv(c), _H(c)), (_kv(c), _H(c))]),
+    Entry("text.layers.{i}.attn.qkv.bias", (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"), _text_qkv,
+          shapes=lambda c: [(_q(c),), (_kv(c),), (_kv(c),)]),
+    Entry("text.layers.{i}.attn.o.weight", (_L + "self_attn.o_proj.weight",), shapes=_mat(_H, _q)),
+    Entry("text.layers.{i}.post_attn_norm.weight", (_L + "post_self_attn_layernorm.weight",), shapes=_vec(_H)),
+    Entry("text.layers.{i}.pre_mlp_norm.weight", (_L + "post_attention_layernorm.weight",), shapes=_vec(_H)),   # sic: the pre-MLP norm
+    Entry("text.layers.{i}.mlp.gate_up.weight", (_L + "mlp.gate_up_proj.weight",), shapes=_mat(lambda c: 2 * _I(c), _H)),
+    Entry("text.layers.{i}.mlp.down.weight", (_L + "mlp.down_proj.weight",), shapes=_mat(_H, _I)),
+    Entry("text.layers.{i}.post_mlp_norm.weight", (_L + "post_mlp_layernorm.weight",), shapes=_vec(_H)),
 ]
 _TEXT = [
-    Entry("text.embed.weight", (T + "embed_tokens.weight",), split=("out",)),
-    Entry("text.norm.weight", (T + "norm.weight",)),
+    Entry("text.embed.weight", (T + "embed_tokens.weight",), split=("out",), shapes=_mat(_vocab, _H)),
+    Entry("text.norm.weight", (T + "norm.weight",), shapes=_vec(_H)),
 ]
+_LM_HEAD = _mat(_vocab, _H)
 # how each text entry is cut between ranks (by our name's suffix; everything else is replicated)
 _SPLITS = {"attn.qkv.weight": ("out", "kv", "kv"), "attn.qkv.bias": ("out", "kv", "kv"), "attn.o.weight": ("in",),
            "mlp.down.weight": ("in",), "mlp.shared.down.weight": ("in",)}
@@ -233,15 +178,19 @@ _SPLIT_GATE_UP = {1: ("halves",), 2: ("out", "out")}   # GLM-4.1V's fused gate_u
 # GLM-4.5V: two norms, separate dense gate/up, MoE layers
 _MOE_ATTN = [e for e in _TEXT_LAYER if ".attn." in e.ours or e.ours.endswith(("input_norm.weight", "pre_mlp_norm.weight"))]
 _MOE_DENSE = [
-    Entry("text.layers.{i}.mlp.gate_up.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), _cat),
-    Entry("text.layers.{i}.mlp.down.weight", (_L + "mlp.down_proj.weight",)),
+    Entry("text.layers.{i}.mlp.gate_up.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), _cat,
+          shapes=lambda c: [(_I(c), _H(c))] * 2),
+    Entry("text.layers.{i}.mlp.down.weight", (_L + "mlp.down_proj.weight",), shapes=_mat(_H, _I)),
 ]
+_S = lambda c: c.text.moe_intermediate_size * c.text.n_shared_experts   # noqa: E731
 _MOE_SHARED = [
-    Entry("text.layers.{i}.mlp.router_weight", (_L + "mlp.gate.weight",)),
-    Entry("text.layers.{i}.mlp.router_bias", (_L + "mlp.gate.e_score_correction_bias",)),
+    Entry("text.layers.{i}.mlp.router_weight", (_L + "mlp.gate.weight",), shapes=_mat(lambda c: c.text.n_routed_experts, _H)),
+    Entry("text.layers.{i}.mlp.router_bias", (_L + "mlp.gate.e_score_correction_bias",),
+          shapes=_vec(lambda c: c.text.n_routed_experts)),
     Entry("text.layers.{i}.mlp.shared.gate_up.weight", (_L + "mlp.shared_experts.gate_proj.weight",
-                                                        _L + "mlp.shared_experts.up_proj.weight"), _cat),
-    Entry("text.layers.{i}.mlp.shared.down.weight", (_L + "mlp.shared_experts.down_proj.weight",)),
+                                                        _L + "mlp.shared_experts.up_proj.weight"), _cat,
+          shapes=lambda c: [(_S(c), _H(c))] * 2),
+    Entry("text.layers.{i}.mlp.shared.down.weight", (_L + "mlp.shared_experts.down_proj.weight",), shapes=_mat(_H, _S)),
 ]
 
 
@@ -249,8 +198,11 @@ def _expert_entries(i: int, E: int) -> list[Entry]:
     ex = _L.format(i=i) + "mlp.experts.{e}."
     gu = tuple(ex.format(e=e) + f"{w}_proj.weight" for e in range(E) for w in ("gate", "up"))
     dn = tuple(ex.format(e=e) + "down_proj.weight" for e in range(E))
-    return [Entry(f"text.layers.{i}.mlp.gate_up", gu, _stack_gate_up, ("out",) * len(gu), per_expert=2),
-            Entry(f"text.layers.{i}.mlp.down", dn, _stack_down, ("in",) * len(dn), per_expert=1)]
+    I = lambda c: c.text.moe_intermediate_size   # noqa: E731, E741
+    return [Entry(f"text.layers.{i}.mlp.gate_up", gu, _stack_gate_up, ("out",) * len(gu), per_expert=2,
+                  shapes=lambda c: [(I(c), _H(c))] * len(gu)),
+            Entry(f"text.layers.{i}.mlp.down", dn, _stack_down, ("in",) * len(dn), per_expert=1,
+                  shapes=lambda c: [(_H(c), I(c))] * len(dn))]
 
 
 # kept in the checkpoint's dtype by the converter whatever --dtype says (the reference keeps it float32: it only
@@ -259,7 +211,7 @@ KEEP_DTYPE = ("mlp.router_bias",)
 
 
 def _expand(entries, n):
-    return [Entry(e.ours.format(i=i), tuple(s.format(i=i) for s in e.sources), e.fn, e.split, e.per_expert)
+    return [replace(e, ours=e.ours.format(i=i), sources=tuple(s.format(i=i) for s in e.sources))
             for i in range(n) for e in entries]
 
 
@@ -268,7 +220,7 @@ def _with_splits(e: Entry) -> Entry:
         return e
     suffix = e.ours.split(".", 3)[3]
     split = _SPLITS.get(suffix) or (_SPLIT_GATE_UP[len(e.sources)] if suffix.endswith("gate_up.weight") else ())
-    return Entry(e.ours, e.sources, e.fn, split, e.per_expert)
+    return replace(e, split=split)
 
 
 def _text_layers(cfg: Glm4vConfig) -> list[Entry]:
@@ -290,127 +242,43 @@ def hf_table(cfg: Glm4vConfig) -> list[Entry]:
     """Hugging Face checkpoint -> ours, for this config."""
     head = "model.language_model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     return (_VISION + _expand(_VISION_BLOCK, cfg.vision.depth) + _TEXT
-            + [_with_splits(e) for e in _text_layers(cfg)] + [Entry("lm_head.weight", (head,), split=("out",))])
+            + [_with_splits(e) for e in _text_layers(cfg)] + [Entry("lm_head.weight", (head,), split=("out",),
+                                                                   shapes=_LM_HEAD)])
 
 
 def converted_table(cfg: Glm4vConfig) -> list[Entry]:
     """A converted folder already holds our names and layout."""
-    return [Entry(e.ours, (e.ours,)) for e in hf_table(cfg)]
+    return [Entry(e.ours, (e.ours,), shapes=lambda c, s=e.shape(cfg): [s]) for e in hf_table(cfg)]
 
 
 def expected_shapes(cfg: Glm4vConfig) -> dict:
-    v, t = cfg.vision, cfg.text
-    s = {
-        "visual.patch_embed.weight": (v.hidden_size, v.patch_dim), "visual.patch_embed.bias": (v.hidden_size,),
-        "visual.post_conv_norm.weight": (v.hidden_size,), "visual.pos_embed": (v.pos_grid ** 2, v.hidden_size),
-        "visual.post_norm.weight": (v.hidden_size,),
-        "visual.downsample.weight": (v.out_hidden_size, v.hidden_size * v.spatial_merge_size ** 2),
-        "visual.downsample.bias": (v.out_hidden_size,),
-        "visual.merger.proj.weight": (v.out_hidden_size, v.out_hidden_size),
-        "visual.merger.norm.weight": (v.out_hidden_size,), "visual.merger.norm.bias": (v.out_hidden_size,),
-        "visual.merger.gate_up.weight": (2 * v.intermediate_size, v.out_hidden_size),
-        "visual.merger.down.weight": (v.out_hidden_size, v.intermediate_size),
-        "text.embed.weight": (t.vocab_size, t.hidden_size), "text.norm.weight": (t.hidden_size,),
-        "lm_head.weight": (t.vocab_size, t.hidden_size),
-    }
-    for i in range(v.depth):
-        p = f"visual.blocks.{i}."
-        s.update({p + "norm1.weight": (v.hidden_size,), p + "norm2.weight": (v.hidden_size,),
-                  p + "attn.qkv.weight": (3 * v.hidden_size, v.hidden_size), p + "attn.proj.weight": (v.hidden_size, v.hidden_size),
-                  p + "mlp.gate_up.weight": (2 * v.out_hidden_size, v.hidden_size), p + "mlp.down.weight": (v.hidden_size, v.out_hidden_size)})
-    qkv = t.q_size + 2 * t.kv_size
-    if t.n_routed_experts:
-        s.update(_moe_expected_shapes(t))
-        return s
-    for i in range(t.num_hidden_layers):
-        p = f"text.layers.{i}."
-        s.update({p + "input_norm.weight": (t.hidden_size,), p + "attn.qkv.weight": (qkv, t.hidden_size),
-                  p + "attn.qkv.bias": (qkv,), p + "attn.o.weight": (t.hidden_size, t.q_size),
-                  p + "post_attn_norm.weight": (t.hidden_size,), p + "pre_mlp_norm.weight": (t.hidden_size,),
-                  p + "mlp.gate_up.weight": (2 * t.intermediate_size, t.hidden_size),
-                  p + "mlp.down.weight": (t.hidden_size, t.intermediate_size), p + "post_mlp_norm.weight": (t.hidden_size,)})
-    return s
+    """Our name -> its shape, for every entry."""
+    return {e.ours: e.shape(cfg) for e in hf_table(cfg)}
+
+
+# the order in which hf_shapes lists a text layer's tensors (demo checkpoints draw their random weights in this
+# order: changing it would change every demo weight)
+_HF_LAYER_ORDER = ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm",
+                   "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+                   "self_attn.v_proj.weight", "self_attn.v_proj.bias")
+
+
+def _hf_order(name: str):
+    """(part, layer, rank): vision, text embeddings and norm, lm_head, vision blocks, then text layers."""
+    if name.startswith(V + "blocks."):
+        return 3, int(name.split(".")[3]), 0
+    if name.startswith(T + "layers."):
+        rest = name.split(".", 4)[4]
+        rank = next((j for j, k in enumerate(_HF_LAYER_ORDER) if rest.startswith(k)), len(_HF_LAYER_ORDER))
+        return 4, int(name.split(".")[3]), rank
+    return (0 if name.startswith(V) else 2 if name == "lm_head.weight" else 1), 0, 0
 
 
 def hf_shapes(cfg: Glm4vConfig) -> dict:
-    """Every tensor of a Hugging Face checkpoint for this config, with its shape (checked before mapping, so
-    that a wrong shape is reported under the checkpoint's own name; also what demo checkpoints are made of)."""
-    v, t = cfg.vision, cfg.text
-    hv, d, m = v.hidden_size, v.out_hidden_size, v.spatial_merge_size
-    s = {V + "patch_embed.proj.weight": (hv, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
-         V + "patch_embed.proj.bias": (hv,), V + "post_conv_layernorm.weight": (hv,),
-         V + "embeddings.position_embedding.weight": (v.pos_grid ** 2, hv), V + "post_layernorm.weight": (hv,),
-         V + "downsample.weight": (d, hv, m, m), V + "downsample.bias": (d,), V + "merger.proj.weight": (d, d),
-         V + "merger.post_projection_norm.weight": (d,), V + "merger.post_projection_norm.bias": (d,),
-         V + "merger.gate_proj.weight": (v.intermediate_size, d), V + "merger.up_proj.weight": (v.intermediate_size, d),
-         V + "merger.down_proj.weight": (d, v.intermediate_size),
-         T + "embed_tokens.weight": (t.vocab_size, t.hidden_size), T + "norm.weight": (t.hidden_size,)}
-    if not cfg.tie_word_embeddings:
-        s["lm_head.weight"] = (t.vocab_size, t.hidden_size)
-    for i in range(v.depth):
-        p = V + f"blocks.{i}."
-        s.update({p + "norm1.weight": (hv,), p + "norm2.weight": (hv,), p + "attn.qkv.weight": (3 * hv, hv),
-                  p + "attn.proj.weight": (hv, hv), p + "mlp.gate_proj.weight": (d, hv), p + "mlp.up_proj.weight": (d, hv),
-                  p + "mlp.down_proj.weight": (hv, d)})
-    if t.n_routed_experts:
-        s.update(_moe_hf_shapes(t))
-        return s
-    for i in range(t.num_hidden_layers):
-        p = _L.format(i=i)
-        s.update({p + "input_layernorm.weight": (t.hidden_size,), p + "post_self_attn_layernorm.weight": (t.hidden_size,),
-                  p + "post_attention_layernorm.weight": (t.hidden_size,), p + "post_mlp_layernorm.weight": (t.hidden_size,),
-                  p + "self_attn.q_proj.weight": (t.q_size, t.hidden_size), p + "self_attn.q_proj.bias": (t.q_size,),
-                  p + "self_attn.k_proj.weight": (t.kv_size, t.hidden_size), p + "self_attn.k_proj.bias": (t.kv_size,),
-                  p + "self_attn.v_proj.weight": (t.kv_size, t.hidden_size), p + "self_attn.v_proj.bias": (t.kv_size,),
-                  p + "self_attn.o_proj.weight": (t.hidden_size, t.q_size),
-                  p + "mlp.gate_up_proj.weight": (2 * t.intermediate_size, t.hidden_size),
-                  p + "mlp.down_proj.weight": (t.hidden_size, t.intermediate_size)})
-    return s
-
-
-def _moe_expected_shapes(t) -> dict:
-    H, qkv, E, I = t.hidden_size, t.q_size + 2 * t.kv_size, t.n_routed_experts, t.moe_intermediate_size
-    S = I * t.n_shared_experts
-    s = {}
-    for i in range(t.num_hidden_layers):
-        p = f"text.layers.{i}."
-        s.update({p + "input_norm.weight": (H,), p + "attn.qkv.weight": (qkv, H), p + "attn.o.weight": (H, t.q_size),
-                  p + "pre_mlp_norm.weight": (H,)})
-        if t.attention_bias:
-            s[p + "attn.qkv.bias"] = (qkv,)
-        if t.is_moe_layer(i):
-            s.update({p + "mlp.router_weight": (E, H), p + "mlp.router_bias": (E,), p + "mlp.gate_up": (E, H, 2 * I),
-                      p + "mlp.down": (E, I, H), p + "mlp.shared.gate_up.weight": (2 * S, H),
-                      p + "mlp.shared.down.weight": (H, S)})
-        else:
-            s.update({p + "mlp.gate_up.weight": (2 * t.intermediate_size, H),
-                      p + "mlp.down.weight": (H, t.intermediate_size)})
-    return s
-
-
-def _moe_hf_shapes(t) -> dict:
-    H, E, I = t.hidden_size, t.n_routed_experts, t.moe_intermediate_size
-    S = I * t.n_shared_experts
-    s = {}
-    for i in range(t.num_hidden_layers):
-        p = _L.format(i=i)
-        s.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                  p + "self_attn.q_proj.weight": (t.q_size, H), p + "self_attn.k_proj.weight": (t.kv_size, H),
-                  p + "self_attn.v_proj.weight": (t.kv_size, H), p + "self_attn.o_proj.weight": (H, t.q_size)})
-        if t.attention_bias:
-            s.update({p + "self_attn.q_proj.bias": (t.q_size,), p + "self_attn.k_proj.bias": (t.kv_size,),
-                      p + "self_attn.v_proj.bias": (t.kv_size,)})
-        if not t.is_moe_layer(i):
-            s.update({p + "mlp.gate_proj.weight": (t.intermediate_size, H), p + "mlp.up_proj.weight": (t.intermediate_size, H),
-                      p + "mlp.down_proj.weight": (H, t.intermediate_size)})
-            continue
-        s.update({p + "mlp.gate.weight": (E, H), p + "mlp.gate.e_score_correction_bias": (E,),
-                  p + "mlp.shared_experts.gate_proj.weight": (S, H), p + "mlp.shared_experts.up_proj.weight": (S, H),
-                  p + "mlp.shared_experts.down_proj.weight": (H, S)})
-        for e in range(E):
-            q = p + f"mlp.experts.{e}."
-            s.update({q + "gate_proj.weight": (I, H), q + "up_proj.weight": (I, H), q + "down_proj.weight": (H, I)})
-    return s
+    """Every tensor of a Hugging Face checkpoint for this config, with its shape (what demo checkpoints are made
+    of), from the table's entries."""
+    shapes = {s: shape for e in hf_table(cfg) for s, shape in zip(e.sources, e.source_shapes(cfg))}
+    return {k: shapes[k] for k in sorted(shapes, key=_hf_order)}   # sorted() is stable: table order within a rank
 
 
 def is_converted(ckpt: Checkpoint) -> bool:
@@ -430,7 +298,7 @@ def plan(cfg: Glm4vConfig, ckpt: Checkpoint) -> list[Entry]:
     if extra:
         raise WeightError(f"unexpected tensor {extra[0]} in the checkpoint in {ckpt.folder}"
                           + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-    src_shapes = expected_shapes(cfg) if is_converted(ckpt) else hf_shapes(cfg)
+    src_shapes = {s: shape for e in table for s, shape in zip(e.sources, e.source_shapes(cfg))}
     for name in sorted(needed):
         shape, got = src_shapes[name], ckpt.info(name)[1]
         if got != shape:
@@ -438,12 +306,13 @@ def plan(cfg: Glm4vConfig, ckpt: Checkpoint) -> list[Entry]:
     return table
 
 
-def load(cfg: Glm4vConfig, folder: str, skip=(), layout: parallel.Layout | None = None):
+def load(cfg: Glm4vConfig, ckpt, skip=(), layout: parallel.Layout | None = None):
     """Yield (our name, raw array, safetensors dtype) for every parameter but those in `skip`, shape-checked.
-    Quantized (GPTQ) weights read as float, dequantized (quant.py). With a layout of several ranks, each tensor is
-    this rank's slice (the caller checks it against its parameter's shape)."""
-    from .quant import view
-    ckpt = view(Checkpoint(folder), cfg)
+    ckpt: a Checkpoint, or a view of one that reads quantized weights as float (quant.view: the caller picks it, so
+    that this table knows nothing of quantization), or a folder of float weights. With a layout of several ranks,
+    each tensor is this rank's slice (the caller checks it against its parameter's shape)."""
+    ckpt = Checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+    folder = ckpt.folder
     shapes = expected_shapes(cfg)
     lay = layout or parallel.Layout()
     if lay.world > 1 and is_converted(ckpt):

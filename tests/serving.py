@@ -1,4 +1,5 @@
-"""A real server in a thread for the serving tests: uvicorn on a free localhost port, the openai client."""
+"""A real server in a thread for the serving tests: uvicorn on a free localhost port, the openai client; and
+waiting for a server started as a subprocess."""
 import json
 import threading
 import time
@@ -50,3 +51,20 @@ def script_sampler(monkeypatch, tokenizer, text):
     monkeypatch.setattr(batch, "sample", lambda logits, history, step, cfg, rng: (
         np.array([script[step]]) if step < len(script) else real(logits, history, step, cfg, rng)))
     return script
+
+
+def wait_healthy(url, proc, timeout=240, log=lambda: ""):
+    """Poll `url`/health until a server started as the subprocess `proc` answers 200; fail at once when its
+    engine reports that it stopped (a 500 with the error) or the process ends, else after `timeout` s."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"/health: {e.code} {e.read()[:2000]} {log()}") from None
+        except OSError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, f"no server: {log()}"
+        time.sleep(0.5)

@@ -20,7 +20,8 @@ import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration
 from glm4v_ms.config import Glm4vConfig
 from glm4v_ms.convert import MANIFEST, to_bfloat16, verify_folder
-from glm4v_ms.weights import Checkpoint, WeightError, hf_table, load
+from glm4v_ms.safetensors_io import Checkpoint, WeightError
+from glm4v_ms.weights import hf_table, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUX = {"tokenizer.json": '{"added_tokens": [{"id": 7, "content": "<think>"}]}', "tokenizer_config.json": "{}",

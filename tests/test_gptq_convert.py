@@ -1,7 +1,8 @@
 """The converter on quantized checkpoints (glm4v_ms/convert.py + quant.py), as a user runs it (its CLI entry):
 - a GPTQ folder repacked into the kernel layout loads with no repacking, logits bit-identical to the GPTQ folder;
 - --dtype dequantizes into a plain float checkpoint (float32: bit-identical; bfloat16: its rounding);
-- --quantize int4|int8 writes the GPTQ on-disk format, which loads back in glm4v_ms and, dequantized by the
+- a folder in GPTQModel's layout (split MLP) repacks alike;
+- --quantize int4|int8 writes the GPTQ on-disk format in GPTQModel's layout, which loads back in glm4v_ms and, dequantized by the
   documented formula, in transformers' float model, with equal logits."""
 import json
 import os
@@ -57,6 +58,20 @@ def test_repack_loads_bit_identical(split):
     test_gptq.check(ref, Glm4vForConditionalGeneration.from_pretrained(str(d / "rep")), PROMPT)
 
 
+def test_repack_gptqmodel_layout(tmp_path):
+    """GPTQModel's split MLP: layer 1's 4-bit gate and 8-bit up stored as two parts, layer 0's agreeing halves as one
+    fused act-order matmul; logits bit-identical to the GPTQ folder and at the float reference's."""
+    ref, folder = test_gptq.build("gm_gate_up_differ", str(tmp_path / "gptq"), seed=4)
+    assert main(["--src", folder, "--dst", str(tmp_path / "rep"), "--verify"]) == 0
+    t = dtypes(tmp_path / "rep")
+    assert "text.layers.1.mlp.gate_up.parts.1.qweight" in t and "text.layers.0.mlp.gate_up.perm" in t
+    mods = json.load(open(tmp_path / "rep" / "config.json"))["quantization_config"]["modules"]
+    assert [p["bits"] for p in mods["text.layers.1.mlp.gate_up"]] == [4, 8]
+    assert [p["bits"] for p in mods["text.layers.0.mlp.gate_up"]] == [4]
+    assert np.array_equal(logits(tmp_path / "rep"), logits(folder))
+    test_gptq.check(ref, Glm4vForConditionalGeneration.from_pretrained(str(tmp_path / "rep")), PROMPT)
+
+
 def test_dequantize(split):
     ref, folder, d = split
     assert main(["--src", folder, "--dst", str(d / "f32"), "--dtype", "float32", "--verify"]) == 0
@@ -73,12 +88,16 @@ def test_dequantize(split):
 def test_quantize_round_trip(tmp_path, kind):
     ref = tinyref.build(str(tmp_path / "float"), seed=6)
     assert main(["--src", str(tmp_path / "float"), "--dst", str(tmp_path / "q"), "--quantize", kind,
-                 "--group-size", "64", "--keep-float", r".*layers\.0\.mlp\.down_proj"]) == 0
+                 "--group-size", "64", "--keep-float", r".*layers\.0\.mlp\.down_proj",
+                 "--keep-float", r".*layers\.1\.mlp\.up_proj"]) == 0
     qc = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == int(kind[3:]) and qc["checkpoint_format"] == "gptq"
     t = dtypes(tmp_path / "q")
     L = "model.language_model.layers."
     assert t[L + "0.mlp.down_proj.weight"] == "F32" and L + "0.mlp.down_proj.qweight" not in t
+    # GPTQModel's layout: the MLP split into gate_proj / up_proj, --keep-float naming a half
+    assert not any("gate_up_proj" in k for k in t) and t[L + "0.mlp.gate_proj.qweight"] == "I32"
+    assert t[L + "1.mlp.up_proj.weight"] == "F32" and t[L + "1.mlp.gate_proj.qweight"] == "I32"
     assert t[L + "1.mlp.down_proj.qweight"] == "I32" and t[L + "1.mlp.down_proj.scales"] == "F16"
     assert "model.visual.blocks.0.attn.qkv.weight" in t and "lm_head.weight" in t     # vision, head: float
     # transformers' float model holding the dequantized weights

@@ -19,10 +19,10 @@ QC = dict(bits=4, group_size=32, desc_act=False, sym=True, checkpoint_format="gp
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    """demo-tiny (it has the tokenizer and processor files generate.py needs), quantized."""
+    """demo-tiny (it has the tokenizer and processor files generate.py needs), quantized as GPTQModel does."""
     d = tmp_path_factory.mktemp("gptq_errors")
     build_demo(str(d / "float"), "demo-tiny")
-    gptq_fixtures.quantize_folder(str(d / "float"), str(d / "gptq"), QC)
+    gptq_fixtures.quantize_folder(str(d / "float"), str(d / "gptq"), QC, layout="gptqmodel")
     return d / "gptq"
 
 
@@ -62,6 +62,10 @@ CASES = {
     "missing_scales": (None, lambda t: t.pop(L0 + "mlp.down_proj.scales"), [L0 + "mlp.down_proj.scales", "missing"]),
     "wrong_bits_for_the_tensors": (lambda q: q.update(dynamic={r".*layers\.0\.mlp\.down_proj": {"bits": 8}}), None,
                                    [L0 + "mlp.down_proj.qweight", "shape"]),
+    "split_mlp_half_missing": (None, lambda t: [t.pop(k) for k in list(t) if k.startswith(L0 + "mlp.up_proj.")],
+                               [L0 + "mlp.up_proj.qweight", "missing", "both halves"]),
+    "split_mlp_half_kept_float_by_rule": (lambda q: q.update(dynamic={r"-:.*layers\.0\.mlp\.gate_proj": {}}), None,
+                                          [L0 + "mlp.gate_proj", "keeps it float"]),
     "quantized_vision": (None, lambda t: t.update({"model.visual.blocks.0.attn.proj.qweight": t[L0 + "self_attn.o_proj.qweight"]}),
                          ["model.visual.blocks.0.attn.proj.qweight", "text linears only"]),
 }
@@ -94,20 +98,22 @@ def test_cli_exit_code(good, tmp_path):
 
 
 def test_cli_runs_a_good_gptq_folder(good):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model_name", str(good), "--prompt", "hi",
-                        "--max_new_tokens", "3", "--greedy"], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, GLM4V_MS_DEVICE="cpu"))
-    assert p.returncode == 0, p.stderr[-2000:]
+    """generate.py started as the README writes it, on a folder in GPTQModel's layout (split MLP), with an image."""
+    p = subprocess.run([sys.executable, "generate.py", "--model_name", str(good), "--image", "examples/scene.png",
+                        "--prompt", "Describe this image.", "--max_new_tokens", "3", "--greedy"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT, env=dict(os.environ, GLM4V_MS_DEVICE="cpu"))
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr[-2000:]
 
 
 def test_parity_harness_runs_on_a_gptq_folder(tmp_path):
-    """`parity run --model GPTQ_DIR`: the reference side dequantizes into transformers' float model (its own code,
+    """`parity run --model GPTQ_DIR` on a folder in GPTQModel's layout: the reference side dequantizes into transformers' float model (its own code,
     torch only), ours loads the folder; fp32 tolerance."""
     import test_parity_harness as h
     d = tmp_path / "gptq"
     h.build_checkpoint(str(tmp_path / "float"), seed=2)
     gptq_fixtures.quantize_folder(str(tmp_path / "float"), str(d), dict(QC, bits=8, desc_act=True,
-                                                                        dynamic={r".*mlp\..*": {"bits": 4}}))
+                                                                        dynamic={r".*mlp\.(gate|down)_proj": {"bits": 4}}),
+                                  layout="gptqmodel")   # the layout GPTQModel writes: split MLP, halves differing
     rc, out, err = h.run_cli("run", "--model", d, "--report", tmp_path / "r.json")
     assert rc == 0, out[-3000:] + err
     rep = json.load(open(tmp_path / "r.json"))

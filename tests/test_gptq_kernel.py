@@ -13,7 +13,7 @@ import pytest
 from mindspore import Tensor
 
 from glm4v_ms import ascend_emulation as emu
-from glm4v_ms import quant
+from glm4v_ms import quant, quant_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 rng = np.random.default_rng(0)
@@ -82,7 +82,8 @@ import numpy as np, tempfile, torch, mindspore as ms
 import tinyref, test_gptq
 from glm4v_ms import Glm4vForConditionalGeneration, attention
 import json
-from glm4v_ms.quant import GPTQConfig, QuantLinear, SplitLinear, estimate_bytes, weight_bytes
+from glm4v_ms.quant import GPTQConfig, estimate_bytes
+from glm4v_ms.quant_layers import QuantLinear, SplitLinear, weight_bytes
 assert attention.mode() == "emulated", attention.mode()
 inp = tinyref.Prompt(11).text(4).image(6, 8).text(9).inputs()
 for name, qc in test_gptq.VARIANTS.items():
@@ -102,6 +103,14 @@ for name, qc in test_gptq.VARIANTS.items():
     if name == "v1_asym_split_qkv":      # each module its own act-order; layer 1's k_proj in 8 bits
         assert kinds["text.layers.0.attn.qkv"][0] == kinds["text.layers.1.attn.qkv"][0] == "SplitLinear"
         assert str(cells["text.layers.1.attn.qkv.parts.1"].qweight.dtype) == "Int8"
+    if name == "gm_gate_up_differ":      # GPTQModel's split MLP: layer 1's 4-bit gate and 8-bit up, two matmuls
+        assert kinds["text.layers.1.mlp.gate_up"][0] == "SplitLinear", kinds
+        assert [str(cells[f"text.layers.1.mlp.gate_up.parts.{j}"].qweight.dtype) for j in (0, 1)] == ["Int4", "Int8"]
+        assert kinds["text.layers.0.mlp.gate_up"] == ("QuantLinear", "Int4"), kinds     # agreeing halves: fused
+        assert cells["text.layers.0.mlp.gate_up"].perm is not None and "text.layers.0.attn.o" not in cells
+    if name == "gm_agree_v2_asym":       # halves agree in layer 1; layer 0's up_proj float: that layer dequantized
+        assert kinds["text.layers.1.mlp.gate_up"] == ("QuantLinear", "Int4") and cells["text.layers.1.mlp.gate_up"].group == 32
+        assert "text.layers.0.mlp.gate_up" not in cells and kinds["text.layers.0.mlp.down"] == ("QuantLinear", "Int8")
     assert len(cells) >= 7, kinds
     total, q = weight_bytes(m)
     assert 0 < q < total and "quantized linears" in m.memory_plan(64)
@@ -115,7 +124,7 @@ for name, qc in test_gptq.VARIANTS.items():
             want = ref.generate(**{k: torch.from_numpy(v) for k, v in inp.items()}, max_new_tokens=8,
                                 min_new_tokens=8, do_sample=False).numpy()
         assert (got == want).all(), name
-    if name == "v1_asym_split_qkv":     # the repacked folder builds the same cells from its stored integers
+    if name in ("v1_asym_split_qkv", "gm_gate_up_differ"):   # the repacked folder: the same cells, stored integers
         from glm4v_ms.convert import main
         assert main(["--src", folder, "--dst", folder + "-rep"]) == 0
         rep = Glm4vForConditionalGeneration.from_pretrained(folder + "-rep")
@@ -136,10 +145,10 @@ def test_quant_linear_parameters_follow_the_contract(dtype):
     """Scale and offset in the compute dtype (x's), int4 packed as qint4x2 (k, n/2), one group -> per channel."""
     w = rng.integers(-8, 8, (64, 32)).astype(np.int8)
     p = quant.Packed(4, w, np.full((2, 32), 0.5, np.float16), np.ones((2, 32), np.float16), None)
-    c = quant.QuantLinear(p, dtype, True)
+    c = quant_layers.QuantLinear(p, dtype, True)
     assert (c.scales.dtype, c.offsets.dtype, c.bias.dtype) == (dtype, dtype, dtype)
     assert c.qweight.dtype == ms.qint4x2 and c.qweight.shape == (64, 16) and c.group == 32
-    one = quant.QuantLinear(quant.Packed(8, w, np.ones((1, 32), np.float16), np.zeros((1, 32), np.float16), None),
+    one = quant_layers.QuantLinear(quant.Packed(8, w, np.ones((1, 32), np.float16), np.zeros((1, 32), np.float16), None),
                             dtype, False)
     assert one.qweight.dtype == ms.int8 and one.group == 0 and one.scales.shape == (1, 32)
 
@@ -157,7 +166,7 @@ def test_modules_the_kernel_cannot_take_are_named(tmp_path, monkeypatch):
     m = Glm4vForConditionalGeneration(Glm4vConfig.from_pretrained(d))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        skip = quant.install(m, d)
+        skip = quant_layers.install(m, d)
     assert not skip
     msgs = [str(x.message) for x in w if "GPTQ" in str(x.message)]
     assert len(msgs) == 1 and "dequantized" in msgs[0] and "multiple of 32" in msgs[0], msgs

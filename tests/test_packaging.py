@@ -17,7 +17,8 @@ import tomllib
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("glm4v-ms-generate", "glm4v-ms-convert", "glm4v-ms-parity", "glm4v-ms-serve")
+SCRIPTS = ("glm4v-ms-generate", "glm4v-ms-convert", "glm4v-ms-parity", "glm4v-ms-serve",
+           "glm4v-ms-finetune")
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "out", ".whl",
                               ".gl", "rank_*", "kernel_meta")
 
@@ -121,7 +122,7 @@ def _pyproject_version():
 
 
 @pytest.mark.parametrize("script, usage", [("glm4v-ms-generate", "--model_name"), ("glm4v-ms-convert", "--src"),
-                                           ("glm4v-ms-parity", "dump")])
+                                           ("glm4v-ms-parity", "dump"), ("glm4v-ms-finetune", "config.yaml")])
 def test_console_scripts_help(installed, tmp_path, script, usage):
     venv, _ = installed
     p = _run([os.path.join(venv, "bin", script), "--help"], cwd=tmp_path)

@@ -19,7 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
-from serving import Running
+from serving import Running, wait_healthy
 from test_parallel import HERE, ROOT, free_port
 
 PROMPTS = ["Describe this image.", "What is in the picture?", "Count to five.", "Say hello."]
@@ -122,16 +122,7 @@ def test_tp2_server(folder, single, tmp_path):
         return f.read_text() if f.exists() else ""
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert p.poll() is None and time.time() < deadline, f"no server: {log(0)[-3000:]}{log(1)[-3000:]}"
-            time.sleep(1)
+        wait_healthy(url, p, 240, lambda: log(0)[-3000:] + log(1)[-3000:])
         client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
         assert all_at_once(client) == single
 

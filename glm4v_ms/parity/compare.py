@@ -14,7 +14,7 @@ from . import report
 def load_model(folder, dtype=None, device=None):
     from ..config import ConfigError
     from ..model import AutoModelForImageTextToText
-    from ..weights import WeightError
+    from ..safetensors_io import WeightError
 
     if not os.path.isdir(folder):
         raise ParityError(f"model folder not found: {folder}")

@@ -243,6 +243,11 @@ def _dequantized_gptq_model(folder, dtype):
         scales = state.pop(m + ".scales").float()
         state[m + ".weight"] = (scales[g] * (qv - zv[g]).float()).T.contiguous()
     model = Glm4vForConditionalGeneration(config)
+    fused = {k for k in model.state_dict() if k.endswith("mlp.gate_up_proj.weight")}
+    for f in fused:   # GPTQModel's split MLP (gate_proj = the first rows) -> transformers' fused module
+        head = f[:-len("gate_up_proj.weight")]
+        if head + "gate_proj.weight" in state and f not in state:
+            state[f] = torch.cat([state.pop(head + "gate_proj.weight"), state.pop(head + "up_proj.weight")], 0)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

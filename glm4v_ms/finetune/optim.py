@@ -1,0 +1,121 @@
+"""Optimizers, gradient clipping and learning-rate schedules with torch's and transformers' exact formulas.
+
+- `adamw_torch`: torch.optim.AdamW's single-tensor update (what it runs on CPU tensors), betas (0.9, 0.999),
+  eps 1e-8 (transformers' TrainingArguments defaults): p *= 1 - lr wd; m = lerp(m, g, 1 - b1);
+  v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+  mindspore's nn.AdamWeightDecay is a different rule (FINETUNE.md section 5), so the few lines are written here.
+- `sgd`: p -= lr g (with weight decay: g + wd p, as torch.optim.SGD).
+- clip: torch.nn.utils.clip_grad_norm_: total = ||(||g_i||)||, g *= min(1, max_norm / (total + 1e-6)).
+- schedules: transformers.get_scheduler's lambdas (constant, linear, cosine with warmup); warmup_ratio gives
+  ceil(total * ratio) warmup steps when warmup_steps is 0.
+The updates run as one compiled graph over all parameters (ms.jit): per-parameter eager ops cost ~0.1-1 ms each.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+
+def lr_lambda(kind: str, step: int, total: int, warmup: int) -> float:
+    if kind == "constant":   # transformers' "constant" ignores warmup (constant_with_warmup is another type)
+        return 1.0
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    if kind == "cosine":
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    raise ValueError(f"lr_scheduler_type {kind!r}: use constant, linear or cosine")
+
+
+def warmup_steps(total: int, steps: int, ratio: float) -> int:
+    return steps if steps > 0 else math.ceil(total * ratio)
+
+
+class Schedule:
+    """LambdaLR: `lr()` for the next optimizer step; step() after each one."""
+
+    def __init__(self, kind, base_lr, total, warmup, last=0):
+        self.kind, self.base, self.total, self.warmup, self.last = kind, float(base_lr), int(total), int(warmup), last
+
+    def lr(self) -> float:
+        return self.base * lr_lambda(self.kind, self.last, self.total, self.warmup)
+
+    def step(self):
+        self.last += 1
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "base_lr": self.base, "total": self.total, "warmup": self.warmup, "last": self.last}
+
+
+class _Update(nn.Cell):
+    """One graph for the whole update (the parameters and states are Parameters assigned in place)."""
+
+    def __init__(self, params, kind, b1, b2, eps, wd):
+        super().__init__()
+        self.kind, self.b1, self.b2, self.eps, self.wd = kind, b1, b2, eps, wd
+        self.params = ParameterTuple(params)
+        zero = lambda p, tag: Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"{p.name}.{tag}",  # noqa: E731
+                                        requires_grad=False)
+        self.m = ParameterTuple([zero(p, "exp_avg") for p in params]) if kind == "adamw_torch" else ()
+        self.v = ParameterTuple([zero(p, "exp_avg_sq") for p in params]) if kind == "adamw_torch" else ()
+
+    @ms.jit
+    def construct(self, grads, lr, bc1, bc2_sqrt):
+        for i in range(len(self.params)):
+            p, g = self.params[i], grads[i]
+            if self.kind == "sgd":
+                if self.wd != 0.0:
+                    g = g + self.wd * p
+                ops.assign(p, p - lr * g)
+            else:
+                ops.assign(p, p * (1.0 - lr * self.wd))
+                m = self.m[i] + (g - self.m[i]) * (1.0 - self.b1)
+                v = self.v[i] * self.b2 + g * g * (1.0 - self.b2)
+                ops.assign(self.m[i], m)
+                ops.assign(self.v[i], v)
+                denom = ops.sqrt(v) / bc2_sqrt + self.eps
+                ops.assign(p, p - (lr / bc1) * (m / denom))
+        return lr
+
+
+class Optimizer:
+    """adamw_torch or sgd over a fixed parameter list; `step(grads, lr)`; state() / load_state() for checkpoints."""
+
+    def __init__(self, params, kind="adamw_torch", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
+        if kind not in ("adamw_torch", "sgd"):
+            raise ValueError(f"optim {kind!r}: use adamw_torch or sgd")
+        self.params, self.kind, self.t = list(params), kind, 0
+        self.b1, self.b2 = betas
+        self.update = _Update(self.params, kind, float(betas[0]), float(betas[1]), float(eps), float(weight_decay))
+
+    def step(self, grads, lr: float):
+        self.t += 1
+        bc1 = 1.0 - self.b1 ** self.t
+        bc2 = math.sqrt(1.0 - self.b2 ** self.t)
+        f = lambda x: Tensor(np.float32(x))  # noqa: E731
+        self.update(ms.mutable(tuple(grads)), f(lr), f(bc1), f(bc2))   # mutable: a new tuple is not a new graph
+
+    def state(self) -> dict:
+        out = {"step": np.array(self.t, np.int64)}
+        for i, (m, v) in enumerate(zip(self.update.m, self.update.v)):
+            out[f"exp_avg.{i}"], out[f"exp_avg_sq.{i}"] = m.asnumpy(), v.asnumpy()
+        return out
+
+    def load_state(self, d: dict):
+        self.t = int(d["step"])
+        for i, (m, v) in enumerate(zip(self.update.m, self.update.v)):
+            m.set_data(Tensor(np.asarray(d[f"exp_avg.{i}"], np.float32)))
+            v.set_data(Tensor(np.asarray(d[f"exp_avg_sq.{i}"], np.float32)))
+
+
+def clip_grad_norm(grads, max_norm: float):
+    """torch.nn.utils.clip_grad_norm_ (foreach off): returns (clipped grads, the total norm before clipping)."""
+    norms = ops.stack([ops.norm(g.astype(ms.float32)) for g in grads])
+    total = ops.norm(norms)
+    coef = ops.clamp(max_norm / (total + 1e-6), max=1.0)
+    return [g * coef for g in grads], total

@@ -1,0 +1,108 @@
+"""The training memory plan: frozen weights, trainable (LoRA) weights, gradients, optimizer state, activations at
+cutoff_len (with and without recompute per decoder layer) and the runtime term of the inference plan
+(model.RUNTIME_BYTES). The sum bounds the process's peak resident set on CPU (tests/test_finetune_train.py).
+
+Activations, per token of a micro-batch (item = the activation dtype's size, 4 on CPU), what the backward keeps of
+one decoder layer: the residual stream and norms (8 D), q/k/v before and after rotary (3 Q + 4 KV), the attention
+output (Q), the MLP (4 I: gate_up, silu(gate), the product); float32 scores, probabilities and their gradients
+(SCORE_COPIES x 4 H L) on the plain path, the flash kernel's softmax statistics (2 x 8 x 4 H) on Ascend; the LoRA inputs in float32 (4 of width D, Q, I). MoE layers (GLM-4.5V) on the plain CPU path run every
+local expert on every token: E (3 I + D) instead of 4 I; on the grouped path k (3 I + D). With recompute only each
+layer's input (D) is kept, plus one layer's full set while it is recomputed. Then the head over the trained rows
+(logits, log-sum-exp and their gradient: 3 x 4 V per row) and the inputs (embeddings, rotary tables, mask).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import attention
+
+GB = 1e9
+# float32 (B, H, L, L) tensors alive per layer at the peak of a training step on CPU: measured on demo-tiny at
+# 2 x 1024 and 2 x 2048 tokens (MindSpore 2.10 graph mode: the peak grows 895 bytes per L^2 over 2 layers x 2 rows
+# x 4 heads, ~14 float32 copies: scores, scaled, masked, probabilities and the backward's); an allowance, not
+# derived. The CPU graph keeps every layer's (model.live_layers).
+SCORE_COPIES = 14
+
+
+def _item(model) -> int:
+    import mindspore as ms
+    return {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}[model.dtype]
+
+
+def layer_bytes(t, i: int, tokens: int, length: int, item: int, plain: bool) -> int:
+    """One decoder layer's activations kept for the backward, for `tokens` tokens in rows of `length`; plain:
+    the CPU path (every expert on every token), else the grouped one."""
+    D, Q, KV, H = t.hidden_size, t.q_size, t.kv_size, t.num_attention_heads
+    if t.is_moe_layer(i):
+        E = t.n_routed_experts if plain else t.num_experts_per_tok
+        I = t.moe_intermediate_size
+        mlp = E * (3 * I + D) + 4 * I * t.n_shared_experts
+    else:
+        I = t.intermediate_size
+        mlp = 4 * I
+    # plain: the scores are materialised; flash attention (Ascend) keeps its float32 softmax max and sum (8 each)
+    scores = SCORE_COPIES * 4 * H * length if plain else 2 * 8 * 4 * H
+    per_tok = item * (8 * D + 3 * Q + 4 * KV + Q + mlp) + 4 * (4 * D + Q + I) + scores
+    return tokens * per_tok
+
+
+def parts(cfg, item: int, total_w: int, batch: int, length: int, n_trainable: int, optim: str,
+          plain: bool | None = None) -> dict:
+    """Bytes of each term for micro-batches of `batch` rows of `length` tokens; total_w: all weights' bytes."""
+    t = cfg.text
+    plain = attention.mode() == "plain" if plain is None else plain
+    tokens = batch * length
+    lora_b = 4 * n_trainable
+    full = sum(layer_bytes(t, i, tokens, length, item, plain) for i in range(t.num_hidden_layers))
+    one = max(layer_bytes(t, i, tokens, length, item, plain) for i in range(t.num_hidden_layers))
+    inputs = tokens * (t.hidden_size * item + 2 * t.rotary_dim * 4) + batch * length * length
+    head = tokens * (3 * 4 * t.vocab_size + t.hidden_size * item)
+    from ..shapes import RUNTIME_BYTES
+    return {"frozen": total_w - lora_b, "trainable": lora_b, "grads": 3 * lora_b,   # a micro-batch's, the sum, clipped
+            "optimizer": 2 * lora_b if optim.startswith("adamw") else 0,
+            "activations": full + inputs + head,
+            "activations_recompute": t.num_hidden_layers * tokens * t.hidden_size * item + one + inputs + head,
+            "runtime": RUNTIME_BYTES}
+
+
+def total(p: dict, recompute: bool) -> int:
+    act = p["activations_recompute"] if recompute else p["activations"]
+    return p["frozen"] + p["trainable"] + p["grads"] + p["optimizer"] + act + p["runtime"]
+
+
+def training_plan(model, args, n_trainable: int) -> str:
+    bs = int(getattr(args, "per_device_train_batch_size", 1) or 1)
+    L = int(getattr(args, "cutoff_len", 2048) or 2048)
+    opt = getattr(args, "optim", "adamw_torch") or "adamw_torch"
+    rec = bool(getattr(model, "recompute_layers", False))
+    from ..quant_layers import weight_bytes
+    return describe(parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt), bs, L, rec)
+
+
+def describe(p: dict, batch: int, length: int, recompute: bool) -> str:
+    f = lambda b: f"{b / GB:.2f} GB"  # noqa: E731
+    return (f"frozen weights {f(p['frozen'])}; LoRA {p['trainable'] // 4 / 1e6:,.2f} M parameters = "
+            f"{f(p['trainable'])} float32, gradients {f(p['grads'])}, optimizer state {f(p['optimizer'])}; "
+            f"activations at {batch} x {length} tokens {f(p['activations'])} without recompute, "
+            f"{f(p['activations_recompute'])} with (recompute {'on' if recompute else 'off'}); runtime "
+            f"<= {f(p['runtime'])}; total {f(total(p, recompute))}")
+
+
+def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim: str = "adamw_torch",
+                plain: bool = False) -> dict:
+    """The plan from a config alone (no weights loaded): the README's figures for the 9B model and GLM-4.5V."""
+    t = cfg.text
+    n_lora = 0
+    for i in range(t.num_hidden_layers):
+        D = t.hidden_size
+        n_lora += rank * (D + t.q_size) + 2 * rank * (D + t.kv_size) + rank * (t.q_size + D)   # q, k, v, o
+        if t.is_moe_layer(i):
+            S = t.moe_intermediate_size * t.n_shared_experts
+            n_lora += 2 * rank * (D + S) + rank * (S + D)
+        elif t.n_routed_experts:
+            n_lora += 2 * rank * (D + t.intermediate_size) + rank * (t.intermediate_size + D)
+        else:
+            n_lora += rank * (D + 2 * t.intermediate_size) + rank * (t.intermediate_size + D)
+    from ..weights import hf_shapes
+    n_w = sum(int(np.prod(s)) for s in hf_shapes(cfg).values())
+    return parts(cfg, dtype_bytes, n_w * dtype_bytes + 4 * n_lora, batch, length, n_lora, optim, plain)

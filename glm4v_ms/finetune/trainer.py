@@ -1,0 +1,394 @@
+"""The training loop: `run(args, train, eval, processor)` with LLaMA-Factory's keys (FinetuneArgs) as transformers'
+Trainer runs them, over the model's own layers (forward.py), LoRA (lora.py) and PEFT's format (adapter.py).
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` samples; the loss
+is the sum of the step's trained tokens' cross-entropies over their count (transformers' num_items_in_batch), so the
+gradient is that of the step's mean whatever the split. Steps per epoch and the total follow transformers'
+Trainer (ceil over the batches, max_steps overriding num_train_epochs); the order of samples is a permutation per
+epoch drawn from `seed` (unless disable_shuffling), a function of the step number alone: resuming skips the steps
+done and goes on with the same batches, so it ends at the same weights as an uninterrupted run.
+
+Output (output_dir): adapter_config.json + adapter_model.safetensors at the end; checkpoint-N/ every save_steps
+(adapter, optimizer and scheduler state, the step = the data position), each written into a temporary folder and
+renamed; Ctrl-C (interrupt.py) stops after the step with such a checkpoint and one line naming it;
+trainer_log.jsonl (LLaMA-Factory's LogCallback lines); training_loss.png with plot_loss.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+
+import mindspore as ms
+import numpy as np
+
+from . import adapter, forward, interrupt, lora, optim
+
+from .args import FinetuneError
+from .data import collate
+
+LOG, STATE, OPTIM = "trainer_log.jsonl", "trainer_state.json", "optimizer.npz"
+CKPT = re.compile(r"checkpoint-(\d+)$")
+
+
+def _get(args, name, default):
+    v = getattr(args, name, default)
+    return default if v is None else v
+
+
+# ---------------------------------------------------------------------------------------------- the schedule
+def _count(value, total: int) -> int:
+    """transformers' logging/save/warmup steps: a value under 1 is a fraction of the total steps."""
+    value = float(value or 0)
+    return math.ceil(value * total) if 0 < value < 1 else int(value)
+
+
+class Plan:
+    """Which samples each optimizer step trains on, from the step number alone."""
+
+    def __init__(self, n: int, batch: int, accum: int, epochs: float, max_steps: int, seed: int, shuffle: bool):
+        self.n, self.batch, self.accum, self.seed, self.shuffle = n, batch, accum, seed, shuffle
+        self.batches = math.ceil(n / batch)                                   # per epoch
+        self.per_epoch = max(self.batches // accum + int(self.batches % accum > 0), 1)
+        self.total = max_steps if max_steps > 0 else math.ceil(epochs * self.per_epoch)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def step(self, k: int):
+        """(list of micro-batches (lists of sample indices), epoch as a float after this step) of step k (0-based)."""
+        epoch, j = divmod(k, self.per_epoch)
+        order = self.order(epoch)
+        first = j * self.accum
+        micro = [order[b * self.batch:(b + 1) * self.batch].tolist()
+                 for b in range(first, min(first + self.accum, self.batches))]
+        return micro, epoch + (j + 1) / self.per_epoch
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _atomic_dir(final: str, write):
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        if os.path.lexists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _atomic_file(path: str, text: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def checkpoints(folder: str) -> list:
+    """checkpoint-N folders in `folder`, by N."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), os.path.join(folder, d)) for d in os.listdir(folder) if (m := CKPT.match(d))
+             and os.path.isdir(os.path.join(folder, d))]
+    return [p for _, p in sorted(found)]
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, args, model, train, pad_id: int, log=None, jit: bool = True):
+        self.args, self.model, self.train, self.pad_id = args, model, train, pad_id
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        bs = int(_get(args, "per_device_train_batch_size", 1))
+        ga = int(_get(args, "gradient_accumulation_steps", 1))
+        self.plan = Plan(len(train), bs, ga, float(_get(args, "num_train_epochs", 3.0)),
+                         int(_get(args, "max_steps", -1)), int(_get(args, "seed", 42)),
+                         not _get(args, "disable_shuffling", False))
+        total = self.plan.total
+        warm = _count(_get(args, "warmup_steps", 0), total) or math.ceil(total * float(_get(args, "warmup_ratio", 0.0)))
+        self.sched = optim.Schedule(_get(args, "lr_scheduler_type", "linear"), float(_get(args, "learning_rate", 5e-5)),
+                                    total, warm)
+        self.params = lora.trainable(model)
+        self.opt = optim.Optimizer(self.params, _get(args, "optim", "adamw_torch").replace("adamw_torch_fused",
+                                                                                           "adamw_torch"),
+                                   float(_get(args, "weight_decay", 0.0)))
+        self.grad = forward.Grad(model, self.params, jit=jit)
+        self.max_norm = float(_get(args, "max_grad_norm", 1.0))
+        self.out = args.output_dir
+        self.logging_steps = max(1, _count(_get(args, "logging_steps", 500), total))
+        self.save_steps = _count(_get(args, "save_steps", 500), total)
+        self.step, self.epoch, self.history = 0, 0.0, []
+        self.tokens_seen, self.t_start, self._start_step = 0, None, 0
+
+    # ---- one optimizer step
+    def train_step(self, k: int):
+        micro, epoch = self.plan.step(k)
+        steps = [forward.prepare(self.model, **collate([self.train[i] for i in idx], self.pad_id)) for idx in micro]
+        n_items = sum(s.tokens for s in steps)
+        total, grads = 0.0, None
+        for st in steps:
+            loss, g = self.grad(st)
+            total += float(loss.asnumpy())
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+        scale = 1.0 / max(n_items, 1)
+        grads = [g * scale for g in grads]
+        if self.max_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, self.max_norm)
+        self.opt.step(grads, self.sched.lr())
+        self.sched.step()
+        self.step, self.epoch = k + 1, epoch
+        self.tokens_seen += sum(s.length * s.h.shape[0] for s in steps)
+        return total * scale
+
+    # ---- saving
+    def adapter_config(self) -> dict:
+        a = self.args
+        mods = [m for lo in self.model.loras for m in lo.targets]
+        r = self.model.loras[0].r
+        cfg = getattr(self.model, "peft_config", None) or {}
+        return adapter.config_dict(r, cfg.get("lora_alpha", _alpha(a)), float(cfg.get("lora_dropout",
+                                   _get(a, "lora_dropout", 0.0))), bool(cfg.get("use_rslora", _get(a, "use_rslora", False))),
+                                   mods, getattr(a, "model_name_or_path", None))
+
+    def save_checkpoint(self) -> str:
+        final = os.path.join(self.out, f"checkpoint-{self.step}")
+
+        def write(tmp):
+            adapter.save(self.model, tmp, self.adapter_config())
+            np.savez(os.path.join(tmp, OPTIM), **self.opt.state())
+            with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as f:
+                json.dump({"global_step": self.step, "epoch": self.epoch, "max_steps": self.plan.total,
+                           "scheduler": self.sched.state(), "optim": self.opt.kind, "seed": self.plan.seed,
+                           "shuffle": self.plan.shuffle, "num_samples": self.plan.n, "batch": self.plan.batch,
+                           "accum": self.plan.accum, "log_history": self.history}, f, indent=2)
+        _atomic_dir(final, write)
+        limit = getattr(self.args, "save_total_limit", None)
+        if limit:
+            for old in checkpoints(self.out)[:-int(limit)]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self, folder: str):
+        try:
+            with open(os.path.join(folder, STATE), encoding="utf-8") as f:
+                st = json.load(f)
+        except (OSError, ValueError):
+            raise FinetuneError(f"resume_from_checkpoint: {folder} holds no readable {STATE}") from None
+        for key, mine in (("num_samples", self.plan.n), ("batch", self.plan.batch), ("accum", self.plan.accum),
+                          ("seed", self.plan.seed), ("optim", self.opt.kind)):
+            if st.get(key) != mine:
+                raise FinetuneError(f"resume_from_checkpoint: {folder} was made with {key} {st.get(key)}, this run "
+                                    f"has {mine}")
+        mods = sorted(m for lo in self.model.loras for m in lo.targets)
+        try:
+            ad = adapter.read_config(folder)
+        except adapter.AdapterError as e:
+            raise FinetuneError(f"resume_from_checkpoint: {e}") from None
+        if sorted(ad["target_modules"]) != mods or int(ad["r"]) != self.model.loras[0].r:
+            raise FinetuneError(f"resume_from_checkpoint: {folder} holds a LoRA of other modules or rank than "
+                                f"this run's lora_target / lora_rank")
+        keep = [(p.name, p) for p in self.params]
+        adapter.load(self.model, folder, projector=True)
+        # the adapter load made new Parameters: point the optimizer and the gradient at them
+        self.params = lora.trainable(self.model)
+        assert [p.name for p in self.params] == [n for n, _ in keep]
+        kind = self.opt.kind
+        self.opt = optim.Optimizer(self.params, kind, self.opt.update.wd)
+        with np.load(os.path.join(folder, OPTIM)) as d:
+            self.opt.load_state(dict(d))
+        self.grad = forward.Grad(self.model, self.params, jit=self.grad.run is not self.grad.vg)
+        self.sched.last = int(st["scheduler"]["last"])
+        self.step, self.epoch, self.history = int(st["global_step"]), float(st["epoch"]), list(st["log_history"])
+
+    # ---- the loop
+    def run(self):
+        total = self.plan.total
+        self.t_start = time.time()
+        start = self.step
+        window = []
+        bar = Progress(total, start)
+        interrupt.training(True)
+        try:
+            for k in range(start, total):
+                loss = self.train_step(k)
+                window.append(loss)
+                lr = self.sched.lr()
+                bar.update(self.step, loss, lr, self.tokens_seen / max(time.time() - self.t_start, 1e-9))
+                if self.step % self.logging_steps == 0 or self.step == total:
+                    self.write_log(float(np.mean(window)), lr)
+                    window = []
+                if interrupt.requested():
+                    path = self.save_checkpoint()
+                    bar.close()
+                    self.log(f"interrupted: saved {path} (step {self.step} of {total}); run again with "
+                             f"resume_from_checkpoint {path} to go on")
+                    raise SystemExit(130)
+                if self.save_steps and self.step % self.save_steps == 0 and self.step < total:
+                    self.save_checkpoint()
+        finally:
+            interrupt.training(False)
+        bar.close()
+        if self.save_steps and total % self.save_steps == 0:
+            self.save_checkpoint()   # transformers saves the last step's checkpoint too when it falls on save_steps
+        adapter.save(self.model, self.out, self.adapter_config())
+        if _get(self.args, "plot_loss", False):
+            from .plot import plot_loss
+            plot_loss(self.out, [h["loss"] for h in self.history], [h["current_steps"] for h in self.history])
+
+    def write_log(self, loss, lr):
+        el = time.time() - self.t_start
+        rate = el / max(self.step - self._start_step, 1)
+        entry = {"current_steps": self.step, "total_steps": self.plan.total, "loss": round(loss, 4), "lr": lr,
+                 "epoch": round(self.epoch, 2),
+                 "percentage": round(self.step / self.plan.total * 100, 2) if self.plan.total else 100,
+                 "elapsed_time": str(datetime.timedelta(seconds=int(el))),
+                 "remaining_time": str(datetime.timedelta(seconds=int(rate * (self.plan.total - self.step))))}
+        self.history.append(entry)
+        with open(os.path.join(self.out, LOG), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _alpha(args) -> float:
+    a = getattr(args, "lora_alpha", None)
+    return float(a if a is not None else 2 * int(_get(args, "lora_rank", 8)))
+
+
+class Progress:
+    """One self-overwriting line on stderr when it is a terminal (step, loss, lr, tokens/s, ETA); otherwise a line
+    every tenth of the run."""
+
+    def __init__(self, total: int, start: int, stream=sys.stderr):
+        self.total, self.start, self.stream, self.t0 = total, start, stream, time.time()
+        self.tty = stream.isatty()
+        self.every = max(1, total // 10)
+
+    def update(self, step, loss, lr, tps):
+        el = time.time() - self.t0
+        eta = el / max(step - self.start, 1) * (self.total - step)
+        line = (f"[train] step {step}/{self.total} loss {loss:.4f} lr {lr:.3g} {tps:,.0f} tokens/s "
+                f"ETA {datetime.timedelta(seconds=int(eta))}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+            self.stream.flush()
+        elif step % self.every == 0 or step == self.total:
+            print(line, file=self.stream, flush=True)
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------- the face
+def _check(args):
+    if _get(args, "finetuning_type", "lora") != "lora":
+        raise FinetuneError(f"finetuning_type {args.finetuning_type}: only lora is implemented")
+    if not _get(args, "freeze_vision_tower", True):
+        raise FinetuneError("freeze_vision_tower false: training the vision tower is not implemented (LoRA on the "
+                            "language model, and on visual.merger with freeze_multi_modal_projector false)")
+    if not _get(args, "freeze_multi_modal_projector", True):
+        raise FinetuneError("freeze_multi_modal_projector false: training visual.merger is not implemented yet")
+    if not args.output_dir:
+        raise FinetuneError("output_dir: needed")
+
+
+def _resume_point(args):
+    """LLaMA-Factory's rule: resume_from_checkpoint names a checkpoint; without it, an output_dir that holds
+    checkpoints resumes from the last unless overwrite_output_dir; another non-empty output_dir is an error."""
+    r = getattr(args, "resume_from_checkpoint", None)
+    out = args.output_dir
+    if r:
+        if not os.path.isdir(r):
+            raise FinetuneError(f"resume_from_checkpoint: {r} is not a folder")
+        return r
+    if os.path.isdir(out) and os.listdir(out) and not _get(args, "overwrite_output_dir", False):
+        last = checkpoints(out)
+        if last:
+            return last[-1]
+        raise FinetuneError(f"output_dir: {out} exists and is not empty (set overwrite_output_dir, or resume)")
+    return None
+
+
+def setup(args, model):
+    """LoRA on the model as the args ask: a given adapter to continue, else fresh (A kaiming, B zero)."""
+    projector = not _get(args, "freeze_multi_modal_projector", True)
+    try:
+        if getattr(args, "adapter_name_or_path", None):
+            path = args.adapter_name_or_path
+            path = path[0] if isinstance(path, (list, tuple)) else path
+            adapter.load(model, path, dropout=float(_get(args, "lora_dropout", 0.0)), projector=projector)
+        else:
+            mods = lora.select(model, _get(args, "lora_target", ["all"]), projector)
+            lora.inject(model, mods, int(_get(args, "lora_rank", 8)), _alpha(args), float(_get(args, "lora_dropout", 0.0)),
+                        bool(_get(args, "use_rslora", False)), seed=int(_get(args, "seed", 42)), projector=projector)
+    except (lora.LoraError, adapter.AdapterError) as e:
+        raise FinetuneError(str(e)) from None
+    model.recompute_layers = False
+    if _recompute(args):
+        from .. import attention
+        if attention.mode() == "plain":
+            # measured on demo-tiny (2 x 2048 tokens): 5.6 GB peak with Cell.recompute, 4.6 GB without; MindSpore's
+            # CPU graphs keep every layer's intermediates either way (model.live_layers), so it only adds work
+            print("[train] gradient checkpointing: off on CPU (it saves no memory there); per layer on Ascend",
+                  file=sys.stderr)
+        else:
+            for layer in model.text.layers:
+                layer.recompute()
+            model.recompute_layers = True
+
+
+def _recompute(args) -> bool:
+    if hasattr(args, "recompute"):
+        return bool(args.recompute)
+    return bool(_get(args, "gradient_checkpointing", False))
+
+
+def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
+    """Train as the args say; see the module docstring. `model`: an already loaded one (tests, benchmarks)."""
+    _check(args)
+    if not train:
+        raise FinetuneError("dataset: no training samples")
+    resume = _resume_point(args)
+    if os.path.isdir(args.output_dir) and _get(args, "overwrite_output_dir", False) and not resume:
+        shutil.rmtree(args.output_dir)
+    if model is None:
+        from ..model import AutoModelForImageTextToText
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path,
+                                                                dtype="bfloat16" if _get(args, "bf16", False) else None)
+        except ValueError as e:
+            raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
+    ms.set_seed(int(_get(args, "seed", 42)))
+    setup(args, model)
+    pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
+    pad = pad if pad is not None else (model.generation_config.pad_token_id or 0)
+    os.makedirs(args.output_dir, exist_ok=True)
+    tr = Trainer(args, model, train, pad, jit=jit)
+    from .plan import training_plan
+    tr.log(f"[memory: {training_plan(model, args, len(tr.params) and sum(int(np.prod(p.shape)) for p in tr.params))}]")
+    if resume:
+        tr.resume(resume)
+        _truncate_log(args.output_dir, tr.step)
+        tr.log(f"resuming from {resume} (step {tr.step} of {tr.plan.total})")
+    tr._start_step = tr.step
+    tr.run()
+    return tr
+
+
+def _truncate_log(out, step):
+    p = os.path.join(out, LOG)
+    if not os.path.isfile(p):
+        return
+    with open(p, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("current_steps", 0) <= step]
+    _atomic_file(p, "".join(lines))
+
