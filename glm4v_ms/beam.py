@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor, ops
 
-from .generation import GenerateOutput
+from .outputs import GenerateOutput
 from .generation_config import GenerationError
 from .prompt import Prompt
 from .sampling import process_logits

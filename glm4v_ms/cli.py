@@ -11,7 +11,7 @@ def generate():
 
 
 def convert():
-    from .convert import main
+    from .convert.__main__ import main
     sys.exit(main())
 
 

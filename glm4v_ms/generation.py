@@ -10,7 +10,6 @@ thinking tags come from the checkpoint's tokenizer files (read as plain JSON) or
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,17 +20,6 @@ from .prompt import Prompt
 from .reuse import PromptCache, prefill_reusing
 from .shapes import cache_bucket, fit, graph_plan, prompt_bucket
 from .steps import prefill
-
-
-@dataclass
-class GenerateOutput:
-    """transformers' GenerateDecoderOnlyOutput, as far as this port goes: sequences (B, prompt + new); ours:
-    timings (prefill_s, first_step_s, decode_s, decode_steps, new_tokens, prompt_tokens, reused_tokens)."""
-    sequences: np.ndarray
-    timings: dict = field(default_factory=dict)
-
-    def __getitem__(self, key):   # out["sequences"] as well as out.sequences, as transformers' ModelOutput
-        return getattr(self, key)
 
 
 def _emit(streamer, tokens):

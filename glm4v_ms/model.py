@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
@@ -31,16 +30,18 @@ from mindspore import Tensor, nn, ops
 from . import attention, beam, compile_cache, parallel, rope
 from .config import ConfigError, Glm4vConfig
 from .device import ITEM_BYTES, NAMES, kernel_mode, resolve_dtype, select_device
-from .generation import GenerateOutput, generate
+from .generation import generate
 from .generation_config import GenerationConfig, thinking_ids
 from .layers import Linear
+from .outputs import GenerateOutput, Output
 from .prompt import Prompt
 from .reuse import PromptCache
+from .safetensors_io import to_float32
 from .shapes import RUNTIME_BYTES, activation_bytes, cache_bucket, host_array as _np, prompt_bucket, prompt_graph
 from .text import CachedDecoder, TextModel
 from .vision import VisionModel
-from .safetensors_io import to_float32
 from .weights import load as load_weights
+
 
 def _refuse(extra: dict, what: str):
     """The processor's token-type arrays are accepted (derived from the ids here); anything else is named."""
@@ -48,13 +49,6 @@ def _refuse(extra: dict, what: str):
     if bad:
         raise TypeError(f"{what}() does not take {', '.join(bad)} (this port computes logits for a whole prompt; "
                         f"use generate() for decoding, past_key_values=PromptCache() for reuse)")
-
-
-@dataclass
-class Output:
-    logits: Tensor               # (B, L, vocab)
-    rope_deltas: np.ndarray      # (B,)
-    loss: Tensor | None = None   # with labels: the mean cross-entropy over the shifted trained tokens
 
 
 class Glm4vForConditionalGeneration(nn.Cell):

@@ -278,7 +278,7 @@ def test_peak_memory_within_a_shard(tmp_path):
     src = str(tmp_path / "src")
     write_synthetic(src, cfg, 150 * 10 ** 6)
     biggest = max(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
-    code = "import sys; from glm4v_ms.convert import main, peak_rss; rc = main(sys.argv[1:]); print(peak_rss())"
+    code = "import sys; from glm4v_ms.convert import peak_rss; from glm4v_ms.convert.__main__ import main; rc = main(sys.argv[1:]); print(peak_rss())"
     r = subprocess.run([sys.executable, "-c", code, "--src", src, "--dst", str(tmp_path / "out"), "--verify"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
