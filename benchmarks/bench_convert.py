@@ -97,7 +97,7 @@ def _slices(block: bytes, start: int, n: int):
 
 def run_convert(src: str, dst: str, *extra) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes) and stdout of one converter run in a fresh process."""
-    code = "import sys; from glm4v_ms.convert import main, peak_rss; rc = main(sys.argv[1:]); print(peak_rss())"
+    code = "import sys; from glm4v_ms.convert import peak_rss; from glm4v_ms.convert.__main__ import main; rc = main(sys.argv[1:]); print(peak_rss())"
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code, "--src", src, "--dst", dst, *extra],
                        cwd=ROOT, capture_output=True, text=True)

@@ -115,7 +115,7 @@ def side_ours(a, inputs):
     if a.threads != (os.cpu_count() or 1):     # select_device() sets os.cpu_count() threads, settable once
         ms.set_device("CPU")
         ms.device_context.cpu.op_tuning.threads_num(a.threads)
-        ms.runtime.launch_blocking()   # as model.select_device does on CPU
+        ms.runtime.launch_blocking()   # as device.select_device does on CPU
         M._device = "CPU"
     from mindspore.graph.api import ms_compile_cache
     t = time.perf_counter()
@@ -168,9 +168,10 @@ def side_reference(a, inputs):
 def side_kernels(a, inputs):
     """Kernels in the decode graph: one short prefill + one decode step with the IR dump on (set by the parent)."""
     from glm4v_ms import Glm4vForConditionalGeneration
-    from glm4v_ms.generation import decode_one, prefill
+    from glm4v_ms.steps import decode_one, prefill
+    from glm4v_ms.prompt import Prompt
     model = Glm4vForConditionalGeneration.from_pretrained(a.model)
-    logits, st = prefill(model, inputs["warm"], 128)
+    logits, st = prefill(model, Prompt.of(model.config, inputs["warm"]), 128)
     decode_one(model, st, logits.argmax(-1))
     hidden = model.config.text.hidden_size
     for path in sorted(glob.glob(os.path.join(os.environ["MS_DEV_SAVE_GRAPHS_PATH"], "graph_build_*.ir"))):

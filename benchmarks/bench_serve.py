@@ -130,7 +130,8 @@ def step_costs(model_dir, rows=(1, 2, 4, 8), n=15):
     import numpy as np
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from glm4v_ms import Glm4vForConditionalGeneration
-    from glm4v_ms.generation import Batch, decode_one
+    from glm4v_ms.batch import Batch
+    from glm4v_ms.steps import decode_one
     model = Glm4vForConditionalGeneration.from_pretrained(model_dir)
     load0, t = os.getloadavg()[0], {}
     for b in rows:

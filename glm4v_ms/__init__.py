@@ -13,7 +13,7 @@ def __getattr__(name):
         from . import model
         return getattr(model, name)
     if name == "PromptCache":
-        from .generation import PromptCache
+        from .reuse import PromptCache
         return PromptCache
     if name == "Glm4vProcessor":
         from .processing import Glm4vProcessor

@@ -22,24 +22,24 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor, ops
 
-from .generation import GenerationError, State, decode_one, prefill
-from .model import _np, cache_bucket, prompt_bucket
+from .outputs import GenerateOutput
+from .generation_config import GenerationError
+from .prompt import Prompt
+from .sampling import process_logits
+from .shapes import cache_bucket, fit, prompt_bucket
+from .steps import State, decode_one, prefill
 
 NEG = np.float32(-1.0e9)   # the reference's "never pick this" offset, in float32 as it adds it
 
 
 @dataclass
-class BeamOutput:
+class BeamOutput(GenerateOutput):
     """transformers' GenerateBeamDecoderOnlyOutput: sequences (B * num_return_sequences, prompt + new); with
     output_scores, sequences_scores (B * n,) and scores: one (B * num_beams, vocab) array of processed
     log-probabilities per step; beam_indices (B * n, new): the flat beam each token came from."""
-    sequences: np.ndarray
     sequences_scores: np.ndarray | None = None
     scores: tuple | None = None
     beam_indices: np.ndarray | None = None
-
-    def __getitem__(self, key):   # out["sequences"] as well as out.sequences, as transformers' ModelOutput
-        return getattr(self, key)
 
 
 def check(cfg, num_beams, num_return_sequences, length_penalty, early_stopping, streamer):
@@ -61,18 +61,6 @@ def check(cfg, num_beams, num_return_sequences, length_penalty, early_stopping, 
 def _log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def _process(lp, history, step, cfg):
-    """The reference's logits processors that apply without sampling: repetition penalty, min_new_tokens."""
-    if cfg.repetition_penalty != 1.0:
-        for r in range(lp.shape[0]):
-            seen = np.unique(history[r][history[r] >= 0])
-            v = lp[r, seen]
-            lp[r, seen] = np.where(v < 0, v * cfg.repetition_penalty, v / cfg.repetition_penalty)
-    if step < cfg.min_new_tokens and cfg.eos_token_id:
-        lp[:, list(cfg.eos_token_id)] = -np.inf
-    return lp
 
 
 def _top(x, k):
@@ -107,30 +95,24 @@ def _reorder_cache(st: State, rows: np.ndarray):
     st.next_pos = st.next_pos[rows]
 
 
-def generate(model, inputs: dict, cfg, num_beams: int, num_return_sequences: int = 1, length_penalty: float = 1.0,
-             early_stopping=False, output_scores: bool = False, return_dict_in_generate: bool = False):
+def generate(model, p: Prompt, cfg, num_beams: int, num_return_sequences: int = 1, length_penalty: float = 1.0,
+             early_stopping=False, output_scores: bool = False):
     """Beam search; returns what transformers' generate returns: the best num_return_sequences sequences per
-    prompt (B * n, prompt + new) as numpy int64, or a BeamOutput with return_dict_in_generate."""
-    ids = _np(inputs["input_ids"], np.int64)
-    if ids.ndim == 1:
-        ids = ids[None]
-    B, L = ids.shape
+    prompt (B * n, prompt + new) as numpy int64 in a BeamOutput (its scores with output_scores)."""
+    ids = p.ids
+    B, L = p.shape
     nb, V = num_beams, model.config.text.vocab_size
-    ctx = model.config.text.max_position_embeddings
-    if L >= ctx:
-        raise GenerationError(f"the prompt has {L} tokens; the model's context is {ctx}")
-    new = min(cfg.max_new_tokens, ctx - L)
+    new = fit(L, model.config.text.max_position_embeddings, cfg.max_new_tokens)
     eos = list(cfg.eos_token_id or [])
     fill = (cfg.pad_token_id or eos[0]) if eos else -1        # the reference's filler after a sequence ends
     K = max(2, 1 + len(eos)) * nb
     top_mask = np.arange(K) < nb
 
     t0 = time.perf_counter()
-    logits, st = prefill(model, inputs, cache_bucket(prompt_bucket(L) + new))
+    logits, st = prefill(model, p, cache_bucket(prompt_bucket(L) + new))
     st = _expand_cache(model, st, nb)
     logits = np.repeat(logits, nb, 0)
-    mask = _np(inputs.get("attention_mask", np.ones((B, L))), np.int64).reshape(B, L) > 0
-    prompt_hist = np.repeat(np.where(mask, ids, -1), nb, 0)                        # (B*nb, L)
+    prompt_hist = np.repeat(np.where(p.mask, ids, -1), nb, 0)                        # (B*nb, L)
 
     run_seq = np.full((B, nb, new), fill, np.int64)        # generated tokens of the running beams
     run_src = np.full((B, nb, new), -1, np.int64)          # the flat beam each token came from
@@ -145,7 +127,7 @@ def generate(model, inputs: dict, cfg, num_beams: int, num_return_sequences: int
     offset = (np.arange(B) * nb)[:, None]
     for step in range(new):
         hist = np.concatenate([prompt_hist, run_seq[:, :, :step].reshape(B * nb, step)], 1)
-        lp = _process(_log_softmax(logits.astype(np.float32)), hist, step, cfg)
+        lp = process_logits(_log_softmax(logits.astype(np.float32)), hist, step, cfg)
         if output_scores:
             all_scores.append(lp.copy())
         acc = (lp.reshape(B, nb, V) + run_score[:, :, None]).reshape(B, nb * V)
@@ -192,10 +174,7 @@ def generate(model, inputs: dict, cfg, num_beams: int, num_return_sequences: int
     sequences = np.concatenate([np.repeat(ids, n, 0), gen], 1)
     st.timings.update(decode_s=time.perf_counter() - t0 - st.timings["prefill_s"], decode_steps=step,
                       new_tokens=out_len, prompt_tokens=L)
-    model.last_timings = st.timings
-    if not return_dict_in_generate:
-        return sequences
-    return BeamOutput(sequences=sequences,
+    return BeamOutput(sequences=sequences, timings=st.timings,
                       sequences_scores=fin_score[:, :n].reshape(-1) if output_scores else None,
                       scores=tuple(all_scores) if output_scores else None,
                       beam_indices=src[:, :n, :out_len].reshape(B * n, out_len))

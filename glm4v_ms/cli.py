@@ -1,7 +1,6 @@
 """Console-script entry points (pyproject.toml's [project.scripts]); each runs the module's own `main`.
 
-glm4v-ms-generate runs the top-level generate.py: `glm4v_ms/generate_cli.py` is a symbolic link to it, so that
-`python generate.py` in a checkout and the installed command are one file (a wheel stores the link's content).
+glm4v-ms-generate runs glm4v_ms/generate_cli.py, as `python generate.py` (a shim) does in a checkout.
 """
 import sys
 
@@ -12,7 +11,7 @@ def generate():
 
 
 def convert():
-    from .convert import main
+    from .convert.__main__ import main
     sys.exit(main())
 
 

@@ -147,7 +147,3 @@ def cached(size: str) -> str:
     else:
         cover_vocabulary(dst, SIZES[size]["text"]["vocab_size"])
     return dst
-
-
-def is_random(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, MARKER))

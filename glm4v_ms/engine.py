@@ -6,7 +6,7 @@ listener runs on the engine thread, so it must only hand the event on (e.g. `loo
 Row groups: static KV caches of 1, 2, 4, ... rows up to `max_num_seqs` (`group_sizes`), each of `max_model_len`
 slots per row (llama.cpp's per-slot context) and each with its own compiled (rows, 1) decode graph (vLLM likewise
 captures its decode graph for a list of batch sizes and pads a live batch up to the nearest). All busy rows live in
-one group: the smallest that holds them. A step decodes that group's rows (generation.Batch.step, the loop body
+one group: the smallest that holds them. A step decodes that group's rows (batch.Batch.step, the loop body
 model.generate() runs), free rows decoding a dummy token, so a step costs about what the busy rows need (on CPU a
 step of 8 rows costs 2.1-2.5x a step of one, of 2 rows about the same). A waiting request is prefilled into a free
 row as soon as one exists while the other rows keep their state; when the busy rows and the newcomers outgrow the
@@ -36,8 +36,10 @@ import time
 import numpy as np
 
 from . import compile_cache
-from .generation import Batch, GenerationConfig, GenerationError, Sequence, thinking_force
-from .model import _np, prompt_bucket
+from .batch import Batch, Sequence
+from .generation_config import GenerationConfig, thinking_force
+from .prompt import Prompt
+from .shapes import decode_graph, fit
 
 
 def group_sizes(max_num_seqs: int) -> list:
@@ -62,8 +64,8 @@ class Request:
     """A submitted prompt: cancel() from any thread stops it (waiting: never admitted; running: its row is freed
     at the engine's next step). The listener hears ("token", id), then ("done", finish_reason) or ("error", msg)."""
 
-    def __init__(self, inputs: dict, seq: Sequence, prompt_tokens: int):
-        self.inputs, self.seq, self.prompt_tokens = inputs, seq, prompt_tokens
+    def __init__(self, prompt: Prompt, seq: Sequence):
+        self.prompt, self.seq, self.prompt_tokens = prompt, seq, int(prompt.mask.sum())
         self.submitted = time.perf_counter()
         self.first_token_s = None
         self.reused_tokens = 0    # prompt tokens taken from a row's remembered cache (prefix reuse)
@@ -118,27 +120,18 @@ class Engine:
 
     # ------------------------------------------------------------------ client side (any thread)
     def check_prompt(self, prompt_tokens: int, max_new_tokens: int | None) -> int:
-        """The number of new tokens a prompt of this length may make, or GenerationError when it does not fit."""
-        room = self.max_model_len - prompt_bucket(prompt_tokens)
-        if room < 1:
-            raise GenerationError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                  f"your prompt has {prompt_tokens} tokens.")
-        if max_new_tokens is not None and max_new_tokens > room:
-            raise GenerationError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                  f"you requested {prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the "
-                                  f"messages, {max_new_tokens} in the completion).")
-        return room if max_new_tokens is None else max_new_tokens
+        """The number of new tokens a prompt of this length may make in a row (shapes.fit: the prompt fills its
+        bucket's slots, a max_new_tokens beyond the row is refused), or GenerationError."""
+        return fit(prompt_tokens, self.max_model_len, max_new_tokens, strict=True, padded=True)
 
     def submit(self, inputs: dict, cfg: GenerationConfig, max_new_tokens: int | None = None, listener=None,
                think_ids: dict | None = None) -> Request:
         """Queue one prompt (batch 1: the processor's output). max_new_tokens None: up to the row's context.
         Raises GenerationError (does not fit, bad settings) or QueueFull, before anything is queued."""
-        ids = _np(inputs["input_ids"], np.int64).reshape(-1)
-        mask = _np(inputs.get("attention_mask"), np.int64)
-        prompt = ids if mask is None else ids[mask.reshape(-1) > 0]
-        new = self.check_prompt(len(ids), max_new_tokens)
+        p = Prompt.of(self.model.config, inputs)
+        new = self.check_prompt(p.shape[1], max_new_tokens)
         force = thinking_force(cfg, think_ids if think_ids is not None else self.model.think_ids)
-        req = Request(inputs, Sequence(prompt, cfg, new, force, listener=None), len(prompt))
+        req = Request(p, Sequence(p.real(0), cfg, new, force, listener=None))
 
         def tell(kind, value):
             if kind == "token" and req.first_token_s is None:
@@ -212,7 +205,7 @@ class Engine:
         # in the target group is taken as the request's own row (and kept from the moved rows)
         plan = []
         for req in reqs:
-            best = max(((g.shared(req.inputs, r), gi, r) for gi, g in enumerate(self.groups) for r in g.free_rows()
+            best = max(((g.shared(req.prompt, r), gi, r) for gi, g in enumerate(self.groups) for r in g.free_rows()
                         if gi != ti or r in free), default=(0, None, None))
             row = None
             if best[0] > 0 and best[1] == ti:
@@ -232,7 +225,7 @@ class Engine:
             self.prefilling = req
             try:
                 between = (lambda seq=req.seq: self._between(seq)) if self.chunked_prefill else None
-                tgt.admit(row, req.inputs, req.seq, origin, between=between)
+                tgt.admit(row, req.prompt, req.seq, origin, between=between)
                 req.reused_tokens = tgt.last_reused
             except Cancelled:
                 req.seq.finish("cancelled")
@@ -246,8 +239,8 @@ class Engine:
     def plan_compiles(self):
         """The warm-up's graphs, in order, for the persistent compile cache (when on: the server's default), so
         that the next start loads them. Prompt graphs compile as traffic comes, outside the plan: not kept."""
-        S = self.max_model_len
-        compile_cache.plan(self.model, [compile_cache.signature(len(g.seqs), 1, S, True, S) for g in self.groups])
+        compile_cache.plan(self.model, [compile_cache.signature(*decode_graph(len(g.seqs), self.max_model_len))
+                                        for g in self.groups])
 
     def _between(self, seq: Sequence):
         """Between two pieces of a prefill: one decode step of the busy rows (the current group: the prefill's

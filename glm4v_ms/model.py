@@ -5,7 +5,11 @@ launch splits the text model across the ranks (parallel.py); the vision tower ru
 
 Host side (NumPy): token types, 3D positions and rope deltas, cos/sin tables, cache slots and write indices.
 Device side (MindSpore): the vision tower, then `CachedDecoder`: one jit graph per (batch, cache-length bucket)
-and prompt-length bucket, reused for every decoded token.
+and prompt-length bucket, reused for every decoded token (the shapes follow shapes.py's rules).
+
+This module is the package's transformers face: the network (`embed`, `prompt`, `run`) and the surface
+(`from_pretrained`, `generate`, a forward, `trace`). Generation, beam search and the serving engine drive the
+network they are handed and never import this module; `generate` hands over to them.
 
 Deliberate deviations from the reference:
 - positions always come from the attention mask (real tokens only), also for text-only prompts; the reference
@@ -18,148 +22,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from . import attention, compile_cache, parallel, rope
+from . import attention, beam, compile_cache, parallel, rope
 from .config import ConfigError, Glm4vConfig
-from .text import CachedDecoder, Linear, TextModel
+from .device import ITEM_BYTES, NAMES, kernel_mode, resolve_dtype, select_device
+from .generation import generate
+from .generation_config import GenerationConfig, thinking_ids
+from .layers import Linear
+from .outputs import GenerateOutput, Output
+from .prompt import Prompt
+from .reuse import PromptCache
+from .safetensors_io import to_float32
+from .shapes import RUNTIME_BYTES, activation_bytes, cache_bucket, host_array as _np, prompt_bucket, prompt_graph
+from .text import CachedDecoder, TextModel
 from .vision import VisionModel
-from .weights import load as load_weights, to_float32
-
-_DTYPES = {"float32": ms.float32, "fp32": ms.float32, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16,
-           "float16": ms.float16, "fp16": ms.float16}
-_device = None
-
-
-def _ascend_present() -> bool:
-    # probe MindSpore only where a CANN runtime is installed: on a CPU host its probe prints a library error
-    if not (os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME") or os.path.isdir("/usr/local/Ascend")):
-        return False
-    return ms.hal.is_available("Ascend")
-
-
-def select_device(device: str | None = None) -> str:
-    """Ascend when present, else CPU; `device=` or GLM4V_MS_DEVICE overrides. Fixed for the process."""
-    global _device
-    want = (device or os.environ.get("GLM4V_MS_DEVICE") or "auto").strip()
-    if want.lower() == "auto":
-        want = "Ascend" if _ascend_present() else "CPU"
-    want = {"cpu": "CPU", "ascend": "Ascend", "npu": "Ascend"}.get(want.lower())
-    if want is None:
-        raise ValueError(f"unknown device {device or os.environ.get('GLM4V_MS_DEVICE')!r} (use cpu, ascend or auto)")
-    if _device is None:
-        if want == "Ascend" and not _ascend_present():
-            raise ValueError("device Ascend requested but no Ascend NPU / CANN runtime is available")
-        try:
-            ms.set_device(want)
-            if want == "CPU":
-                ms.device_context.cpu.op_tuning.threads_num(os.cpu_count() or 1)
-                # eager ops (the vision tower, the embedding) launch synchronously: MindSpore's async launch
-                # queue costs more than it overlaps on CPU (vision tower of the benchmark image: 0.55-0.65 s
-                # blocking against 0.9-1.5 s queued; BENCHMARKS.md, issue 14)
-                ms.runtime.launch_blocking()
-        except RuntimeError:
-            # ops already ran (MindSpore's default device is CPU): keep it if that is what was asked for
-            if ms.get_context("device_target") != want:
-                raise ValueError(f"MindSpore already runs on {ms.get_context('device_target')}; "
-                                 f"select the device before running any op") from None
-        if want == "CPU":
-            # GLM4V_MS_KERNELS=emulated runs the Ascend code path on CPU through emulations of the fused kernels
-            attention.set_mode("emulated" if os.environ.get("GLM4V_MS_KERNELS") == "emulated" else "plain")
-        else:
-            attention.set_mode("ascend")
-        _device = want
-    elif want != _device:
-        raise ValueError(f"this process already runs on {_device}; MindSpore cannot switch to {want}")
-    return _device
-
-
-def resolve_dtype(dtype, device: str):
-    if dtype is None:
-        return ms.bfloat16 if device == "Ascend" else ms.float32   # bf16 has no CPU kernels
-    if isinstance(dtype, str):
-        if dtype.lower() not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-        dtype = _DTYPES[dtype.lower()]
-    if dtype == ms.bfloat16 and device == "CPU":
-        raise ValueError("bfloat16 has no CPU kernels in MindSpore; on CPU use float32 (the default) or float16")
-    return dtype
-
-
-def _np(x, dtype=None):
-    if x is None:
-        return None
-    a = x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
-    return a.astype(dtype) if dtype is not None else a
-
-
-def cache_bucket(n: int) -> int:
-    """Cache length for n tokens: the next power of two (>= 256), so prompts of different lengths share one
-    compiled decode graph (a new cache size costs a compile of ~2.5 s on the 150M CPU benchmark)."""
-    return max(256, 1 << (int(n) - 1).bit_length())
-
-
-LONG_PROMPT = 512   # prompts up to this many tokens run as one chunk (their length bucketed by 64), longer ones in 256-token chunks
-
-
-def prompt_bucket(n: int) -> int:
-    """Prompt length rounded up to a whole number of chunks: a multiple of 64 up to LONG_PROMPT tokens, of 256
-    beyond (<= 255 padded slots on a prompt of > 512)."""
-    step = 64 if int(n) <= LONG_PROMPT else 256
-    return -(-int(n) // step) * step
-
-
-def extent_of(end: int, max_len: int) -> int:
-    """Cache slots a prompt ending at slot `end` attends over: the next power of two (>= 256), within the cache.
-    Every chunk of one prompt uses its prompt's extent, so a long prompt compiles one graph, whatever its length."""
-    return min(int(max_len), max(256, 1 << (max(int(end), 1) - 1).bit_length()))
-
-
-SCORES_BUDGET = 256 << 20   # bytes of one (B, heads, chunk, extent) float32 score tensor in a prompt chunk
-
-
-def live_layers(t) -> int:
-    """Layers whose intermediates are alive at once in a compiled prompt graph: on CPU (plain or emulated) the
-    graph keeps every layer's (measured: the peak rises ~0.35 GB per layer for a 256-token chunk over 8192
-    slots, linear in depth), so the budget is shared by all of them. On Ascend the graph compiler reuses memory
-    across layers; assumed one layer's worth there (only hardware can confirm)."""
-    return 1 if attention.mode() == "ascend" else t.num_hidden_layers
-
-
-def prompt_chunk(t, batch: int, n: int, extent: int | None = None) -> int:
-    """Tokens per prompt chunk for a prompt of n (bucketed) tokens attending over `extent` slots (default: the
-    power of two >= n): the whole prompt up to LONG_PROMPT tokens, 256 beyond, halved (not below 16) until the
-    float32 scores of all live layers (`live_layers`) fit SCORES_BUDGET. So a prompt graph's shape is its length
-    bucket (<= 8 of them) or one chunk length per extent: the number of compiled prompt graphs is bounded, whatever
-    the prompt length. (64-token chunks for short prompts too were tried: a 320-token prompt took 0.54 s against
-    0.36 s in one piece; BENCHMARKS.md.)"""
-    e = extent or (1 << (max(n, 1) - 1).bit_length())
-    c = n if n <= LONG_PROMPT else 256
-    while c > 16 and live_layers(t) * batch * t.num_attention_heads * 4 * e * c > SCORES_BUDGET:
-        c = max(16, 1 << ((c - 1).bit_length() - 1)) if c & (c - 1) else c // 2
-    return c
-
-
-# The process beyond weights, KV cache and activations: Python, MindSpore's libraries, its runtime pools and graph
-# compiler. Measured on CPU (peak resident set): 0.62 GB for demo-tiny (0.42 GB at load, tests/test_memory.py),
-# 0.98 GB for demo-150m on a 32k-token prompt (0.43 GB at load + 0.55 GB while generating,
-# benchmarks/mem_long_prompt.py). A measured allowance, not derived; on Ascend only hardware can confirm it.
-RUNTIME_BYTES = int(1.25e9)
-
-
-def activation_bytes(t, batch: int, n: int, item: int) -> int:
-    """Bound on the text decoder's activations for a prompt of up to n tokens: per live layer (`live_layers`), a
-    few copies of the float32 scores and the mask over a chunk's extent and the chunk's projections and MLP; plus
-    the logits."""
-    e = 1 << (max(n, 1) - 1).bit_length()
-    c = max(prompt_chunk(t, batch, m, e) for m in {min(n, LONG_PROMPT), n})
-    scores = batch * c * e * (4 * t.num_attention_heads * 4 + 5)
-    rows = batch * c * (3 * (t.q_size + 2 * t.kv_size) + 4 * t.intermediate_size + 6 * t.hidden_size) * max(item, 4)
-    return (scores + rows) * live_layers(t) + batch * t.vocab_size * 4 * 2
+from .weights import load as load_weights
 
 
 def _refuse(extra: dict, what: str):
@@ -168,13 +49,6 @@ def _refuse(extra: dict, what: str):
     if bad:
         raise TypeError(f"{what}() does not take {', '.join(bad)} (this port computes logits for a whole prompt; "
                         f"use generate() for decoding, past_key_values=PromptCache() for reuse)")
-
-
-@dataclass
-class Output:
-    logits: Tensor               # (B, L, vocab)
-    rope_deltas: np.ndarray      # (B,)
-    loss: Tensor | None = None   # with labels: the mean cross-entropy over the shifted trained tokens
 
 
 class Glm4vForConditionalGeneration(nn.Cell):
@@ -191,10 +65,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
         self.text = TextModel(config.text, dtype, self.layout)
         self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size // self.layout.world, dtype)
         self._decoders = {}
-        from .generation import GenerationConfig
         self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
         self.think_ids = {}
-        self.last_timings = {}
         self.config_digest = None
 
     # ------------------------------------------------------------------ loading
@@ -219,12 +91,11 @@ class Glm4vForConditionalGeneration(nn.Cell):
         if skip and model.layout.world > 1:
             raise parallel.ParallelError("GPTQ weights kept quantized (the Ascend path) are not split across ranks "
                                          "yet: run a quantized checkpoint with tensor_parallel_size 1")
-        if attention.mode() == "ascend":
+        if kernel_mode() == "ascend":
             model.text.share_layer_graphs()   # after the GPTQ swap: layer structures are final
         model.load_weights(folder, skip=skip)
         with open(os.path.join(folder, "config.json"), "rb") as f:   # part of the compile cache's key
             model.config_digest = hashlib.sha256(f.read()).hexdigest()
-        from .generation import GenerationConfig, thinking_ids
         model.generation_config = GenerationConfig.from_pretrained(folder, fallback_eos=cfg.eos_token_id)
         if model.generation_config.pad_token_id is None and cfg.pad_token_id is not None:
             model.generation_config = model.generation_config.updated(pad_token_id=cfg.pad_token_id)
@@ -238,57 +109,42 @@ class Glm4vForConditionalGeneration(nn.Cell):
         temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, max_thinking_tokens, seed.
         Defaults come from the checkpoint's generation_config.json. `streamer`: a callable taking the new
         token ids (B,), or an object with put(ids) / end(). Beam search (beam.py): num_beams,
-        num_return_sequences, length_penalty, early_stopping; return_dict_in_generate (with output_scores) returns
-        sequences, sequences_scores, scores and beam_indices as transformers does.
+        num_return_sequences, length_penalty, early_stopping. return_dict_in_generate returns an output with
+        `sequences` and `timings` (prefill_s, decode_s, decode_steps, new_tokens, prompt_tokens, ...); with beams
+        (and output_scores) also sequences_scores, scores and beam_indices, as transformers does.
 
         `inputs_embeds` (B, L, D), as transformers takes it: the prompt runs from these embeddings (positions
         then run 0..L-1, no M-RoPE, as in the reference); given without input_ids, only the new tokens return.
 
         `past_key_values`: a glm4v_ms.PromptCache (as transformers takes a Cache object): the next call reuses the
         KV cache of the longest prefix its prompt shares with the last one (multi-turn chat), same output."""
-        from .generation import generate
         beam_args = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences", "length_penalty",
-                                                "early_stopping", "output_scores", "return_dict_in_generate")
-                     if k in kwargs}
+                                                "early_stopping", "output_scores") if k in kwargs}
+        as_dict = kwargs.pop("return_dict_in_generate", False)
         cfg = self.generation_config.updated(**kwargs)
         if self.layout.world > 1 and cfg.do_sample and cfg.seed is None:
             # every rank samples from the same logits: one seed for all of them, or their tokens diverge
             cfg = cfg.updated(seed=parallel.broadcast_int(self.layout, int(np.random.SeedSequence().entropy % 2**31)))
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("generate needs input_ids or inputs_embeds")
-        ids = input_ids
-        if inputs_embeds is not None:
-            B, L = np.shape(inputs_embeds)[:2]
-            ids = np.full((B, L), -1, np.int64) if input_ids is None else input_ids   # -1: no id (history skips it)
-            if _np(ids).reshape(B, -1).shape[1] != L:
-                raise ValueError(f"input_ids have {_np(ids).reshape(B, -1).shape[1]} tokens, inputs_embeds {L}")
-        inputs = dict(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                      image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                      video_grid_thw=video_grid_thw, inputs_embeds=inputs_embeds)
-        inputs = {k: v for k, v in inputs.items() if v is not None}
-        from .generation import PromptCache
+        p = Prompt.of(self.config, dict(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            inputs_embeds=inputs_embeds))
         if past_key_values is not None and not isinstance(past_key_values, PromptCache):
             raise ValueError("past_key_values must be a glm4v_ms.PromptCache (the static cache is this package's own)")
         if past_key_values is not None and (beam_args.get("num_beams", 1) > 1 or self.layout.world > 1):
             raise ValueError("past_key_values (prefix reuse) works with greedy or sampled search on one rank only")
-        if beam_args.get("num_beams", 1) > 1 or beam_args.get("return_dict_in_generate"):
-            from . import beam
-            if beam_args.get("num_beams", 1) == 1:
-                raise ValueError("return_dict_in_generate is supported with num_beams > 1 only")
+        if beam_args.get("num_beams", 1) > 1:
             beam.check(cfg, **{k: beam_args.get(k, d) for k, d in (("num_beams", 1), ("num_return_sequences", 1),
                        ("length_penalty", 1.0), ("early_stopping", False))}, streamer=streamer)
-            out = beam.generate(self, inputs, cfg, **beam_args)
+            out = beam.generate(self, p, cfg, **beam_args)
         else:
             if beam_args.get("num_return_sequences", 1) != 1:
                 raise ValueError("num_return_sequences > 1 needs num_beams >= num_return_sequences (no sampling "
                                  "of several sequences here)")
-            out = generate(self, inputs, cfg, self.think_ids, streamer, past_key_values)
-        if input_ids is None:   # the reference returns only the new tokens when it was given embeddings alone
-            if hasattr(out, "sequences"):
-                out.sequences = out.sequences[:, np.shape(inputs_embeds)[1]:]
-                return out
-            return out[:, np.shape(inputs_embeds)[1]:]
-        return out
+            out = GenerateOutput(*generate(self, p, cfg, self.think_ids, streamer, past_key_values))
+        if not p.given_ids:   # the reference returns only the new tokens when it was given embeddings alone
+            out.sequences = out.sequences[:, p.shape[1]:]
+        return out if as_dict else out.sequences
 
     def load_adapter(self, folder: str):
         """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) on top of these weights, as
@@ -300,7 +156,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     def load_weights(self, folder: str, skip=()):
         from .quant import view
-        from .weights import Checkpoint, WeightError
+        from .safetensors_io import Checkpoint, WeightError
         params = dict(self.parameters_and_names())
         for name, arr, st in load_weights(self.config, view(Checkpoint(folder), self.config), skip, self.layout):
             p = params[name]
@@ -317,12 +173,12 @@ class Glm4vForConditionalGeneration(nn.Cell):
         the process (RUNTIME_BYTES): the total bounds the process's peak resident set on CPU."""
         t = self.config.text
         n = max_model_len or t.max_position_embeddings
-        item = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}[self.dtype]
+        item = ITEM_BYTES[self.dtype]
         params = sum(int(np.prod(p.shape)) for _, p in self.parameters_and_names())
         per_tok = t.num_hidden_layers * 2 * self.text.kv_heads * t.head_dim * item
         act = activation_bytes(t, batch, n, item)
         gb = 1e9
-        dt = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[self.dtype]
+        dt = NAMES[self.dtype]
         from .quant_layers import weight_bytes
         wbytes, qbytes = weight_bytes(self)   # real bytes: the router stays float32, qint4x2 packs two a byte
         lay = self.layout
@@ -416,8 +272,7 @@ class Glm4vForConditionalGeneration(nn.Cell):
         slot0 = int(first[0])
         if states is not None:   # eager (the parity harness's trace): the whole prompt at once, no graph to share
             return self._run(dec, h, pos3, slot0, kv_valid, last_only, slot0 + L, states)
-        extent = extent_of(slot0 + L, dec.max_len)
-        step = prompt_chunk(self.config.text, B, L, extent)
+        step, extent = prompt_graph(self.config.text, B, L, slot0, dec.max_len)
         out = []
         for s in range(0, L, step):
             if s and between is not None:

@@ -20,6 +20,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from .config import TextConfig
+from .layers import MLP, _param   # the shared expert is the dense MLP, column/row split
 from .moe_kernels import choose, route_fused, routed_experts
 from .parallel import Layout, all_reduce
 
@@ -46,7 +47,6 @@ def route(x, weight, bias, cfg: TextConfig):
 class MoE(nn.Cell):
     def __init__(self, cfg: TextConfig, dtype, lay: Layout = Layout()):
         super().__init__()
-        from .text import MLP, _param   # the shared expert is the dense MLP, column/row split
         self.cfg = cfg
         E, H = cfg.n_routed_experts, cfg.hidden_size
         I = cfg.moe_intermediate_size // lay.expert_tp

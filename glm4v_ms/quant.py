@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .weights import Checkpoint, WeightError, converted_table, hf_shapes, hf_table, is_converted, to_float32
+from .safetensors_io import Checkpoint, WeightError, to_float32
+from .weights import converted_table, hf_shapes, hf_table, is_converted
 
 SUPPORTED_FORMATS = ("gptq", "gptq_v2")
 # the linears GPTQ quantizes (of model.language_model.layers.N); the vision tower and lm_head stay float.

@@ -16,7 +16,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from . import ascend_emulation, attention
 from .quant import Packed, QuantView, pack_int4, view
-from .weights import Checkpoint
+from .safetensors_io import Checkpoint
 
 
 def _kernel():

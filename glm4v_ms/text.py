@@ -16,64 +16,12 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
-from mindspore.common.initializer import initializer
 
 from .attention import causal_attention, decoder_attention, rms_norm, rope
 from .config import TextConfig
+from .layers import MLP, Embedding, Linear, Norm, _param
+from .moe import MoE
 from .parallel import Layout, all_gather, all_reduce
-
-
-def _param(shape, dtype, name=None):
-    # lazily initialised: no memory until loaded (or first used), so loading never holds two copies
-    return Parameter(initializer("zeros", shape, dtype), name=name, requires_grad=False)
-
-
-class Norm(nn.Cell):
-    """Holds a norm's weight (and bias); the maths is attention.rms_norm / layer_norm."""
-    def __init__(self, dim, dtype, bias=False):
-        super().__init__()
-        self.weight = _param((dim,), dtype)
-        self.bias = _param((dim,), dtype) if bias else None
-
-
-class Embedding(nn.Cell):
-    """Vocab-parallel on several ranks: ids outside this rank's rows give zeros, the all-reduce fills them in."""
-    def __init__(self, vocab, dim, dtype, lay: Layout = Layout()):
-        super().__init__()
-        part = lay.part(vocab)
-        self.v0, self.n = part.start, part.stop - part.start
-        self.weight = _param((self.n, dim), dtype)
-        self.reduce = all_reduce(lay)
-
-    def construct(self, ids):
-        if self.reduce is None:
-            return ops.gather(self.weight, ids, 0)
-        local = ids - self.v0
-        mine = (local >= 0) & (local < self.n)
-        h = ops.gather(self.weight, ops.where(mine, local, ops.zeros_like(local)), 0)
-        return self.reduce(h * mine[..., None].astype(h.dtype))
-
-
-_mm_nt = ops.MatMul(transpose_b=True)
-
-
-class Linear(nn.Cell):
-    """`reduce`: an all-reduce after the matmul (a row-parallel linear: each rank holds some input columns)."""
-    def __init__(self, n_in, n_out, dtype, bias=False, reduce=None):
-        super().__init__()
-        self.weight = _param((n_out, n_in), dtype)
-        self.bias = _param((n_out,), dtype) if bias else None
-        self.reduce = reduce
-        self.lora = None   # finetune/lora.py: a LoRA delta added to the output (one per fused source linear)
-
-    def construct(self, x):
-        # MatMul(transpose_b), not ops.dense: eager (PyNative) dense runs ~2.5x slower on CPU; same kernel in a graph
-        y = _mm_nt(x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[:-1] + (self.weight.shape[0],))
-        if self.bias is not None:
-            y = y + self.bias
-        if self.lora is not None:
-            y = y + self.lora(x).astype(y.dtype)
-        return y if self.reduce is None else self.reduce(y)
 
 
 class Attention(nn.Cell):
@@ -109,19 +57,6 @@ class Attention(nn.Cell):
         return self.o(o)
 
 
-class MLP(nn.Cell):
-    """SwiGLU; on several ranks gate/up column- and down row-parallel (reduce=False: the caller sums)."""
-    def __init__(self, dim, hidden, dtype, lay: Layout = Layout(), reduce=True):
-        super().__init__()
-        self.hidden = hidden // lay.world
-        self.gate_up = Linear(dim, 2 * self.hidden, dtype)
-        self.down = Linear(self.hidden, dim, dtype, reduce=all_reduce(lay) if reduce else None)
-
-    def construct(self, x):
-        gate, up = ops.split(self.gate_up(x), self.hidden, -1)
-        return self.down(ops.silu(gate) * up)
-
-
 class DecoderLayer(nn.Cell):
     def __init__(self, cfg: TextConfig, dtype, index: int = 0, lay: Layout = Layout()):
         super().__init__()
@@ -131,7 +66,6 @@ class DecoderLayer(nn.Cell):
         self.post_attn_norm = Norm(cfg.hidden_size, dtype) if self.sandwich else None
         self.pre_mlp_norm = Norm(cfg.hidden_size, dtype)
         if cfg.is_moe_layer(index):
-            from .moe import MoE
             self.mlp = MoE(cfg, dtype, lay)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, lay)

@@ -18,8 +18,8 @@ from mindspore import Tensor, nn, ops
 
 from .attention import layer_norm, rms_norm, rope, vision_attention
 from .config import VisionConfig
+from .layers import MLP, Linear, Norm, _param
 from .rope import vision_cos_sin, vision_patch_hw
-from .text import MLP, Linear, Norm, _param
 
 A = -0.75  # PyTorch's (and PIL's) cubic convolution coefficient
 

@@ -29,7 +29,7 @@ import numpy as np
 from . import parallel
 from .config import Glm4vConfig
 from .rope import neox_permutation
-from .safetensors_io import ST_DTYPES, Checkpoint, SafetensorsFile, WeightError, to_float32  # noqa: F401
+from .safetensors_io import Checkpoint, WeightError
 
 
 # ----------------------------------------------------------------------------------------------- the table

@@ -12,7 +12,7 @@ os.environ.setdefault("GLM4V_MS_COMPILE_CACHE", "off")
 
 def pytest_sessionstart(session):
     """Pick MindSpore's device (and its thread count) before any test runs an op."""
-    from glm4v_ms.model import select_device
+    from glm4v_ms.device import select_device
     select_device()
 
 

@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import openai
 
-from glm4v_ms import generation
+from glm4v_ms import batch
 
 
 class Running:
@@ -47,8 +47,8 @@ class Running:
 def script_sampler(monkeypatch, tokenizer, text):
     """Force the sampler to emit `text` token by token (the model, engine and detokenising stay real)."""
     script = tokenizer.encode(text, add_special_tokens=False)
-    real = generation.sample
-    monkeypatch.setattr(generation, "sample", lambda logits, history, step, cfg, rng: (
+    real = batch.sample   # Sequence.next_token's sampler
+    monkeypatch.setattr(batch, "sample", lambda logits, history, step, cfg, rng: (
         np.array([script[step]]) if step < len(script) else real(logits, history, step, cfg, rng)))
     return script
 

@@ -7,7 +7,7 @@ import torch
 
 import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration
-from glm4v_ms.generation import GenerationError
+from glm4v_ms.generation_config import GenerationError
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,11 @@ def test_draw_marks_the_box_edges_only():
 
 
 def test_generate_writes_the_boxes_image(tmp_path):
-    sys.path.insert(0, ROOT)
-    import generate
+    from glm4v_ms import generate_cli
     src = tmp_path / "in.png"
     Image.new("RGB", (300, 150), (0, 0, 255)).save(src)
     out = tmp_path / "out.png"
-    generate.write_boxes(str(src), "A cat <|begin_of_box|>[0,0,500,500]<|end_of_box|>", str(out))
+    generate_cli.write_boxes(str(src), "A cat <|begin_of_box|>[0,0,500,500]<|end_of_box|>", str(out))
     a = np.asarray(Image.open(out))
     assert a.shape == (150, 300, 3) and tuple(a[0, 10]) == (255, 0, 0) and tuple(a[100, 200]) == (0, 0, 255)
     assert not [p for p in os.listdir(tmp_path) if "part" in p]

@@ -165,14 +165,15 @@ def test_help_lists_every_demo(env):
 
 def test_control_characters_from_the_model_are_shown_escaped():
     import io
-    import generate
+
+    from glm4v_ms import generate_cli
 
     class Tok:   # a tokenizer whose ids are code points
         def decode(self, ids, skip_special_tokens=True):
             return "".join(map(chr, ids))
 
     out = io.StringIO()
-    d = generate.Display(Tok(), hide_thinking=False, out=out)
+    d = generate_cli.Display(Tok(), hide_thinking=False, out=out)
     for ch in "a\x1b[2Jb\rc\td\ne\x07\x9b":
         d.put([ord(ch)])
     d.end()

@@ -10,7 +10,7 @@ import pytest
 
 import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration, compile_cache
-from glm4v_ms import model as model_mod
+from glm4v_ms import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,11 +59,11 @@ def test_graph_count_bounded_by_cache_size(model):
         p = tinyref.Prompt(30 + i)
         inputs = (p.text(n) if i % 2 else p.text(2).image(4, 4).text(max(n - 8, 1))).inputs()
         L = inputs["input_ids"].shape[1]
-        new = 512 - model_mod.prompt_bucket(L) - (i % 3)       # three different max_new_tokens, one cache size
-        assert model_mod.cache_bucket(model_mod.prompt_bucket(L) + new) == 512
+        new = 512 - shapes.prompt_bucket(L) - (i % 3)       # three different max_new_tokens, one cache size
+        assert shapes.cache_bucket(shapes.prompt_bucket(L) + new) == 512
         first_tokens(model, inputs, new)
         lengths.append(L)
-        buckets.add(model_mod.prompt_bucket(L))
+        buckets.add(shapes.prompt_bucket(L))
     assert len(set(lengths)) == len(lengths) and len(buckets) <= 8
     assert len(graphs() - before) == len(buckets) + 1, sorted(graphs() - before)
     now = graphs()   # other lengths in those buckets, other max_new_tokens: nothing new

@@ -20,7 +20,8 @@ import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration
 from glm4v_ms.config import Glm4vConfig
 from glm4v_ms.convert import MANIFEST, to_bfloat16, verify_folder
-from glm4v_ms.weights import Checkpoint, WeightError, hf_table, load
+from glm4v_ms.safetensors_io import Checkpoint, WeightError
+from glm4v_ms.weights import hf_table, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUX = {"tokenizer.json": '{"added_tokens": [{"id": 7, "content": "<think>"}]}', "tokenizer_config.json": "{}",
@@ -277,7 +278,7 @@ def test_peak_memory_within_a_shard(tmp_path):
     src = str(tmp_path / "src")
     write_synthetic(src, cfg, 150 * 10 ** 6)
     biggest = max(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
-    code = "import sys; from glm4v_ms.convert import main, peak_rss; rc = main(sys.argv[1:]); print(peak_rss())"
+    code = "import sys; from glm4v_ms.convert import peak_rss; from glm4v_ms.convert.__main__ import main; rc = main(sys.argv[1:]); print(peak_rss())"
     r = subprocess.run([sys.executable, "-c", code, "--src", src, "--dst", str(tmp_path / "out"), "--verify"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

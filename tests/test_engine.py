@@ -9,7 +9,7 @@ from PIL import Image
 
 from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor, demo
 from glm4v_ms.engine import Engine, QueueFull, group_sizes
-from glm4v_ms.generation import GenerationError
+from glm4v_ms.generation_config import GenerationError
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,8 @@ def test_long_prefill_runs_in_pieces_between_decode_steps(setup):
     assert len(want_short) == 60   # no eos: it streams all through the long prefill
     engine = Engine(model, max_num_seqs=2, max_model_len=2048).start()
     try:
-        prefilling_long = lambda: engine.prefilling is not None and engine.prefilling.inputs is long_  # noqa: E731
+        n_long = long_["input_ids"].shape[1]   # the two prompts differ in length: the long one is told by its own
+        prefilling_long = lambda: engine.prefilling is not None and engine.prefilling.prompt_tokens == n_long  # noqa: E731
 
         def listener(kind, value):   # runs on the engine thread: `prefilling` is exact here
             if kind == "token":

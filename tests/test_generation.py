@@ -5,7 +5,9 @@ import pytest
 import tinyref
 import torch
 from glm4v_ms import Glm4vForConditionalGeneration
-from glm4v_ms.generation import GenerationConfig, GenerationError, decode_one, prefill
+from glm4v_ms.generation_config import GenerationConfig, GenerationError
+from glm4v_ms.steps import decode_one, prefill
+from glm4v_ms.prompt import Prompt
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_decode_continues_the_prompt(pair):
     """Prefill of the prompt, then decode of token t == the forward of prompt + t at that position."""
     _, m = pair
     inputs = tinyref.Prompt(9).text(4).image(4, 4).text(3).inputs()
-    logits, st = prefill(m, inputs, 128)
+    logits, st = prefill(m, Prompt.of(m.config, inputs), 128)
     tok = np.array([logits[0].argmax()])
     nxt = decode_one(m, st, tok)
     full = dict(inputs, input_ids=np.concatenate([inputs["input_ids"], tok[None]], 1),
@@ -84,7 +86,7 @@ def test_sampling_is_seeded(pair):
 
 def test_sampling_filters():
     """top-k 1 and a tiny top-p are greedy; the repetition penalty and min_new_tokens act as transformers'."""
-    from glm4v_ms.generation import sample
+    from glm4v_ms.sampling import sample
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((3, 50)).astype(np.float32)
     hist = np.full((3, 1), -1)

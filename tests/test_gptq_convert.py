@@ -18,7 +18,7 @@ import gptq_fixtures
 import test_gptq
 import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration
-from glm4v_ms.convert import main
+from glm4v_ms.convert.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = tinyref.Prompt(12).text(5).image(4, 8).text(6).inputs()

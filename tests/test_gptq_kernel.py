@@ -125,7 +125,7 @@ for name, qc in test_gptq.VARIANTS.items():
                                 min_new_tokens=8, do_sample=False).numpy()
         assert (got == want).all(), name
     if name in ("v1_asym_split_qkv", "gm_gate_up_differ"):   # the repacked folder: the same cells, stored integers
-        from glm4v_ms.convert import main
+        from glm4v_ms.convert.__main__ import main
         assert main(["--src", folder, "--dst", folder + "-rep"]) == 0
         rep = Glm4vForConditionalGeneration.from_pretrained(folder + "-rep")
         assert {n for n, c in rep.cells_and_names() if isinstance(c, (QuantLinear, SplitLinear))} == set(cells)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration
 from glm4v_ms.config import ConfigError
-from glm4v_ms.weights import WeightError
+from glm4v_ms.safetensors_io import WeightError
 
 
 @pytest.fixture(scope="module")

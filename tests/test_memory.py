@@ -12,8 +12,9 @@ import torch
 
 import tinyref
 from glm4v_ms import Glm4vForConditionalGeneration, demo
-from glm4v_ms import model as model_mod
-from glm4v_ms.generation import prefill
+from glm4v_ms import shapes
+from glm4v_ms.steps import prefill
+from glm4v_ms.prompt import Prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,14 +81,14 @@ def test_activation_bound_printed_and_bounded():
     from glm4v_ms.config import Glm4vConfig
     t = Glm4vConfig.from_dict(demo.official_config(**demo.SIZES["demo-150m"], max_position_embeddings=65536)).text
     for n in (256, 1024, 4096, 16384, 65536):
-        c = model_mod.prompt_chunk(t, 1, n)
+        c = shapes.prompt_chunk(t, 1, n)
         # one copy of the scores of every layer the CPU graph keeps alive
-        assert t.num_hidden_layers * c * t.num_attention_heads * 4 * n <= model_mod.SCORES_BUDGET or c == 16
+        assert t.num_hidden_layers * c * t.num_attention_heads * 4 * n <= shapes.SCORES_BUDGET or c == 16
         # the bound does not grow with the context: a few score copies plus per-chunk rows
-        assert model_mod.activation_bytes(t, 1, n, 4) <= 6 * model_mod.SCORES_BUDGET
-    assert model_mod.prompt_chunk(t, 1, 65536) < 65536            # long prompts are chunked
+        assert shapes.activation_bytes(t, 1, n, 4) <= 6 * shapes.SCORES_BUDGET
+    assert shapes.prompt_chunk(t, 1, 65536) < 65536            # long prompts are chunked
     # one piece up to 512 tokens, 256-token chunks beyond: a bounded set of prompt graphs, whatever the length
-    assert model_mod.prompt_chunk(t, 1, 256) == 256 and model_mod.prompt_chunk(t, 1, 8192) == 128
+    assert shapes.prompt_chunk(t, 1, 256) == 256 and shapes.prompt_chunk(t, 1, 8192) == 128
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,9 @@ def test_chunked_prompt_equals_transformers(pair, monkeypatch):
     inputs = tinyref.Prompt(21).text(40).image(8, 12).text(120).inputs()   # 186 tokens: 3 chunks
     L = inputs["input_ids"].shape[1]
     layers = ours.config.text.num_hidden_layers   # 64 queries x 4 heads over 256 slots, in every layer
-    monkeypatch.setattr(model_mod, "SCORES_BUDGET", 64 * 4 * 4 * 256 * layers)
-    assert model_mod.prompt_chunk(ours.config.text, 1, model_mod.prompt_bucket(L)) == 64
-    logits, _ = prefill(ours, inputs, 512)
+    monkeypatch.setattr(shapes, "SCORES_BUDGET", 64 * 4 * 4 * 256 * layers)
+    assert shapes.prompt_chunk(ours.config.text, 1, shapes.prompt_bucket(L)) == 64
+    logits, _ = prefill(ours, Prompt.of(ours.config, inputs), 512)
     with torch.no_grad():
         t = {k: torch.from_numpy(v) for k, v in inputs.items()}
         want = ref(**t).logits[0, -1].numpy()

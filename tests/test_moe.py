@@ -15,7 +15,7 @@ import tinyref
 import torch
 from glm4v_ms import AutoModelForImageTextToText, Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration
 from glm4v_ms.config import ConfigError, Glm4vConfig
-from glm4v_ms.weights import WeightError
+from glm4v_ms.safetensors_io import WeightError
 
 TOL = 1e-4
 

@@ -141,7 +141,7 @@ def test_converter_and_verify_cover_glm45v(folder, tmp_path):
     loads and gives exactly the source's logits."""
     from glm4v_ms import AutoModelForImageTextToText
     from glm4v_ms.convert import convert
-    from glm4v_ms.weights import Checkpoint
+    from glm4v_ms.safetensors_io import Checkpoint
     convert(folder, str(tmp_path / "c"), dtype="BF16", verify=True)
     ck = Checkpoint(str(tmp_path / "c"))
     assert ck.info("text.layers.1.mlp.router_bias") == ("F32", (8,))

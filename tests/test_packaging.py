@@ -96,7 +96,8 @@ def test_install_imports_from_another_folder(installed, tmp_path):
     package, version, generate_cli = p.stdout.split()
     assert package.startswith(str(venv)) and generate_cli.startswith(str(venv))   # the installed copy, not ROOT
     assert not os.path.islink(generate_cli)                                        # the wheel holds the file itself
-    with open(generate_cli, encoding="utf-8") as a, open(os.path.join(ROOT, "generate.py"), encoding="utf-8") as b:
+    with open(generate_cli, encoding="utf-8") as a, open(os.path.join(ROOT, "glm4v_ms", "generate_cli.py"),
+                                                         encoding="utf-8") as b:
         assert a.read() == b.read()
     assert version == _pyproject_version()
     # every file of the package reaches the install (data files such as the server's page included)

@@ -57,7 +57,7 @@ def test_three_turn_image_chat_matches_fresh_runs(model, fresh):
         if more is not None:
             turn = _extend(turn, reply[:-1], more)   # the reply as the template would keep it (its eos dropped)
         got = model.generate(**turn, max_new_tokens=n, do_sample=False, past_key_values=cache)
-        reused = model.last_timings["reused_tokens"]
+        reused = cache.reused
         want = fresh.generate(**turn, max_new_tokens=n, do_sample=False)
         np.testing.assert_array_equal(got, want)
         L = turn["input_ids"].shape[1]
@@ -76,7 +76,7 @@ def test_a_call_without_the_cache_in_between_is_noticed(model, fresh):
     model.generate(**tinyref.Prompt(13).text(9).inputs(), max_new_tokens=4, do_sample=False)
     b = _extend(a, out[0, a["input_ids"].shape[1]:], tinyref.Prompt(14).text(3).inputs())
     got = model.generate(**b, max_new_tokens=4, do_sample=False, past_key_values=cache)
-    assert model.last_timings["reused_tokens"] == 0
+    assert cache.reused == 0
     np.testing.assert_array_equal(got, fresh.generate(**b, max_new_tokens=4, do_sample=False))
 
 
@@ -91,7 +91,7 @@ def test_batch_of_two_rows_each_with_its_own_prefix(model, fresh):
         inputs = _batch(rows)
         L = inputs["input_ids"].shape[1]
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=cache)
-        reused = model.last_timings["reused_tokens"]
+        reused = cache.reused
         np.testing.assert_array_equal(out, fresh.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False))
         if more is not None:
             assert reused == sum(r["input_ids"].shape[1] - m["input_ids"].shape[1] for r, m in zip(rows, more))
@@ -103,7 +103,7 @@ def test_a_different_image_of_the_same_size_is_not_reused(model, fresh):
     b = dict(a, pixel_values=a["pixel_values"] + 1.0)   # same token ids, other pixels
     model.generate(**a, max_new_tokens=4, do_sample=False, past_key_values=cache)
     got = model.generate(**b, max_new_tokens=4, do_sample=False, past_key_values=cache)
-    assert model.last_timings["reused_tokens"] == 4   # the text before the image only (its start token included)
+    assert cache.reused == 4   # the text before the image only (its start token included)
     np.testing.assert_array_equal(got, fresh.generate(**b, max_new_tokens=4, do_sample=False))
 
 
@@ -130,7 +130,7 @@ def test_later_conversations_compile_nothing_new(model):
             out = model.generate(**turn, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=cache)
             turn = _extend(turn, out[0, turn["input_ids"].shape[1]:-1], tinyref.Prompt(seed + k).text(k).inputs())
         model.generate(**turn, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=cache)
-        return model.last_timings["reused_tokens"]
+        return cache.reused
 
     assert conversation(30, [4, 5, 9], 6) > 0
     before = graphs()

@@ -63,7 +63,7 @@ def test_text_greedy_is_what_generate_gives(srv):
     out = srv.engine.model.generate(**inp, max_new_tokens=12, do_sample=False)[0, inp["input_ids"].shape[1]:]
     eos = srv.engine.model.generation_config.eos_token_id
     n = int(np.flatnonzero(np.isin(out, eos))[0]) + 1 if np.isin(out, eos).any() else len(out)
-    from glm4v_ms.serve.text import split, strip_boxes
+    from glm4v_ms.processing.reply import split, strip_boxes
     want = strip_boxes(split(proc.decode(out[:n], skip_special_tokens=True))[1]).strip()
     c = r.choices[0]
     assert c.message.content == want
@@ -249,7 +249,7 @@ def test_disconnect_stops_generation_and_full_queue_is_503(srv):
 def test_incremental_text_equals_whole_decode(srv):
     """Windowed detokenising (multi-byte characters split over tokens included) gives the whole decode; the
     streamed deltas add up to the whole reply; a stop string cuts the text before it."""
-    from glm4v_ms.serve.text import Reply
+    from glm4v_ms.processing.reply import Reply
     tok = srv.state.processor.tokenizer
     s = "<think>我们来一步一步地思考。</think><answer>这是一只狗 <|begin_of_box|>[1,2,3,4]<|end_of_box|>, yes.</answer>"
     ids = tok.encode(s, add_special_tokens=False)

@@ -108,7 +108,8 @@ def test_layers_share_a_graph_key_by_structure_not_index():
     import mindspore as ms
     import tinymoe
     from glm4v_ms.config import Glm4vConfig
-    from glm4v_ms.text import Linear, TextModel
+    from glm4v_ms.layers import Linear
+    from glm4v_ms.text import TextModel
     cfg = Glm4vConfig.from_dict(tinymoe.tiny_config(num_hidden_layers=4).to_dict()).text
     t = TextModel(cfg, ms.float32)
     t.share_layer_graphs()

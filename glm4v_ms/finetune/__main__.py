@@ -60,12 +60,15 @@ def write_tokenized(folder, parts):
 
 def prepare(argv):
     """Keys, model folder, output_dir, processor and data -> (args, train, eval, processor), all checked."""
-    from ..generate_cli import resolve_model
+    from ..faces import resolve_model
     from ..processing import Glm4vProcessor, ProcessorError
     from . import data
 
     args = parse(argv)
-    args.model_name_or_path = resolve_model(args.model_name_or_path)
+    try:
+        args.model_name_or_path = resolve_model(args.model_name_or_path)
+    except ValueError as e:   # not a demo, a folder or a hub id: one line
+        raise FinetuneError(str(e)) from None
     for adapter in (args.adapter_name_or_path or "").split(","):
         if adapter.strip() and not os.path.isfile(os.path.join(adapter.strip(), "adapter_config.json")):
             raise FinetuneError(f"adapter_name_or_path: {adapter.strip()} is not a folder with adapter_config.json")

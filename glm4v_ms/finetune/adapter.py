@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from ..weights import SafetensorsFile, WeightError
+from ..safetensors_io import SafetensorsFile, WeightError
 from . import lora as L
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -107,7 +107,7 @@ def load(model, folder: str, dropout: float | None = None, projector: bool = Tru
         for mod in lo.targets:
             a, da = st.read(tensors[mod]["lora_A"])
             b, db = st.read(tensors[mod]["lora_B"])
-            from ..weights import to_float32
+            from ..safetensors_io import to_float32
             try:
                 lo.set_peft(mod, to_float32(a, da), to_float32(b, db))
             except L.LoraError as e:
@@ -169,7 +169,7 @@ def delta(folder: str):
     """{module: (B @ A) * scaling} in transformers' layout (float32): what merging adds to each weight."""
     cfg = read_config(folder)
     st = SafetensorsFile(os.path.join(folder, WEIGHTS))
-    from ..weights import to_float32
+    from ..safetensors_io import to_float32
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
     s = L.scaling(r, alpha, bool(cfg.get("use_rslora", False)))
     out = {}

@@ -15,6 +15,7 @@ Keys that only tune LLaMA-Factory's own machinery (dataset caching and worker co
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -365,5 +366,49 @@ def check(a: FinetuneArgs):
     need(a.save_total_limit is None or a.save_total_limit >= 1, "save_total_limit", "must be >= 1")
     need(a.report_to in ("none", "", None), "report_to", "only none (no logging integrations here)")
     if a.deepspeed is not None:   # read now: a bad config fails before the data and the model
-        from .distributed import zero_stage
         zero_stage(a.deepspeed)
+
+
+def zero_stage(path) -> int:
+    """The ZeRO stage of a DeepSpeed JSON config (LLaMA-Factory's examples/deepspeed/ds_z{0,2,3}_config.json);
+    its other keys are DeepSpeed's engine settings ("auto" ones follow our keys) and are not read, except that
+    offloading and a numeric batch setting that contradicts ours are refused."""
+    if path is None:
+        return 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise FinetuneError(f"deepspeed: {path} not found (a DeepSpeed JSON config)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FinetuneError(f"deepspeed: cannot read {path} as JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(cfg, dict):
+        raise FinetuneError(f"deepspeed: {path} is not a JSON object")
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise FinetuneError(f"deepspeed: {path}: zero_optimization must be an object")
+    stage = zero.get("stage", 0)
+    if stage == 3:
+        raise FinetuneError(f"deepspeed: {path} asks for ZeRO stage 3 (sharded parameters): not implemented; "
+                            "stages 0, 1 and 2 are")
+    if stage not in (0, 1, 2):
+        raise FinetuneError(f"deepspeed: {path}: zero_optimization.stage must be 0, 1 or 2, got {stage!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        dev = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
+        if dev not in ("none", None):
+            raise FinetuneError(f"deepspeed: {path}: zero_optimization.{key} to {dev}: offloading is not implemented")
+    return int(stage)
+
+
+def check_batch_keys(path, per_device: int, accum: int, world: int):
+    """DeepSpeed's own batch keys, when numbers rather than "auto", must agree with ours (as the HF integration
+    insists)."""
+    if path is None:
+        return
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    for key, ours in (("train_micro_batch_size_per_gpu", per_device), ("gradient_accumulation_steps", accum),
+                      ("train_batch_size", per_device * accum * world)):
+        v = cfg.get(key, "auto")
+        if v != "auto" and v != ours:
+            raise FinetuneError(f"deepspeed: {path} sets {key} {v}, this run has {ours} (use \"auto\")")

@@ -23,7 +23,6 @@ slices gathered), in the one-process format: a run saved on N ranks resumes on a
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from contextlib import contextmanager
@@ -32,52 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .args import FinetuneError
-
-
-# ---------------------------------------------------------------------------------------------- the deepspeed key
-def zero_stage(path) -> int:
-    """The ZeRO stage of a DeepSpeed JSON config (LLaMA-Factory's examples/deepspeed/ds_z{0,2,3}_config.json);
-    its other keys are DeepSpeed's engine settings ("auto" ones follow our keys) and are not read, except that
-    offloading and a numeric batch setting that contradicts ours are refused."""
-    if path is None:
-        return 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise FinetuneError(f"deepspeed: {path} not found (a DeepSpeed JSON config)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise FinetuneError(f"deepspeed: cannot read {path} as JSON: {' '.join(str(e).split())}") from None
-    if not isinstance(cfg, dict):
-        raise FinetuneError(f"deepspeed: {path} is not a JSON object")
-    zero = cfg.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise FinetuneError(f"deepspeed: {path}: zero_optimization must be an object")
-    stage = zero.get("stage", 0)
-    if stage == 3:
-        raise FinetuneError(f"deepspeed: {path} asks for ZeRO stage 3 (sharded parameters): not implemented; "
-                            "stages 0, 1 and 2 are")
-    if stage not in (0, 1, 2):
-        raise FinetuneError(f"deepspeed: {path}: zero_optimization.stage must be 0, 1 or 2, got {stage!r}")
-    for key in ("offload_optimizer", "offload_param"):
-        dev = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
-        if dev not in ("none", None):
-            raise FinetuneError(f"deepspeed: {path}: zero_optimization.{key} to {dev}: offloading is not implemented")
-    return int(stage)
-
-
-def check_batch_keys(path, per_device: int, accum: int, world: int):
-    """DeepSpeed's own batch keys, when numbers rather than "auto", must agree with ours (as the HF integration
-    insists)."""
-    if path is None:
-        return
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    for key, ours in (("train_micro_batch_size_per_gpu", per_device), ("gradient_accumulation_steps", accum),
-                      ("train_batch_size", per_device * accum * world)):
-        v = cfg.get(key, "auto")
-        if v != "auto" and v != ours:
-            raise FinetuneError(f"deepspeed: {path} sets {key} {v}, this run has {ours} (use \"auto\")")
 
 
 # ---------------------------------------------------------------------------------------------- the process group
@@ -257,9 +210,6 @@ class Sharding:
 
     def clip(self, g, max_norm: float):
         from mindspore import Tensor
-        if self.world.stage == 0:
-            from .optim import clip_grad_norm
-            return clip_grad_norm(g, max_norm)
         return self.clipper(g, Tensor(np.float32(max_norm)))
 
     def gather(self, part) -> np.ndarray:

@@ -147,7 +147,7 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
                       pixel_values_videos=None, video_grid_thw=None):
     """`model(**inputs, labels=labels)`: logits of every position and the mean cross-entropy over the shifted
     trained tokens (transformers' ForCausalLMLoss), through the training path."""
-    from ..model import Output
+    from ..outputs import Output
     st = prepare(model, input_ids, attention_mask, labels, pixel_values, image_grid_thw, pixel_values_videos,
                  video_grid_thw, pad_to_bucket=False)
     x = hidden(model, st.h, st.cos, st.sin, st.seen)

@@ -22,8 +22,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from ..layers import Linear
 from ..quant_layers import QuantLinear, SplitLinear
-from ..text import Linear
 from ..weights import hf_shapes, hf_table
 
 # the linears a LoRA delta may sit on: float, or a GPTQ base's quantized ones (frozen, kept quantized on the Ascend

@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 
 from ..config import Glm4vConfig
-from ..weights import Checkpoint, WeightError, to_float32
+from ..safetensors_io import Checkpoint, WeightError, to_float32
 from . import adapter as A
 
 

@@ -154,7 +154,7 @@ class Optimizer:
         return self.sharding.reduce(grads, scale)
 
     def clip(self, grads, max_norm: float):
-        if self.sharding is None:
+        if self.sharding is None or self.world.stage == 0:   # whole gradients (one process, or unsharded ranks)
             return clip_grad_norm(grads, max_norm)
         return self.sharding.clip(grads, max_norm)
 

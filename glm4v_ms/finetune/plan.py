@@ -62,7 +62,7 @@ def parts(cfg, item: int, total_w: int, batch: int, length: int, n_trainable: in
     one = max(layer_bytes(t, i, tokens, length, item, plain) for i in range(t.num_hidden_layers))
     inputs = tokens * (t.hidden_size * item + 2 * t.rotary_dim * 4) + batch * length * length
     head = tokens * (3 * 4 * t.vocab_size + t.hidden_size * item)
-    from ..model import RUNTIME_BYTES
+    from ..shapes import RUNTIME_BYTES
     state = 2 * lora_b if optim.startswith("adamw") else 0
     grads = 3 * lora_b   # a micro-batch's, the sum, clipped
     if ranks > 1:

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import adapter, distributed, forward, interrupt, lora, optim
 
-from .args import FinetuneError
+from .args import FinetuneError, check_batch_keys, zero_stage
 from .data import collate
 
 LOG, STATE, OPTIM = "trainer_log.jsonl", "trainer_state.json", "optimizer.npz"
@@ -361,12 +361,12 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     _check(args)
     if not train:
         raise FinetuneError("dataset: no training samples")
-    stage = distributed.zero_stage(args.deepspeed)
+    stage = zero_stage(args.deepspeed)
     n_ranks = distributed.launched()
     bs = args.per_device_train_batch_size
     # checked alike on every rank before the process group is joined: a bad launch fails everywhere, none waits
     distributed.check_split(len(train), bs, n_ranks)
-    distributed.check_batch_keys(args.deepspeed, bs, args.gradient_accumulation_steps, n_ranks)
+    check_batch_keys(args.deepspeed, bs, args.gradient_accumulation_steps, n_ranks)
     resume = _resume_point(args)
     world = distributed.init(stage)
     if world.size > 1:

@@ -65,7 +65,8 @@ def parser():
 
 
 def _is_transformers_folder(folder):
-    from ..weights import Checkpoint, WeightError, is_converted
+    from ..safetensors_io import Checkpoint, WeightError
+    from ..weights import is_converted
 
     try:
         return not is_converted(Checkpoint(folder))

@@ -14,7 +14,7 @@ from . import report
 def load_model(folder, dtype=None, device=None):
     from ..config import ConfigError
     from ..model import AutoModelForImageTextToText
-    from ..weights import WeightError
+    from ..safetensors_io import WeightError
 
     if not os.path.isdir(folder):
         raise ParityError(f"model folder not found: {folder}")
@@ -30,7 +30,7 @@ def ours_meta(model, folder):
     import mindspore as ms
 
     from .. import __version__
-    from ..model import select_device
+    from ..device import select_device
 
     return {"side": "ours (glm4v_ms)", "model": os.path.abspath(folder), "device": select_device(),
             "dtype": report.dtype_name(str(model.dtype).split(".")[-1].lower()),

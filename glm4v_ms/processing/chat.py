@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from datetime import datetime
 from functools import lru_cache
@@ -16,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import ProcessorError
+from .reply import split
 
 
 @lru_cache(maxsize=8)
@@ -140,28 +140,15 @@ def _content(token):
 
 # --- thinking / answer -------------------------------------------------------------------------------------
 
-_THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.S)
-_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
-
-
 def split_thinking(text):
-    """A generated `<think>...</think><answer>...</answer>` -> (thinking, answer), both stripped.
+    """A generated `<think>...</think><answer>...</answer>` -> (thinking, answer), both stripped (reply.split's
+    rule: GLM-4.5V's answer without <answer> tags too).
 
     Tolerates what generation cuts short or leaves out: no closing `</think>` (all of it is thinking, no
     answer yet), no `<answer>` tags (the answer is whatever follows `</think>`), no `<think>` at all (all answer).
     """
-    think = _THINK.search(text)
-    if think is None:
-        rest, thinking = text, ""
-    else:
-        thinking = think.group(1)
-        if not think.group(0).endswith("</think>"):
-            return thinking.strip(), ""
-        rest = text[think.end():]
-    answer = _ANSWER.search(rest)
-    if answer is not None:
-        rest = answer.group(1)
-    return thinking.strip(), rest.strip()
+    thinking, answer = split(text)
+    return thinking.strip(), answer.strip()
 
 
 def strip_thinking(message_or_text):

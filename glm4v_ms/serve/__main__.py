@@ -7,20 +7,17 @@ HTTP, the other ranks follow its engine (glm4v_ms.serve.ranks):
         --tensor_parallel_size 2 --port 8000"""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, not usage + error
-        sys.stderr.write(f"glm4v_ms.serve: error: {message}\n")
-        sys.exit(2)
+from ..faces import MODEL_HELP, MODELS, Parser, add_runtime_args, check_runtime_args, error_line, load_model, \
+    resolve_model, setup_process, silence_other_ranks
 
 
 def parse(argv):
-    p = Parser(prog="python -m glm4v_ms.serve", description="OpenAI-compatible server for GLM-4.1V (MindSpore).")
-    p.add_argument("--model", required=True, help="checkpoint folder (HF or converted), or demo-tiny / demo-150m")
+    p = Parser("glm4v_ms.serve", prog="python -m glm4v_ms.serve",
+               description=f"OpenAI-compatible server for {MODELS} (MindSpore).")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-num-seqs", type=int, default=4, help="rows decoded together (continuous batching)")
@@ -41,16 +38,10 @@ def parse(argv):
     p.add_argument("--allowed-local-media-path", help="local image/video files are allowed only under this folder")
     p.add_argument("--api-key", default=os.environ.get("GLM4V_MS_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
-    p.add_argument("--device", choices=["auto", "cpu", "ascend"], default=None)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--log-level", default="warning")
-    p.add_argument("--tensor_parallel_size", "--tensor-parallel-size", type=int, default=1,
-                   help="ranks of this msrun launch (default 1); rank 0 serves HTTP")
-    p.add_argument("--expert_parallel", "--expert-parallel", action="store_true",
-                   help="whole experts per rank instead of split experts")
+    add_runtime_args(p, dashed=True, ranks_help="; rank 0 serves HTTP")
     a = p.parse_args(argv)
-    if a.tensor_parallel_size < 1:
-        p.error(f"--tensor_parallel_size must be >= 1, got {a.tensor_parallel_size}")
+    check_runtime_args(p, a)
     if a.max_num_seqs < 1 or a.max_queue < 0 or (a.max_model_len is not None and a.max_model_len < 64):
         p.error("--max-num-seqs must be >= 1, --max-queue >= 0, --max-model-len >= 64")
     if a.allowed_local_media_path and not os.path.isdir(a.allowed_local_media_path):
@@ -61,20 +52,13 @@ def parse(argv):
 def build(a):
     """The app and its engine (started) for parsed arguments; under msrun, on a rank other than 0: (None, its
     engine, not started: `ranks.follow` drives it)."""
-    from glm4v_ms import AutoModelForImageTextToText, Glm4vProcessor
+    from glm4v_ms import Glm4vProcessor
     from glm4v_ms.engine import Engine
     from .app import Server, create_app
     from .ranks import LeaderEngine
-    folder = a.model
-    if a.model in ("demo-tiny", "demo-150m"):
-        from glm4v_ms import demo
-        folder = demo.cached(a.model)
-    if not os.path.isdir(folder):
-        raise ValueError(f"model folder not found: {a.model}")
+    folder = resolve_model(a.model)
     processor = Glm4vProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(
-        folder, dtype=a.dtype, device=None if a.device in (None, "auto") else a.device,
-        tensor_parallel_size=a.tensor_parallel_size, expert_parallel=a.expert_parallel)
+    model = load_model(folder, a)
     # rank 0 under msrun tells the other ranks what its engine does; theirs only replay it (ranks.follow)
     kind = LeaderEngine if model.layout.world > 1 and model.layout.rank == 0 else Engine
     engine = kind(model, a.max_num_seqs, a.max_model_len, a.max_queue, prefix_reuse=not a.no_prefix_reuse,
@@ -88,20 +72,10 @@ def build(a):
 
 
 def main(argv=None):
-    from glm4v_ms.parallel import rank   # no MindSpore import yet
-    if rank() != 0:   # under msrun: rank 0 speaks for all, the others only compute (their exit code still counts)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
+    silence_other_ranks()
     a = parse(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("GLOG_v", "3")
-    import warnings   # the package's warnings (compile cache off, GPTQ layers in float) as one line each
-    warnings.formatwarning = lambda message, *_, **__: f"note: {message}\n"
-    from glm4v_ms import compile_cache
-    if a.no_compile_cache:
-        os.environ[compile_cache.ENV] = "off"
-    else:   # the next start loads the decode graphs its warm-up compiles (the prompt graphs, compiled as traffic
-        os.environ.setdefault(compile_cache.ENV, compile_cache.DEFAULT_DIR)   # comes, are not kept)
+    # the compile cache keeps the decode graphs the warm-up compiles (prompt graphs, compiled as traffic comes, not)
+    setup_process(a.no_compile_cache)
     try:
         import uvicorn
     except ImportError:
@@ -110,8 +84,7 @@ def main(argv=None):
     try:
         app, engine = build(a)
     except (ValueError, OSError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 1
     if app is None:   # a rank other than 0: follow rank 0's engine until it stops
         from .ranks import follow

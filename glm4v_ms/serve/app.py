@@ -22,12 +22,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import QueueFull
-from ..generation import GenerationError
+from ..generation_config import GenerationError
 from ..processing.boxes import parse_boxes
 from ..processing.chat import strip_thinking
 from ..processing.errors import ProcessorError
 from .media import MediaError, MediaLoader, pdf_pages
-from .text import Reply, split
+from ..processing.reply import Reply, split
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
 MAX_N = 16   # choices per request (`n`): each takes a row of the engine
@@ -191,6 +191,181 @@ def prepare(server: Server, chat, template_kwargs):
     return inputs, images
 
 
+# ---------------------------------------------------------------------------------------------- a chat completion
+
+def read_body(server: Server, raw: bytes) -> dict:
+    """The request body as a JSON object, its fields known and supported, its model this server's."""
+    if len(raw) > server.max_request_bytes:
+        raise ApiError(413, f"the request body is over the {server.max_request_bytes}-byte limit")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - _KNOWN)
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}", unknown[0])
+    for k in _UNSUPPORTED:
+        if body.get(k) not in (None, False, 0, [], {}):
+            raise ApiError(400, f"'{k}' is not supported by this server", k)
+    model = body.get("model")
+    if model is not None and model != server.name:
+        raise ApiError(404, f"The model `{model}` does not exist.", "model")
+    return body
+
+
+class GenerationFailed(Exception):
+    """The engine reported an error for one of the choices."""
+
+
+class ChatCompletion:
+    """One /v1/chat/completions request (vLLM's serving layer does the same): its settings, then its n engine
+    requests (each prefilled and decoded in its own row; with a seed, choice i samples with seed + i: distinct
+    choices, the same ones on every run) and their replies; `whole()` the response, `sse()` the streamed one.
+    Engine events reach it on the event loop through an asyncio queue its listeners fill
+    (call_soon_threadsafe); a client that goes away cancels every choice."""
+
+    def __init__(self, server: Server, body: dict, request: Request):
+        self.server, self.request = server, request
+        self.stream = _typed(body, "stream", (bool,), "a boolean") or False
+        opts = _typed(body, "stream_options", (dict,), "an object") or {}
+        self.include_usage = bool(opts.get("include_usage"))
+        self.template_kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
+        self.cfg, self.max_tokens, self.n = sampling(server, body)
+        self.stops = _stops(body)
+        self.chat = messages_for_processor(server, body.get("messages"))
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.reqs, self.reasons = [], [None] * self.n
+        self.replies = [Reply(server.processor.tokenizer, self.stops) for _ in range(self.n)]
+
+    async def start(self):
+        """Media and processor off the event loop, then the n requests to the engine."""
+        try:
+            inputs, images = await asyncio.to_thread(prepare, self.server, self.chat, self.template_kwargs)
+        except MediaError as e:
+            raise ApiError(e.status, str(e), e.param) from None
+        self.n_prompt = int(inputs["input_ids"].shape[1])
+        self.size = images[-1].size if images else (None, None)
+        loop, self.events = asyncio.get_running_loop(), asyncio.Queue()   # (choice, kind, value)
+        engine, cfg = self.server.engine, self.cfg
+        try:
+            # max_tokens None: what the row leaves, within the checkpoint's max_new_tokens (submit checks the fit)
+            new = self.max_tokens or min(cfg.max_new_tokens, engine.check_prompt(self.n_prompt, None))
+            for i in range(self.n):
+                c = cfg if cfg.seed is None or i == 0 else cfg.updated(seed=cfg.seed + i)
+                tell = (lambda i: lambda kind, value: loop.call_soon_threadsafe(self.events.put_nowait,
+                                                                                (i, kind, value)))(i)
+                self.reqs.append(engine.submit(inputs, c, new, tell))
+        except (GenerationError, QueueFull, RuntimeError) as e:
+            self.cancel()
+            status = 400 if isinstance(e, GenerationError) else 503 if isinstance(e, QueueFull) else 500
+            raise ApiError(status, str(e), "messages" if status == 400 else None) from None
+
+    def cancel(self):
+        for r in self.reqs:
+            r.cancel()
+
+    async def _next(self):
+        """The next event of a choice still going, applied to its reply: (choice, (reasoning, content) delta);
+        None when the client went away (every choice is cancelled). GenerationFailed on an engine error."""
+        while True:
+            try:
+                i, kind, value = await asyncio.wait_for(self.events.get(), 1.0)
+            except asyncio.TimeoutError:
+                if await self.request.is_disconnected():
+                    self.cancel()
+                    return None
+                continue
+            if self.reasons[i] is not None:   # a choice ended by a stop string still hears its cancel: ignored
+                continue
+            reply = self.replies[i]
+            if kind == "token":
+                delta = reply.add(value)
+                if reply.stopped:
+                    self.reqs[i].cancel()
+                    self.reasons[i] = "stop"
+                return i, delta
+            if kind == "done":
+                self.reasons[i] = {"stop": "stop", "length": "length", "cancelled": "stop"}.get(value, value)
+                return i, reply.finish()
+            raise GenerationFailed(value)
+
+    def usage(self) -> dict:
+        done = sum(len(r.tokens) for r in self.reqs)
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": done, "total_tokens": self.n_prompt + done}
+
+    def boxes(self, i) -> list:
+        return parse_boxes(split(self.replies[i].text)[1], *self.size)
+
+    async def whole(self):
+        while None in self.reasons:
+            try:
+                ev = await self._next()
+            except GenerationFailed as e:
+                self.cancel()
+                raise ApiError(500, f"generation failed: {e}") from None
+            if ev is None:
+                return _error(400, "the client disconnected")
+        choices = []
+        for i, reply in enumerate(self.replies):
+            reasoning, content = reply.result()
+            message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
+                       "reasoning": reasoning or None, "boxes": self.boxes(i), "tool_calls": []}
+            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": self.reasons[i],
+                            "stop_reason": None})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.server.name,
+                "choices": choices, "usage": self.usage(), "system_fingerprint": None}
+
+    def _chunk(self, choices, **extra) -> str:
+        return "data: " + json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                      "model": self.server.name, "choices": choices, **extra},
+                                     ensure_ascii=False) + "\n\n"
+
+    def _choice(self, i, delta, reason=None, **extra) -> str:
+        return self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason, **extra}])
+
+    async def sse(self):
+        done = False
+        try:
+            for i in range(self.n):
+                yield self._choice(i, {"role": "assistant", "content": ""})
+            while None in self.reasons:
+                try:
+                    ev = await self._next()
+                except GenerationFailed as e:
+                    yield "data: " + json.dumps(error_body(500, f"generation failed: {e}")) + "\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if ev is None:
+                    return
+                i, d = ev
+                if _delta(*d):
+                    yield self._choice(i, _delta(*d))
+                if self.reasons[i] is not None:   # this choice's last chunk
+                    last = _delta(*self.replies[i].finish())
+                    b = self.boxes(i)
+                    if b:
+                        last["boxes"] = b
+                    yield self._choice(i, last, self.reasons[i], stop_reason=None)
+            if self.include_usage:
+                yield self._chunk([], usage=self.usage())
+            yield "data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:   # the client went away mid-stream (or generation failed): stop every choice
+                self.cancel()
+
+
+def _delta(reasoning, content) -> dict:
+    d = {}
+    if reasoning:
+        d["reasoning_content"] = d["reasoning"] = reasoning
+    if content:
+        d["content"] = content
+    return d
+
+
 # ---------------------------------------------------------------------------------------------- the app
 
 def create_app(server: Server) -> FastAPI:
@@ -243,175 +418,11 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         auth(request)
-        raw = await request.body()
-        if len(raw) > server.max_request_bytes:
-            raise ApiError(413, f"the request body is over the {server.max_request_bytes}-byte limit")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        unknown = sorted(set(body) - _KNOWN)
-        if unknown:
-            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}", unknown[0])
-        for k in _UNSUPPORTED:
-            if body.get(k) not in (None, False, 0, [], {}):
-                raise ApiError(400, f"'{k}' is not supported by this server", k)
-        model = body.get("model")
-        if model is not None and model != server.name:
-            raise ApiError(404, f"The model `{model}` does not exist.", "model")
-        stream = _typed(body, "stream", (bool,), "a boolean") or False
-        opts = _typed(body, "stream_options", (dict,), "an object") or {}
-        include_usage = bool(opts.get("include_usage"))
-        template_kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") or {}
-        cfg, max_tokens, n = sampling(server, body)
-        stops = _stops(body)
-        chat = messages_for_processor(server, body.get("messages"))
-        try:
-            inputs, images = await asyncio.to_thread(prepare, server, chat, template_kwargs)
-        except MediaError as e:
-            raise ApiError(e.status, str(e), e.param) from None
-        n_prompt = int(inputs["input_ids"].shape[1])
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()   # (choice, kind, value) from the engine thread
-
-        def listener(i):
-            return lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
-        engine = server.engine
-        if max_tokens is None:
-            max_tokens = min(cfg.max_new_tokens, engine.max_model_len)
-            try:
-                max_tokens = min(max_tokens, engine.check_prompt(n_prompt, None))
-            except GenerationError as e:
-                raise ApiError(400, str(e), "messages") from None
-        # n choices are n requests to the engine (each prefilled and decoded in its own row); with a seed,
-        # choice i samples with seed + i: distinct choices, the same ones on every run
-        reqs = []
-
-        def cancel_all():
-            for r in reqs:
-                r.cancel()
-        try:
-            for i in range(n):
-                c = cfg if cfg.seed is None or i == 0 else cfg.updated(seed=cfg.seed + i)
-                reqs.append(engine.submit(inputs, c, max_tokens, listener(i)))
-        except (GenerationError, QueueFull, RuntimeError) as e:
-            cancel_all()
-            status = 400 if isinstance(e, GenerationError) else 503 if isinstance(e, QueueFull) else 500
-            raise ApiError(status, str(e), "messages" if status == 400 else None) from None
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        replies = [Reply(server.processor.tokenizer, stops) for _ in range(n)]
-        reasons = [None] * n
-        size = images[-1].size if images else (None, None)
-
-        def finish_reason(reason):
-            return {"stop": "stop", "length": "length", "cancelled": "stop"}.get(reason, reason)
-
-        def usage():
-            done = sum(len(r.tokens) for r in reqs)
-            return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}
-
-        def boxes(i):
-            return parse_boxes(split(replies[i].text)[1], *size)
-
-        async def next_event():
-            """The engine's next event for a choice still going: (choice, kind, value); None when the client went
-            away (every choice is cancelled)."""
-            while True:
-                try:
-                    i, kind, value = await asyncio.wait_for(events.get(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        cancel_all()
-                        return None
-                    continue
-                if reasons[i] is None:   # a choice ended by a stop string still hears its cancel: ignored
-                    return i, kind, value
-
-        if not stream:
-            while None in reasons:
-                ev = await next_event()
-                if ev is None:
-                    return _error(400, "the client disconnected")
-                i, kind, value = ev
-                if kind == "token":
-                    replies[i].add(value)
-                    if replies[i].stopped:
-                        reqs[i].cancel()
-                        reasons[i] = "stop"
-                elif kind == "done":
-                    reasons[i] = finish_reason(value)
-                else:
-                    cancel_all()
-                    raise ApiError(500, f"generation failed: {value}")
-            choices = []
-            for i, reply in enumerate(replies):
-                reasoning, content = reply.result()
-                message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
-                           "reasoning": reasoning or None, "boxes": boxes(i), "tool_calls": []}
-                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reasons[i],
-                                "stop_reason": None})
-            return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
-                    "choices": choices, "usage": usage(), "system_fingerprint": None}
-
-        def chunk(i, delta, reason=None, **extra):
-            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                          "model": server.name, "choices": [{"index": i, "delta": delta,
-                                                                             "logprobs": None,
-                                                                             "finish_reason": reason, **extra}]},
-                                         ensure_ascii=False) + "\n\n"
-
-        def delta_of(r, c):
-            d = {}
-            if r:
-                d["reasoning_content"] = d["reasoning"] = r
-            if c:
-                d["content"] = c
-            return d
-
-        async def sse():
-            done = False
-            try:
-                for i in range(n):
-                    yield chunk(i, {"role": "assistant", "content": ""})
-                while None in reasons:
-                    ev = await next_event()
-                    if ev is None:
-                        return
-                    i, kind, value = ev
-                    reply = replies[i]
-                    if kind == "token":
-                        d = delta_of(*reply.add(value))
-                        if reply.stopped:
-                            reqs[i].cancel()
-                            reasons[i] = "stop"
-                    elif kind == "done":
-                        reasons[i] = finish_reason(value)
-                        d = delta_of(*reply.finish())
-                    else:
-                        yield "data: " + json.dumps(error_body(500, f"generation failed: {value}")) + "\n\n"
-                        yield "data: [DONE]\n\n"
-                        return
-                    if d:
-                        yield chunk(i, d)
-                    if reasons[i] is not None:   # this choice's last chunk
-                        last = delta_of(*reply.finish())
-                        b = boxes(i)
-                        if b:
-                            last["boxes"] = b
-                        yield chunk(i, last, reasons[i], stop_reason=None)
-                if include_usage:
-                    yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                                 "model": server.name, "choices": [], "usage": usage()}) + "\n\n"
-                yield "data: [DONE]\n\n"
-                done = True
-            finally:
-                if not done:   # the client went away mid-stream (or generation failed): stop every choice
-                    cancel_all()
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
+        completion = ChatCompletion(server, read_body(server, await request.body()), request)
+        await completion.start()
+        if not completion.stream:
+            return await completion.whole()
+        return StreamingResponse(completion.sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app

@@ -28,7 +28,8 @@ import numpy as np
 
 from glm4v_ms import parallel
 from glm4v_ms.engine import Cancelled, Engine
-from glm4v_ms.generation import Sequence
+from glm4v_ms.batch import Sequence
+from glm4v_ms.prompt import Prompt
 
 STOP, IDLE = ("stop",), ("idle",)
 
@@ -61,11 +62,6 @@ class Channel:
         return pickle.loads(words.view(np.uint8)[:n].tobytes())
 
 
-def _host(inputs: dict) -> dict:
-    """The processor's output as NumPy (MindSpore tensors do not pickle)."""
-    return {k: (v.asnumpy() if hasattr(v, "asnumpy") else v) for k, v in inputs.items()}
-
-
 class _Told:
     """One of rank 0's Batch objects: every call that touches the model is first sent to the other ranks."""
 
@@ -76,7 +72,7 @@ class _Told:
     def __getattr__(self, attr):       # everything read-only (rows, prefixes, seqs) is the real batch's
         return getattr(self._batch, attr)
 
-    def admit(self, row: int, inputs: dict, seq: Sequence, origin: tuple | None = None, between=None):
+    def admit(self, row: int, p: Prompt, seq: Sequence, origin: tuple | None = None, between=None):
         cfg = seq.cfg
         if cfg.do_sample and cfg.seed is None:   # one seed for every rank, or their tokens diverge
             cfg = cfg.updated(seed=int(np.random.SeedSequence().entropy % 2 ** 31))
@@ -91,8 +87,9 @@ class _Told:
             cancel()
         prompt = seq.history[0, :seq.n_prompt]
         where = None if origin is None else (origin[0]._name, origin[1])   # prefix reuse from another row
-        self._chan.send(("admit", self._name, row, _host(inputs), prompt, cfg, seq.max_new, seq.force, where))
-        return self._batch.admit(row, inputs, seq, None if origin is None else (origin[0]._batch, origin[1]),
+        # the record is host arrays (NumPy): it pickles as it is
+        self._chan.send(("admit", self._name, row, p, prompt, cfg, seq.max_new, seq.force, where))
+        return self._batch.admit(row, p, seq, None if origin is None else (origin[0]._batch, origin[1]),
                                  between)
 
     def move(self, rows, other, to):
@@ -173,10 +170,10 @@ def follow(engine: Engine) -> int:
         if op == "idle":
             return None
         if op == "admit":
-            _, name, row, inputs, prompt, cfg, max_new, force, where = msg
+            _, name, row, p, prompt, cfg, max_new, force, where = msg
             origin = None if where is None else (batches[where[0]], where[1])
             try:
-                batches[name].admit(row, inputs, Sequence(prompt, cfg, max_new, force), origin, between)
+                batches[name].admit(row, p, Sequence(prompt, cfg, max_new, force), origin, between)
             except Exception:   # a bad prompt (or a cancel) ends on rank 0 too, at the same point; the row stays free
                 pass
         elif op == "move":

@@ -1,6 +1,7 @@
 """Generated ids -> the reply's text: incremental detokenising, `stop` strings, and the split of GLM's
 `<think>...</think><answer>...</answer>` into reasoning and a clean content (no tags, the box markers dropped and
-their coordinates kept), the same for a streamed reply as for a whole one.
+their coordinates kept), the same for a streamed reply as for a whole one. The one splitter of the package: the
+CLI's display, the server's replies and `strip_thinking` (a chat's history) all read it.
 
 Rule (vLLM's glm45 parser, plus the <answer> tags it leaves in): a reply that starts with <think> is reasoning
 until </think>, then content; one that does not is all content. What might still become a tag or a stop string
@@ -8,7 +9,7 @@ is held back until the next token tells.
 """
 from __future__ import annotations
 
-from ..processing.boxes import BEGIN_BOX, END_BOX
+from .boxes import BEGIN_BOX, END_BOX
 
 THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
 _TAGS = (THINK, END_THINK, ANSWER, END_ANSWER, BEGIN_BOX, END_BOX)
