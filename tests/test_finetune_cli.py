@@ -115,6 +115,9 @@ def test_bad_keys_and_output_dir(env, workdir):
              (["--learning_rate", "-1e-4"], "error: learning_rate: must be >= 0, got -0.0001"),
              (["--train_on_prompt", "true"],
               "error: train_on_prompt: Current template does not support `train_on_prompt`."),
+             (["--freeze_vision_tower", "false"],
+              "error: freeze_vision_tower: training the vision tower is not implemented (LoRA on visual.merger: "
+              "freeze_multi_modal_projector false), got False"),
              (["--adapter_name_or_path", "nope"],
               "error: adapter_name_or_path: nope is not a folder with adapter_config.json")]
     for flags, expected in cases:

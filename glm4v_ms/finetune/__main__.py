@@ -104,12 +104,7 @@ def main(argv=None):
             print(f"[data] wrote {len(train)} samples to {os.path.join(args.tokenized_path, 'train.jsonl')}",
                   file=sys.stderr)
             return 0
-        try:
-            from .trainer import run
-        except ModuleNotFoundError as e:
-            if e.name != __package__ + ".trainer":
-                raise
-            raise FinetuneError("training is not part of this build (glm4v_ms.finetune.trainer is missing)") from None
+        from .trainer import run   # MindSpore is imported here, after every check
         run(args, train, evaluation, processor)
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -335,6 +335,8 @@ def check(a: FinetuneArgs):
     need(a.stage == "sft", "stage", "only sft (supervised fine-tuning) is implemented")
     need(a.do_train, "do_train", "must be true (evaluation and prediction runs are not implemented)")
     need(a.finetuning_type == "lora", "finetuning_type", "only lora is implemented")
+    need(a.freeze_vision_tower, "freeze_vision_tower", "training the vision tower is not implemented (LoRA on "
+         "visual.merger: freeze_multi_modal_projector false)")
     need(a.template is None or a.template in TEMPLATES, "template", f"must be one of {', '.join(TEMPLATES)}")
     if a.train_on_prompt:   # both GLM templates use efficient_eos; LLaMA-Factory's own message
         raise FinetuneError("train_on_prompt: Current template does not support `train_on_prompt`.")

@@ -1,6 +1,6 @@
 """The training memory plan: frozen weights, trainable (LoRA) weights, gradients, optimizer state, activations at
 cutoff_len (with and without recompute per decoder layer) and the runtime term of the inference plan
-(model.RUNTIME_BYTES). The sum bounds the process's peak resident set on CPU (tests/test_finetune_train.py).
+(shapes.RUNTIME_BYTES). The sum bounds the process's peak resident set on CPU (tests/test_finetune_train.py).
 
 Activations, per token of a micro-batch (item = the activation dtype's size, 4 on CPU), what the backward keeps of
 one decoder layer: the residual stream and norms (8 D), q/k/v before and after rotary (3 Q + 4 KV), the attention
