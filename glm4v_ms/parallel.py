@@ -102,6 +102,7 @@ def shard(kind: str, arr, lay: Layout, head_dim: int = 0, n_kv: int = 0):
 
 # ----------------------------------------------------------------------------------------------- the process group
 _LAYOUT = None
+_REPLICAS = 1   # processes of the launch holding the same weights (data parallel): see hold_whole_model
 
 
 def launched_world() -> int:
@@ -110,6 +111,13 @@ def launched_world() -> int:
     # workers until they finish, so it must take the same path as they do
     launched = os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
     return int(os.environ.get("MS_WORKER_NUM", "1") or 1) if launched else 1
+
+
+def hold_whole_model():
+    """The launch's processes are data-parallel replicas (the fine-tuning trainer): each holds every weight, so a
+    model built here takes no tensor-parallel layout from the launch's size."""
+    global _REPLICAS
+    _REPLICAS = launched_world()
 
 
 def rank() -> int:
@@ -130,7 +138,7 @@ def init(tensor_parallel_size: int = 1, expert_parallel: bool = False) -> Layout
     tp = int(tensor_parallel_size or 1)
     if tp < 1:
         raise ParallelError(f"tensor_parallel_size must be >= 1, got {tp}")
-    world = launched_world()
+    world = launched_world() // _REPLICAS
     if tp == 1 and world == 1:
         if expert_parallel:
             raise ParallelError("expert_parallel needs tensor_parallel_size > 1 (the ranks to place experts on)")

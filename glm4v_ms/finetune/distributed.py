@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,21 +55,11 @@ def init(stage: int) -> World:
     if size == 1:
         return World(0, 1, 0)
     from mindspore import communication
+
+    from ..parallel import hold_whole_model
+    hold_whole_model()   # the model loaded next is whole on every rank (no tensor-parallel layout)
     communication.init()
     return World(communication.get_rank(), communication.get_group_size(), int(stage))
-
-
-@contextmanager
-def replicated_model():
-    """Load the whole model on every rank: parallel.init takes a launch of N > 1 processes as tensor parallel and
-    refuses tensor_parallel_size 1 there (generate.py's guard); data parallel holds every weight on each rank."""
-    from .. import parallel
-    real = parallel.launched_world
-    parallel.launched_world = lambda: 1
-    try:
-        yield
-    finally:
-        parallel.launched_world = real
 
 
 def sum_scalars(world: World, values) -> list:

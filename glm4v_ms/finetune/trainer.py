@@ -376,9 +376,8 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     if model is None:
         from ..model import AutoModelForImageTextToText
         try:
-            with distributed.replicated_model():
-                model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path,
-                                                                    dtype="bfloat16" if args.bf16 else None)
+            model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path,
+                                                                dtype="bfloat16" if args.bf16 else None)
         except ValueError as e:
             raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
     ms.set_seed(args.seed)
