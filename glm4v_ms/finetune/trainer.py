@@ -381,6 +381,8 @@ def read_state(folder, args, model) -> dict:
 def _digest(folder):
     """What model.config_digest holds for a folder (None when unreadable: the check is then the model's)."""
     import hashlib
+    if not folder:
+        return None
     try:
         with open(os.path.join(folder, "config.json"), "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
@@ -475,7 +477,7 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
         read_state(resume, args, types.SimpleNamespace(
             config_digest=_digest(args.model_name_or_path),
             trained_names=full.check(args, args.model_name_or_path)
-            if args.finetuning_type != "lora" and os.path.isdir(args.model_name_or_path) else None))
+            if args.finetuning_type != "lora" and os.path.isdir(args.model_name_or_path or "") else None))
     world = distributed.init(stage)
     if world.size > 1:
         distributed.sum_scalars(world, [0.0])   # every rank has read output_dir before rank 0 changes it
