@@ -2,7 +2,8 @@
 (rank 0) the logits and greedy ids of every prepared input; every rank saves its memory plan and parameter count.
 
     msrun ... tests/parallel_worker.py OUT_DIR SPECS_JSON
-SPECS_JSON: [{"name", "folder", "tp", "ep"}]; inputs come from OUT_DIR/inputs/*.npz (made by the test).
+SPECS_JSON: [{"name", "folder", "tp", "ep", "adapter"?}]; with "adapter" (a PEFT folder), the greedy case again
+after model.load_adapter. Inputs come from OUT_DIR/inputs/*.npz (made by the test).
 """
 import glob
 import json
@@ -37,6 +38,14 @@ def main(out, specs):
             if case == "text":   # sampling with no seed given: every rank must draw the same tokens
                 sampled = m.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=20)
                 np.save(os.path.join(out, f"{spec['name']}.{case}.sampled.rank{r}.npy"), sampled)
+        if spec.get("adapter"):
+            m.load_adapter(spec["adapter"])
+            inputs = cases[GREEDY_CASE]
+            logits = m(**inputs).logits.asnumpy()
+            ids = m.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            if r == 0:
+                np.save(os.path.join(out, f"{spec['name']}.{GREEDY_CASE}.adapter.logits.npy"), logits)
+                np.save(os.path.join(out, f"{spec['name']}.{GREEDY_CASE}.adapter.ids.npy"), ids)
     print(f"rank {r}: done", flush=True)
 
 
