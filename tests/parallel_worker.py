@@ -29,7 +29,8 @@ def training_grad(m, inputs):
     def fn(h, cos, sin, seen, rows, targets, weight):
         return forward.loss_sum(m, h, cos, sin, seen, rows, targets, weight, head=head)
     loss, dh = ms.jit(ms.value_and_grad(fn, 0))(st.h, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
-    return np.concatenate([loss.asnumpy().reshape(1), dh.asnumpy().reshape(-1)])
+    mean = m(**inputs, labels=labels).loss.asnumpy().reshape(1)   # model(..., labels=).loss: the whole vocabulary
+    return np.concatenate([loss.asnumpy().reshape(1), mean, dh.asnumpy().reshape(-1)])
 
 
 def main(out, specs):

@@ -179,6 +179,7 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
                  video_grid_thw, pad_to_bucket=False)
     x = hidden(model, st.h, st.cos, st.sin, st.seen)
     logits = _mm_nt(x.reshape(-1, x.shape[-1]), model.lm_head.weight).reshape(x.shape[:2] + (-1,))
+    logits = model.text.gather_logits(logits)   # tensor parallel: each rank's vocab slice -> the whole vocabulary
     total = ce_sum(ops.gather(logits.reshape(-1, logits.shape[-1]), st.rows, 0), st.targets, st.weight)
     loss = total / max(st.tokens, 1) if st.tokens else total * float("nan")
     ids = np.asarray(input_ids).reshape(logits.shape[0], -1)
