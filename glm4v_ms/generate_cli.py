@@ -54,9 +54,6 @@ def parse(argv):
     check_runtime_args(p, a)
     if a.image and a.video:
         p.error("give images or a video, not both (the model was not trained on the mix)")
-    if a.adapter and a.tensor_parallel_size > 1:   # LoRA's A and B are not sliced like the layers (yet)
-        p.error("--adapter with --tensor_parallel_size > 1 is not implemented: merge the adapter first "
-                "(python -m glm4v_ms.convert --src BASE --adapter DIR --dst MERGED) and pass --model_name MERGED")
     if a.boxes and not a.image:
         p.error("--boxes needs an --image to draw on")
     if a.boxes and os.path.splitext(a.boxes)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
-from .parallel import Layout, all_reduce
+from .parallel import Layout, all_reduce, to_ranks
 
 
 def _param(shape, dtype, name=None):
@@ -70,7 +70,10 @@ class MLP(nn.Cell):
         self.hidden = hidden // lay.world
         self.gate_up = Linear(dim, 2 * self.hidden, dtype)
         self.down = Linear(self.hidden, dim, dtype, reduce=all_reduce(lay) if reduce else None)
+        self.enter = to_ranks(lay) if reduce else None   # a shared expert is inside its MoE block's region
 
     def construct(self, x):
+        if self.enter is not None:
+            x = self.enter(x)
         gate, up = ops.split(self.gate_up(x), self.hidden, -1)
         return self.down(ops.silu(gate) * up)

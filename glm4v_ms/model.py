@@ -148,10 +148,8 @@ class Glm4vForConditionalGeneration(nn.Cell):
 
     def load_adapter(self, folder: str):
         """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) on top of these weights, as
-        transformers' load_adapter (finetune/adapter.py); replaces any adapter loaded before."""
-        if self.layout.world > 1:
-            raise ValueError("load_adapter under tensor parallel is not implemented: merge the adapter into the "
-                             "base first (python -m glm4v_ms.convert --src BASE --adapter DIR --dst MERGED)")
+        transformers' load_adapter (finetune/adapter.py); replaces any adapter loaded before. Under tensor
+        parallel each rank keeps the slices of A and B that match its slice of each linear (finetune/lora.py)."""
         from .finetune.adapter import load
         load(self, folder)
         with open(os.path.join(folder, "adapter_model.safetensors"), "rb") as f:   # the compile cache's key

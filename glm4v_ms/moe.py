@@ -22,7 +22,7 @@ from mindspore import nn, ops
 from .config import TextConfig
 from .layers import MLP, _param   # the shared expert is the dense MLP, column/row split
 from .moe_kernels import choose, route_fused, routed_experts
-from .parallel import Layout, all_reduce
+from .parallel import Layout, all_reduce, to_ranks
 
 NEG_INF = float("-inf")
 
@@ -60,12 +60,15 @@ class MoE(nn.Cell):
         self.shared = MLP(H, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, lay, reduce=False) \
             if cfg.n_shared_experts else None
         self.reduce = all_reduce(lay)
+        self.enter = to_ranks(lay)   # the router runs whole on every rank, its scores feed this rank's experts only
         plain = choose(cfg, dtype)   # fused Ascend kernels where the documented limits allow (moe_kernels.py)
         self.fused_router, self.fused_experts = "router" not in plain, "experts" not in plain
         self.fused_unpermute = "unpermute" not in plain
 
     def construct(self, x):
         B, L, H = x.shape
+        if self.enter is not None:
+            x = self.enter(x)
         t = x.reshape(B * L, H)
         if self.fused_router:   # the fused kernels (moe_kernels.py), real on Ascend, emulated in CPU tests
             w, idx = route_fused(t, self.router_weight, self.router_bias, self.cfg)

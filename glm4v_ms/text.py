@@ -21,7 +21,7 @@ from .attention import causal_attention, decoder_attention, rms_norm, rope
 from .config import TextConfig
 from .layers import MLP, Embedding, Linear, Norm, _param
 from .moe import MoE
-from .parallel import Layout, all_gather, all_reduce
+from .parallel import Layout, all_gather, all_reduce, to_ranks
 
 
 class Attention(nn.Cell):
@@ -32,10 +32,13 @@ class Attention(nn.Cell):
         self.q_size, self.kv_size = self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
         self.qkv = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, dtype, bias=cfg.attention_bias)
         self.o = Linear(self.q_size, cfg.hidden_size, dtype, reduce=all_reduce(lay))
+        self.enter = to_ranks(lay)
 
     def construct(self, x, cos, sin, seen, kv_len, write_idx, k_cache, v_cache, extent: int):
         c = self.cfg
         B, L, _ = x.shape
+        if self.enter is not None:
+            x = self.enter(x)
         qkv = self.qkv(x)
         nq, nkv = self.q_size, self.kv_size
         q = qkv[..., :nq].reshape(B, L, self.heads, c.head_dim)

@@ -2,7 +2,8 @@
 (rank 0) the logits and greedy ids of every prepared input; every rank saves its memory plan and parameter count.
 
     msrun ... tests/parallel_worker.py OUT_DIR SPECS_JSON
-SPECS_JSON: [{"name", "folder", "tp", "ep"}]; inputs come from OUT_DIR/inputs/*.npz (made by the test).
+SPECS_JSON: [{"name", "folder", "tp", "ep", "adapter"?}]; with "adapter" (a PEFT folder), the greedy case again
+after model.load_adapter. Inputs come from OUT_DIR/inputs/*.npz (made by the test).
 """
 import glob
 import json
@@ -12,6 +13,24 @@ import sys
 import numpy as np
 
 GREEDY_CASE = "padded_batch"   # greedy decoding on one case (a launch is slow): an image row and a text row
+
+
+def training_grad(m, inputs):
+    """(loss, d loss / d input embeddings) of the training forward, flattened: through every split layer's
+    backward and the vocab-parallel head."""
+    import mindspore as ms
+    from glm4v_ms.finetune import forward
+    ids = inputs["input_ids"]
+    labels = ids.copy()
+    labels[:, :3] = -100
+    st = forward.prepare(m, ids, inputs["attention_mask"], labels)
+    head = forward.VocabParallelHead(m.layout) if m.layout.world > 1 else None
+
+    def fn(h, cos, sin, seen, rows, targets, weight):
+        return forward.loss_sum(m, h, cos, sin, seen, rows, targets, weight, head=head)
+    loss, dh = ms.jit(ms.value_and_grad(fn, 0))(st.h, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
+    mean = m(**inputs, labels=labels).loss.asnumpy().reshape(1)   # model(..., labels=).loss: the whole vocabulary
+    return np.concatenate([loss.asnumpy().reshape(1), mean, dh.asnumpy().reshape(-1)])
 
 
 def main(out, specs):
@@ -37,6 +56,16 @@ def main(out, specs):
             if case == "text":   # sampling with no seed given: every rank must draw the same tokens
                 sampled = m.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=20)
                 np.save(os.path.join(out, f"{spec['name']}.{case}.sampled.rank{r}.npy"), sampled)
+        if spec.get("grad"):   # the training backward (finetune/forward.py) on the text case: d loss / d embeddings
+            np.save(os.path.join(out, f"{spec['name']}.grad.rank{r}.npy"), training_grad(m, cases["text"]))
+        if spec.get("adapter"):
+            m.load_adapter(spec["adapter"])
+            inputs = cases[GREEDY_CASE]
+            logits = m(**inputs).logits.asnumpy()
+            ids = m.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            if r == 0:
+                np.save(os.path.join(out, f"{spec['name']}.{GREEDY_CASE}.adapter.logits.npy"), logits)
+                np.save(os.path.join(out, f"{spec['name']}.{GREEDY_CASE}.adapter.ids.npy"), ids)
     print(f"rank {r}: done", flush=True)
 
 

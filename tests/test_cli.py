@@ -89,7 +89,7 @@ def test_chat_through_stdin(env, media):
 
 @pytest.mark.parametrize("case", ["missing_image", "corrupt_image", "corrupt_video", "not_a_checkpoint",
                                   "bad_flag_value", "over_context", "missing_model", "image_and_video",
-                                  "bf16_on_cpu", "adapter_with_tp"])
+                                  "bf16_on_cpu", "adapter_not_peft"])
 def test_bad_input(env, media, tmp_path, case):
     base = ["--model_name", "demo-tiny", "--prompt", "hi", "--max_new_tokens", "2"]
     if case == "missing_image":
@@ -107,8 +107,8 @@ def test_bad_input(env, media, tmp_path, case):
         args = ["--model_name", str(tmp_path / "absent"), "--prompt", "hi"]
     elif case == "bf16_on_cpu":
         args = base + ["--dtype", "bfloat16"]
-    elif case == "adapter_with_tp":
-        args = base + ["--adapter", str(tmp_path), "--tensor_parallel_size", "2"]
+    elif case == "adapter_not_peft":   # a folder without adapter_config.json
+        args = base + ["--adapter", str(tmp_path)]
     elif case == "image_and_video":
         args = base + ["--image", str(media / "cat.png"), "--video", str(media / "clip.mp4")]
     else:  # a copy of the demo checkpoint whose context is shorter than the prompt

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import tinylora
 import tinymoe
 import tinyref
 from glm4v_ms import AutoModelForImageTextToText
@@ -57,9 +58,15 @@ def launched(tmp_path_factory):
     (out / "inputs").mkdir(parents=True)
     for case, make in CASES.items():
         np.savez(out / "inputs" / f"{case}.npz", **make())
-    specs = [{"name": "glm41v_tp2", "folder": folders["glm41v"], "tp": 2, "ep": False},
+    # PEFT adapters on every text linear (GLM-4.5V: attention, the dense layer and the shared experts), B random:
+    # under TP each rank slices them like the layers they sit on
+    for kind, name in (("v", "glm41v"), ("moe", "glm45v")):
+        tinylora.peft_model(kind, folders[name], r=4, seed=7).save_pretrained(folders[name] + "_lora")
+    specs = [{"name": "glm41v_tp2", "folder": folders["glm41v"], "tp": 2, "ep": False, "adapter": folders["glm41v"] + "_lora",
+              "grad": True},
              {"name": "glm45v_tp2", "folder": folders["glm45v"], "tp": 2, "ep": False},
-             {"name": "glm45v_ep2", "folder": folders["glm45v"], "tp": 2, "ep": True}]
+             {"name": "glm45v_ep2", "folder": folders["glm45v"], "tp": 2, "ep": True, "adapter": folders["glm45v"] + "_lora",
+              "grad": True}]
     p, secs = msrun([os.path.join(HERE, "parallel_worker.py"), str(out), json.dumps(specs)], str(base / "logs"))
     logs = {f: open(base / "logs" / f).read() for f in os.listdir(base / "logs")}
     assert p.returncode == 0, f"msrun exit {p.returncode}:\n" + "\n".join(f"== {k}\n{v[-3000:]}" for k, v in logs.items())
@@ -84,6 +91,44 @@ def test_parallel_equals_single_process(launched, spec):
     # sampling without a seed: the ranks agree on one (broadcast from rank 0), so they draw the same tokens
     np.testing.assert_array_equal(np.load(out / f"{spec}.text.sampled.rank0.npy"),
                                   np.load(out / f"{spec}.text.sampled.rank1.npy"))
+
+
+@pytest.mark.parametrize("spec", ["glm41v_tp2", "glm45v_ep2"])
+def test_training_backward_under_tensor_parallel(launched, spec):
+    """The training loss and its gradient to the input embeddings on 2 ranks equal one process: the row-parallel
+    sums pass the gradient through, the copies into split layers sum the ranks' parts (MindSpore's own AllReduce
+    backward would all-reduce again), the vocab-parallel cross-entropy's share per rank. Both ranks agree."""
+    from parallel_worker import training_grad
+    folders, out = launched
+    single = AutoModelForImageTextToText.from_pretrained(folders[spec.split("_")[0]])
+    want = training_grad(single, CASES["text"]())
+    got = [np.load(out / f"{spec}.grad.rank{r}.npy") for r in (0, 1)]
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    for k in (0, 1):   # the summed training loss; model(**inputs, labels=labels).loss
+        assert abs(got[0][k] - want[k]) <= 1e-5 * abs(want[k])
+    for g in got:
+        err = np.abs(g[2:] - want[2:]).max() / np.abs(want[2:]).max()
+        assert err <= TOL, f"{spec}: gradient relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("spec", ["glm41v_tp2", "glm45v_ep2"])
+def test_adapter_under_tensor_parallel(launched, spec):
+    """model.load_adapter on 2 ranks (A and B sliced like their linears) equals one process with that adapter;
+    the adapter changes the logits (it is not silently dropped)."""
+    folders, out = launched
+    folder = folders[spec.split("_")[0]]
+    single = AutoModelForImageTextToText.from_pretrained(folder)
+    inputs = CASES["padded_batch"]()
+    base = single(**inputs).logits.asnumpy()
+    single.load_adapter(folder + "_lora")
+    want = single(**inputs).logits.asnumpy()
+    got = np.load(out / f"{spec}.padded_batch.adapter.logits.npy")
+    real = inputs["attention_mask"].astype(bool)
+    assert np.abs(want - base)[real].max() > 100 * TOL * np.abs(want[real]).max()
+    err = np.abs(got - want)[real].max() / np.abs(want[real]).max()
+    assert err <= TOL, f"{spec} with the adapter: relative error {err:.2e}"
+    ids = single.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(np.load(out / f"{spec}.padded_batch.adapter.ids.npy"), ids)
 
 
 def test_each_rank_holds_its_share(launched):

@@ -200,12 +200,15 @@ def merge_media(merger, h, vis):
     return ops.tensor_scatter_update(flat, vis.reshape(-1, 1), feats.astype(flat.dtype)).reshape(h.shape)
 
 
-def loss_sum(model, h, cos, sin, seen, rows, targets, weight, vis=None, merger=None):
-    """Sum of the cross-entropies of the trained rows (float32), the head run over those rows only."""
+def loss_sum(model, h, cos, sin, seen, rows, targets, weight, vis=None, merger=None, head=None):
+    """Sum of the cross-entropies of the trained rows (float32), the head run over those rows only. `head`: a
+    VocabParallelHead under tensor parallel (each rank holds a slice of lm_head's rows)."""
     if vis is not None:
         h = merge_media(merger, h, vis)
     x = hidden(model, h, cos, sin, seen)
     x = ops.gather(x.reshape(-1, x.shape[-1]), rows, 0)
+    if head is not None:
+        return head(x, model.lm_head.weight, targets, weight)
     return ce_sum(_mm_nt(x, model.lm_head.weight), targets, weight)   # the head in the model's dtype, as the reference
 
 
@@ -214,6 +217,30 @@ def ce_sum(logits, targets, weight):
     lse = ops.logsumexp(logits, -1)
     picked = ops.gather_elements(logits, 1, targets.reshape(-1, 1).astype(ms.int64)).reshape(-1)
     return ((lse - picked) * weight).sum()
+
+
+class VocabParallelHead(ms.nn.Cell):
+    """The cross-entropy over a vocab-parallel head without gathering the logits (Megatron's vocab-parallel
+    cross-entropy, on the collectives MindSpore's CPU backend has): each rank's log-sum-exp over its own vocab
+    slice is all-gathered (n floats per rank) and combined; the target's logit comes from the rank holding it, summed.
+    Every rank ends with the same loss; the backward gives each rank its slice's share."""
+
+    def __init__(self, lay):
+        super().__init__()
+        from ..parallel import all_reduce, gather_rows, to_ranks
+        self.enter, self.gather, self.sum = to_ranks(lay), gather_rows(lay), all_reduce(lay)
+        self.lay = lay
+
+    def construct(self, x, w, targets, weight):
+        n = w.shape[0]
+        v0 = self.lay.rank * n
+        logits = _mm_nt(self.enter(x), w).astype(ms.float32)                     # (rows, V / world)
+        lse = ops.logsumexp(self.gather(ops.logsumexp(logits, -1)[None]), 0)      # (rows,)
+        local = targets - v0
+        mine = (local >= 0) & (local < n)
+        idx = ops.where(mine, local, ops.zeros_like(local)).reshape(-1, 1).astype(ms.int64)
+        picked = self.sum(ops.gather_elements(logits, 1, idx).reshape(-1) * mine.astype(ms.float32))
+        return ((lse - picked) * weight).sum()
 
 
 def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
@@ -229,6 +256,7 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
         h = embed_ids(model, st.ids, st.vis, feats)
     x = hidden(model, h, st.cos, st.sin, st.seen)
     logits = _mm_nt(x.reshape(-1, x.shape[-1]), model.lm_head.weight).reshape(x.shape[:2] + (-1,))
+    logits = model.text.gather_logits(logits)   # tensor parallel: each rank's vocab slice -> the whole vocabulary
     total = ce_sum(ops.gather(logits.reshape(-1, logits.shape[-1]), st.rows, 0), st.targets, st.weight)
     loss = total / max(st.tokens, 1) if st.tokens else total * float("nan")
     ids = np.asarray(input_ids).reshape(logits.shape[0], -1)
@@ -243,14 +271,16 @@ class Grad:
 
     def __init__(self, model, params, jit: bool = True):
         self.model, self.params = model, list(params)
+        lay = getattr(model, "layout", None)
+        head = VocabParallelHead(lay) if lay is not None and lay.world > 1 else None
 
         def fn(h, cos, sin, seen, rows, targets, weight):
-            return loss_sum(model, h, cos, sin, seen, rows, targets, weight)
+            return loss_sum(model, h, cos, sin, seen, rows, targets, weight, head=head)
 
         merger = model.visual.merger
 
         def fn_merger(h, cos, sin, seen, rows, targets, weight, vis):
-            return loss_sum(model, h, cos, sin, seen, rows, targets, weight, vis, merger)
+            return loss_sum(model, h, cos, sin, seen, rows, targets, weight, vis, merger, head)
         self.vg = ms.value_and_grad(fn, None, self.params)
         self.run = ms.jit(self.vg) if jit else self.vg
         self.vg_merger = ms.value_and_grad(fn_merger, None, self.params)   # batches with media, merger trained

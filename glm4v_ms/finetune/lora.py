@@ -22,6 +22,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from .. import parallel
 from ..layers import Linear
 from ..quant_layers import QuantLinear, SplitLinear
 from ..weights import hf_shapes, hf_table
@@ -42,7 +43,8 @@ class Part:
     module: str          # the source module's name in transformers' tree (model.language_model.layers.0.self_attn.q_proj)
     start: int           # its rows in our fused output: [start, start + size)
     size: int
-    perm: np.ndarray     # our row j of the part = the source's row perm[j]
+    perm: np.ndarray     # our row j of the part = the source's row perm[j] (of the rows this rank holds)
+    rows: np.ndarray = None   # tensor parallel: the source rows this rank's linear holds (None: all)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Site:
     ours: str            # our linear's path (text.layers.0.attn.qkv)
     linear: Linear
     parts: tuple         # of Part, in our output order
+    cols: slice = None   # tensor parallel, a row-parallel linear: the input columns this rank holds (A's columns)
 
 
 def _row_order(cfg, entry, sizes):
@@ -65,9 +68,22 @@ def _row_order(cfg, entry, sizes):
     return starts[:-1], perms
 
 
+def _held(cfg, lay, kind: str, n: int):
+    """Tensor parallel: the rows of an n-row source this rank's slice holds (parallel.shard on row numbers), or
+    None where the rows are whole (replicated, or split by input columns)."""
+    if lay.world == 1 or kind in (parallel.REPLICATED, parallel.IN):
+        return None
+    t = cfg.text
+    return parallel.shard(kind, np.arange(n, dtype=np.int64)[:, None], lay, t.head_dim, t.num_key_value_heads)[:, 0]
+
+
 def sites(model, projector: bool = False) -> list[Site]:
-    """Every linear LoRA may wrap, with its source modules (text linears; visual.merger's when `projector`)."""
+    """Every linear LoRA may wrap, with its source modules (text linears; visual.merger's when `projector`).
+    Under tensor parallel each site is this rank's slice: a column-parallel linear's parts hold the source rows of
+    its weight's slice (B sliced alike, A whole), a row-parallel one the input columns (A sliced alike, B whole);
+    the delta joins the base output before the linear's all-reduce."""
     cfg = model.config
+    lay = getattr(model, "layout", None) or parallel.Layout()
     cells = dict(model.cells_and_names())
     shapes = hf_shapes(cfg)
     out = []
@@ -80,10 +96,14 @@ def sites(model, projector: bool = False) -> list[Site]:
         cell = cells.get(path)
         if not isinstance(cell, LINEARS):
             continue
-        sizes = [shapes[s][0] for s in e.sources]
+        kinds = e.split or (parallel.REPLICATED,) * len(e.sources)
+        held = [_held(cfg, lay, k, shapes[s][0]) for k, s in zip(kinds, e.sources)]
+        sizes = [shapes[s][0] if h is None else len(h) for s, h in zip(e.sources, held)]
         starts, perms = _row_order(cfg, e, sizes)
-        parts = tuple(Part(s[:-len(".weight")], int(a), n, p) for s, a, n, p in zip(e.sources, starts, sizes, perms))
-        out.append(Site(path, cell, parts))
+        parts = tuple(Part(s[:-len(".weight")], int(a), n, p, h)
+                      for s, a, n, p, h in zip(e.sources, starts, sizes, perms, held))
+        cols = lay.part(shapes[e.sources[0]][1]) if lay.world > 1 and parallel.IN in kinds else None
+        out.append(Site(path, cell, parts, cols))
     return out
 
 
@@ -157,9 +177,14 @@ class Lora(nn.Cell):
         return next(p for p in self.site.parts if p.module == module)
 
     def set_peft(self, module, a: np.ndarray, b: np.ndarray):
-        """PEFT's lora_A (r, in) and lora_B (out, r) of one source module."""
+        """PEFT's lora_A (r, in) and lora_B (out, r) of one source module (whole: sliced here under tensor
+        parallel, like the weight the delta sits on)."""
         j = self.targets.index(module)
         p = self.part(module)
+        if self.site.cols is not None and a.ndim == 2:
+            a = a[:, self.site.cols]
+        if p.rows is not None and b.ndim == 2:
+            b = b[p.rows]
         for name, got, want in (("lora_A", a.shape, self.A[j].shape), ("lora_B", b.shape, (p.size, self.r))):
             if tuple(got) != tuple(want):
                 raise LoraError(f"{module}.{name}: shape {list(got)}, this model needs {list(want)}")
@@ -168,6 +193,8 @@ class Lora(nn.Cell):
 
     def peft(self, module, A=None, B=None):
         """(lora_A, lora_B) of one source module in PEFT's layout (the row order undone); A/B: arrays of ours."""
+        if self.site.cols is not None or any(p.rows is not None for p in self.site.parts):
+            raise LoraError("a tensor-parallel rank holds a slice of this adapter, not PEFT's whole tensors")
         j = self.targets.index(module)
         a = self.A[j].asnumpy() if A is None else A
         b = self.B[j].asnumpy() if B is None else B

@@ -281,6 +281,8 @@ class Trainer:
                 # on several ranks the vote taken inside the step, so that every rank stops at the same one
                 if self.stop or (self.world.size == 1 and interrupt.requested()):
                     path = self.save_checkpoint()
+                    # msrun ends every rank as soon as one exits non-zero: none leaves before rank 0 has published
+                    distributed.sum_scalars(self.world, [0.0])
                     bar.close()
                     self.log(f"interrupted: saved {path} (step {self.step} of {total}); run again with "
                              f"resume_from_checkpoint {path} to go on")
