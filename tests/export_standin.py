@@ -31,6 +31,11 @@ def save_hf(model, base, dst):
     os.rename(tmp, dst)
 
 
+def hf_params(model):
+    from glm4v_ms.finetune.full import hf_parameters
+    return hf_parameters(model.config)
+
+
 def install():
     try:
         importlib.import_module("glm4v_ms.finetune.export")
@@ -38,5 +43,6 @@ def install():
     except ImportError:
         mod = types.ModuleType("glm4v_ms.finetune.export")
         mod.save_hf = save_hf
+        mod.hf_params = hf_params
         sys.modules["glm4v_ms.finetune.export"] = mod
         return True

@@ -145,7 +145,7 @@ class Trainer:
             loss, g = self.grad(st)
             total += float(loss.asnumpy())
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-        seen = sum(s.length * s.h.shape[0] for s in steps)
+        seen = sum(s.length * s.cos.shape[0] for s in steps)
         # the loss over every rank's trained tokens; a Ctrl-C on any rank stops them all after this step
         total, n_items, seen, stop = distributed.sum_scalars(w, [total, n_items, seen, interrupt.requested()])
         self.stop = stop > 0
