@@ -3,16 +3,23 @@ LLaMA-Factory's own _setup_full_tuning / _setup_freeze_tuning leave trainable on
 names carried over to transformers' by hf_params), and one SGD step changes every trained weight by
 -lr * transformers' gradient on the same batch (per transformers tensor, fusion and row orders undone) and every
 other weight not at all."""
+import json
+import os
+import re
+import shutil
+import types
+
 import numpy as np
 import pytest
 
 import export_standin
 import lf_reference  # noqa: F401  (LLaMA-Factory importable: stubs, version check off)
 import tinylora
+import tinyref
 import torch
 from glm4v_ms import AutoModelForImageTextToText
 from glm4v_ms.config import Glm4vConfig
-from glm4v_ms.finetune import forward, full, optim
+from glm4v_ms.finetune import forward, full, optim, trainer
 from glm4v_ms.finetune.args import FinetuneArgs, FinetuneError
 from llamafactory.hparams import FinetuningArguments
 from llamafactory.model.adapter import _setup_freeze_tuning, _setup_full_tuning
@@ -123,3 +130,92 @@ def test_sgd_step(base, case):
     for n in before:
         if n not in ours.trained_names:
             np.testing.assert_array_equal(after[n], before[n])
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+def sample(seed):
+    """A user turn with an image, then a 6-token answer (the trained part), as data.Sample lays it out."""
+    p = tinyref.Prompt(seed).text(3).image(4, 4).text(4)
+    ans = np.random.default_rng(100 + seed).integers(1, 400, 6)
+    ids = np.array(p.ids + ans.tolist(), np.int64)
+    labels = np.full_like(ids, -100)
+    labels[-6:] = ans
+    media = {"pixel_values": np.concatenate(p.images), "image_grid_thw": np.array(p.image_grids, np.int64)}
+    return types.SimpleNamespace(input_ids=ids, labels=labels, media=media)
+
+
+def run_args(base, out, **kw):
+    d = dict(model_name_or_path=base, dataset=["x"], output_dir=out, finetuning_type="full",
+             per_device_train_batch_size=1, gradient_accumulation_steps=2, learning_rate=1e-3, max_steps=2,
+             lr_scheduler_type="linear", warmup_steps=1, weight_decay=0.1, max_grad_norm=1.0, seed=3,
+             logging_steps=1, save_steps=1, cutoff_len=64, bf16=False)
+    d.update(kw)
+    return FinetuneArgs(**d)
+
+
+def weights(folder):
+    from safetensors.numpy import load_file
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+def test_train_save_resume_load(base, tmp_path):
+    """Two AdamW steps (warmup, weight decay, clipping, accumulation 2) write checkpoint-1 and checkpoint-2 and the
+    output folder, a Hugging Face checkpoint; a run resumed from checkpoint-1 ends at exactly the same weights and
+    log; transformers loads the output with logits equal to ours (loaded from it, and the trained model itself);
+    a checkpoint of another finetuning_type, another model or another trained set is refused with one line before
+    anything is written."""
+    train = [sample(s) for s in range(4)]
+    straight = str(tmp_path / "straight")
+    tr = trainer.run(run_args(base, straight), train, [], None, model=AutoModelForImageTextToText.from_pretrained(base))
+    assert [os.path.basename(p) for p in trainer.checkpoints(straight)] == ["checkpoint-1", "checkpoint-2"]
+    assert {"config.json", "trainer_log.jsonl"} <= set(os.listdir(straight))
+    for f in os.listdir(base):   # tokenizer / processor files of the base come along
+        if not f.endswith((".safetensors", ".json")) or f == "config.json":
+            assert os.path.isfile(os.path.join(straight, f)), f
+    first = weights(os.path.join(straight, "checkpoint-1"))
+    final = weights(straight)
+    assert sorted(first) == sorted(final)
+    trained = {h for n in tr.model.trained_names for h in hf_params(tr.model)[n]}
+    base_w = weights(base)
+    for k in final:   # the second step moved every trained tensor, and no other one off the base
+        assert np.array_equal(final[k], base_w[k]) != (k in trained), k
+        assert np.array_equal(first[k], final[k]) != (k in trained), k
+
+    resumed = str(tmp_path / "resumed")
+    trainer.run(run_args(base, resumed, resume_from_checkpoint=os.path.join(straight, "checkpoint-1")), train, [],
+                None, model=AutoModelForImageTextToText.from_pretrained(base))
+    again = weights(resumed)
+    for k in final:
+        np.testing.assert_array_equal(again[k], final[k], err_msg=k)
+    loss = lambda d: [e["loss"] for e in map(json.loads, open(os.path.join(d, "trainer_log.jsonl")))]  # noqa: E731
+    assert len(loss(straight)) == 2 and loss(resumed)[-1] == loss(straight)[-1]
+
+    x, y = tinylora.padded_batch()
+    from transformers import Glm4vForConditionalGeneration
+    ref = Glm4vForConditionalGeneration.from_pretrained(straight).eval()
+    with torch.no_grad():
+        want = ref(**tinylora.torch_inputs(x)).logits.numpy()
+    for m in (AutoModelForImageTextToText.from_pretrained(straight), tr.model):
+        got = m(**{k: v for k, v in x.items() if k != "mm_token_type_ids"}).logits.asnumpy()
+        assert float(np.abs(got - want).max()) <= 1e-4 * float(np.abs(want).max())
+
+    ck = os.path.join(straight, "checkpoint-1")
+    other = str(tmp_path / "other_base")
+    shutil.copytree(base, other)
+    with open(os.path.join(other, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["text_config"]["rms_norm_eps"] = 1e-3
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    for kw, line in ((dict(finetuning_type="lora"), f"{ck} is a finetuning_type full checkpoint, this run is lora"),
+                     (dict(model_name_or_path=other), f"{ck} was trained from another model than {other}"),
+                     (dict(finetuning_type="freeze"), f"{ck} is a finetuning_type full checkpoint"),
+                     (dict(freeze_vision_tower=False), f"{ck} trained other parameters than this run's keys")):
+        out = str(tmp_path / "refused")
+        with pytest.raises(FinetuneError, match="^resume_from_checkpoint: " + re.escape(line)):
+            trainer.run(run_args(base, out, resume_from_checkpoint=ck, **kw), train, [], None)
+        assert not os.path.exists(out)
