@@ -219,3 +219,33 @@ def test_train_save_resume_load(base, tmp_path):
         with pytest.raises(FinetuneError, match="^resume_from_checkpoint: " + re.escape(line)):
             trainer.run(run_args(base, out, resume_from_checkpoint=ck, **kw), train, [], None)
         assert not os.path.exists(out)
+
+
+def test_bf16_weights_train_through_float32_masters():
+    """A bf16 trained weight (bf16 full fine-tuning) is updated through a float32 master: three AdamW / SGD steps
+    (weight decay) leave the master at torch's float32 update on the same (bf16) gradients exactly, the weight at
+    its rounding; the master is in the optimizer state and a new optimizer takes it back."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    for kind in ("sgd", "adamw_torch"):
+        p = Parameter(Tensor(x).astype(ms.bfloat16), name=f"{kind}.w")
+        start = p.astype(ms.float32).asnumpy()
+        t = torch.nn.Parameter(torch.from_numpy(start.copy()))
+        opt = optim.Optimizer([p], kind, weight_decay=0.1)
+        topt = (torch.optim.AdamW([t], lr=1e-3, weight_decay=0.1) if kind != "sgd"
+                else torch.optim.SGD([t], lr=1e-3, weight_decay=0.1))
+        for _ in range(3):
+            g = Tensor(rng.standard_normal((4, 8)).astype(np.float32) * 1e-2).astype(ms.bfloat16)
+            t.grad = torch.from_numpy(g.astype(ms.float32).asnumpy())
+            topt.step()
+            opt.step([g], 1e-3)
+        st = opt.state()
+        np.testing.assert_allclose(st["master.0"], t.detach().numpy(), rtol=1e-6, atol=1e-8)
+        assert not np.array_equal(st["master.0"], start)
+        np.testing.assert_array_equal(p.astype(ms.float32).asnumpy(),
+                                      Tensor(st["master.0"]).astype(ms.bfloat16).astype(ms.float32).asnumpy())
+        again = optim.Optimizer([p], kind, weight_decay=0.1)
+        again.load_state(st)
+        np.testing.assert_array_equal(again.state()["master.0"], st["master.0"])
