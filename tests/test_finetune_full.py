@@ -249,3 +249,41 @@ def test_bf16_weights_train_through_float32_masters():
         again = optim.Optimizer([p], kind, weight_decay=0.1)
         again.load_state(st)
         np.testing.assert_array_equal(again.state()["master.0"], st["master.0"])
+
+
+GLM41V_9B = {   # GLM-4.1V-9B's config.json sizes (as tests/test_finetune_dp.py's LoRA table)
+    "model_type": "glm4v", "text_config": {
+        "vocab_size": 151552, "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
+        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696,
+        "rope_parameters": {"mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5, "rope_theta": 10000.0}},
+    "vision_config": {"depth": 24, "hidden_size": 1536, "num_heads": 12, "out_hidden_size": 4096,
+                      "intermediate_size": 13696, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "image_size": 336}}
+LF_GB = {(True, 2): 280, (False, 2): 304, (True, 3): 192, (False, 3): 210}   # FINETUNE.md: 4 x A100, total
+
+
+def readme_rows():
+    """The README's full fine-tuning rows for GLM-4.1V-9B from plan.full_config_plan: bf16, 4 ranks, batch 1 per
+    rank, cutoff_len 2048, recompute, AdamW, accumulation 1."""
+    from glm4v_ms.finetune import plan
+    cfg = Glm4vConfig.from_dict(GLM41V_9B)
+    rows = []
+    for frozen in (True, False):
+        a = ours_args(dict(finetuning_type="full", freeze_vision_tower=frozen))
+        for stage in (2, 3):
+            p = plan.full_config_plan(cfg, 2, 1, 2048, a, ranks=4, stage=stage)
+            _, n, _ = plan.trained_counts(cfg, a)
+            g = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+            tot = plan.total(p, True)
+            rows.append(f"| {'frozen' if frozen else 'trained'} | {stage} | {n / 1e9:.2f} B | "
+                        f"{g(p['frozen'] + p['trainable'])} | {g(p['grads'])} | {g(p['optimizer'])} | "
+                        f"{g(p['activations_recompute'])} | {g(tot)} | {tot * 4 / 1e9:.0f} GB | "
+                        f"{LF_GB[(frozen, stage)]} GB |")
+    return rows
+
+
+def test_readme_full_plan_table():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                  encoding="utf-8").read()
+    for row in readme_rows():
+        assert row in readme, row
