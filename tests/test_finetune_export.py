@@ -27,7 +27,6 @@ from glm4v_ms.config import Glm4vConfig
 from glm4v_ms.convert import convert, to_bfloat16
 from glm4v_ms.finetune import lora
 from glm4v_ms.finetune.export import hf_params, save_hf
-from glm4v_ms.parallel import Layout
 from glm4v_ms.safetensors_io import Checkpoint, WeightError
 from glm4v_ms.weights import load
 
@@ -207,4 +206,3 @@ def test_refused_model_or_dst(bases, dense_model, tmp_path):
     finally:
         lora.remove(dense_model)
     assert all("\n" not in m for m in msgs) and not os.path.lexists(dst) and not no_leftovers(dst)
-    assert isinstance(old, Layout)
