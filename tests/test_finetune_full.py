@@ -12,7 +12,6 @@ import types
 import numpy as np
 import pytest
 
-import export_standin
 import lf_reference  # noqa: F401  (LLaMA-Factory importable: stubs, version check off)
 import tinylora
 import tinyref
@@ -22,10 +21,9 @@ from glm4v_ms.config import Glm4vConfig
 from glm4v_ms.finetune import forward, full, optim, trainer
 from glm4v_ms.finetune.args import FinetuneArgs, FinetuneError
 from llamafactory.hparams import FinetuningArguments
+from glm4v_ms.finetune.export import _sources, hf_params
+from glm4v_ms.weights import hf_table
 from llamafactory.model.adapter import _setup_freeze_tuning, _setup_full_tuning
-
-export_standin.install()
-from glm4v_ms.finetune.export import hf_params  # noqa: E402
 
 TOL = 1e-4   # measured worst gradient rel error 3.3e-5 (vision norm weights), tower trained
 
@@ -57,6 +55,12 @@ def lf_model(base, kw):
     setup = _setup_full_tuning if kw["finetuning_type"] == "full" else _setup_freeze_tuning
     setup(ref, FinetuningArguments(**kw), True, False)
     return ref
+
+
+def to_hf(cfg, ours):
+    """Our tensors -> transformers' (export's inverse of the weight table: fusion and row orders undone)."""
+    table = {e.ours: e for e in hf_table(cfg)}
+    return {s: a for n, v in ours.items() for s, a in zip(table[n].sources, _sources(cfg, table[n], np.asarray(v)))}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +124,7 @@ def test_sgd_step(base, case):
     out.loss.backward()
     assert abs(float(loss.asnumpy()) / st.tokens - out.loss.item()) <= TOL * out.loss.item()
     after = {n: p.asnumpy() for n, p in ours.parameters_and_names()}
-    delta = full.to_hf(ours.config, {n: after[n].astype(np.float64) - before[n] for n in ours.trained_names})
+    delta = to_hf(ours.config, {n: after[n].astype(np.float64) - before[n] for n in ours.trained_names})
     want = {n: -lr * p.grad.numpy() for n, p in ref.named_parameters() if p.requires_grad}
     assert set(delta) == set(want)
     for n, w in want.items():

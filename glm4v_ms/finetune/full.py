@@ -30,10 +30,8 @@ import json
 import os
 import re
 
-import numpy as np
-
 from ..config import Glm4vConfig
-from ..weights import hf_shapes, hf_table
+from ..weights import hf_table
 from .args import FinetuneError
 
 VISION_KEYS = ("visual.patch_embed", "visual.blocks")
@@ -123,8 +121,9 @@ def select(cfg: Glm4vConfig, args) -> list:
 
 
 def check(args, folder: str) -> list:
-    """Before the data and the model: the base can be trained whole (not a GPTQ one) and the keys select a
-    trained set; returns our trained names."""
+    """Before the data and the model: the base can be trained whole (not a GPTQ one) and saved as it came (a
+    Hugging Face checkpoint, not a converted folder), and the keys select a trained set; returns our trained
+    names."""
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             raw = json.load(f)
@@ -137,49 +136,15 @@ def check(args, folder: str) -> list:
                             "quantized weights cannot be trained (LoRA on it: finetuning_type lora)")
     try:
         cfg = Glm4vConfig.from_pretrained(folder)
+        from ..safetensors_io import Checkpoint
+        from ..weights import is_converted
+        converted = is_converted(Checkpoint(folder))
     except ValueError as e:
         raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
+    if converted:   # the output is a Hugging Face checkpoint shaped like the base (export.save_hf)
+        raise FinetuneError(f"finetuning_type {args.finetuning_type}: {folder} is a glm4v_ms.convert output; give "
+                            "the Hugging Face checkpoint it came from (the trained model is written in its layout)")
     return select(cfg, args)
-
-
-# ---------------------------------------------------------------------------------------------- ours <-> theirs
-def index_map(cfg: Glm4vConfig, entry) -> np.ndarray:
-    """Our tensor of this entry as flat indices into its sources laid end to end (the table's transform run on
-    element numbers, as lora._row_order does for rows): ours.ravel() == concat(sources raveled)[map.ravel()]."""
-    shapes = hf_shapes(cfg)
-    sizes = [int(np.prod(shapes[s])) for s in entry.sources]
-    starts = np.cumsum([0] + sizes)
-    idx = [np.arange(a, a + n, dtype=np.int64).reshape(shapes[s]) for s, a, n in zip(entry.sources, starts, sizes)]
-    return entry.fn(cfg, *idx)
-
-
-def to_hf(cfg: Glm4vConfig, ours: dict, fold_experts: bool = True) -> dict:
-    """Our tensors (name -> array) -> transformers 5's parameters (name -> array), fusion and row orders undone;
-    GLM-4.5V's routed experts as its fused (E, 2I, H) gate_up_proj and (E, H, I) down_proj (fold_experts False:
-    every source tensor under its checkpoint name, per expert, buffers included)."""
-    shapes = hf_shapes(cfg)
-    table = {e.ours: e for e in hf_table(cfg)}
-    names = hf_parameters(cfg)
-    out = {}
-    for name, arr in ours.items():
-        e = table[name]
-        arr = np.asarray(arr)
-        flat = np.empty(sum(int(np.prod(shapes[s])) for s in e.sources), arr.dtype)
-        flat[index_map(cfg, e).ravel()] = arr.ravel()
-        parts, o = [], 0
-        for s in e.sources:
-            n = int(np.prod(shapes[s]))
-            parts.append(flat[o:o + n].reshape(shapes[s]))
-            o += n
-        if not fold_experts:
-            out.update(zip(e.sources, parts))
-        elif e.per_expert == 2:     # (gate_e, up_e) pairs -> (E, 2I, H)
-            out[names[name][0]] = np.stack([np.concatenate([g, u], 0) for g, u in zip(parts[0::2], parts[1::2])])
-        elif e.per_expert == 1:
-            out[names[name][0]] = np.stack(parts)
-        else:
-            out.update({s: p for s, p in zip(e.sources, parts) if s in names[name]})
-    return out
 
 
 def trainable(model) -> list:
