@@ -428,6 +428,10 @@ def setup(args, model):
     runs in the training graph)."""
     projector = not args.freeze_multi_modal_projector
     if args.finetuning_type != "lora":
+        lay = getattr(model, "layout", None)
+        if lay is not None and lay.world > 1:   # the training graphs of full.py take whole weights
+            raise FinetuneError(f"finetuning_type {args.finetuning_type}: under tensor / expert parallel is not "
+                                "implemented (data parallel is: one whole model per rank, ZeRO-1/2)")
         model.trained_names = full.select(model.config, args)
         _recompute(args, model)
         return
