@@ -291,3 +291,38 @@ def test_readme_full_plan_table():
                   encoding="utf-8").read()
     for row in readme_rows():
         assert row in readme, row
+
+
+def test_readme_command(tmp_path):
+    """The README's freeze command as a user runs it (a subprocess, demo-tiny): it trains, logs, checkpoints and
+    writes a Hugging Face folder whose trained layer moved and the rest is the base's, which transformers loads with
+    our logits."""
+    import subprocess
+    import sys
+
+    from glm4v_ms import demo
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    cmd = next(ln.split("#")[0].split() for ln in readme.splitlines()
+               if ln.startswith("python -m glm4v_ms.finetune examples/finetune/demo_tiny_full.yaml --finetuning_type"))
+    cache = tmp_path / "cache"
+    demo.build(str(cache / "demo-tiny"), "demo-tiny")
+    out = tmp_path / "out"
+    env = dict(os.environ, GLM4V_MS_CACHE=str(cache), GLM4V_MS_DEVICE="cpu", PYTHONPATH=root)
+    p = subprocess.run([sys.executable, *cmd[1:], "--output_dir", str(out)], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"the model is in {out}" in p.stderr and "[memory: frozen weights" in p.stderr
+    assert {"checkpoint-2", "checkpoint-4", "config.json", "tokenizer.json", "trainer_log.jsonl"} <= set(os.listdir(out))
+    base, final = weights(str(cache / "demo-tiny")), weights(str(out))
+    n = json.load(open(out / "config.json"))["text_config"]["num_hidden_layers"]
+    last = f".layers.{n - 1}."
+    for k in base:   # freeze_trainable_layers 1: the last text layer trains, nothing else
+        assert np.array_equal(base[k], final[k]) != ("language_model" in k and last in k), k
+    from transformers import Glm4vForConditionalGeneration
+    ids = np.array([[5, 6, 7, 8, 9, 10]], np.int64)
+    ref = Glm4vForConditionalGeneration.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = AutoModelForImageTextToText.from_pretrained(str(out))(input_ids=ids).logits.asnumpy()
+    assert float(np.abs(got - want).max()) <= 1e-4 * float(np.abs(want).max())
