@@ -23,6 +23,7 @@ gradient. The tower's segment lengths are constants of its graph: one graph per 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -265,6 +266,21 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
     return Output(logits=logits, rope_deltas=deltas, loss=loss)
 
 
+@contextlib.contextmanager
+def _plain_vision_attention():
+    """The tower inside a training graph attends segment by segment (attention.vision_attention's plain path):
+    the fused varlen kernel is a compiled cell built per image layout at call time, which a graph being traced
+    cannot build (MindSpore 2.10: "The pointer[cond_value] is null", emulated Ascend path). Read when the graph is
+    compiled (a constant there)."""
+    from .. import attention
+    kept = attention._FUSED
+    attention._FUSED = tuple(k for k in kept if k != "vision_attention")
+    try:
+        yield
+    finally:
+        attention._FUSED = kept
+
+
 class Grad:
     """(sum of the trained rows' cross-entropies, gradients of `params`) for one prepared micro-batch:
     mindspore.value_and_grad over the training forward, compiled (ms.jit) unless `jit` is False."""
@@ -320,7 +336,8 @@ class Grad:
             args = (st.ids, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
             if st.tower is not None:
                 pixels, vcos, vsin, seg_lens, mats, index = st.tower
-                loss, grads = self._tower_fn(seg_lens)(*args, st.vis, pixels, vcos, vsin, mats, index)
+                with _plain_vision_attention():
+                    loss, grads = self._tower_fn(seg_lens)(*args, st.vis, pixels, vcos, vsin, mats, index)
             elif st.vis is not None:
                 loss, grads = self._full_fn(True)(*args, st.vis, st.feats)
             else:
