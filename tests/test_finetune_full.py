@@ -301,10 +301,10 @@ def test_readme_command(tmp_path):
     import sys
 
     from glm4v_ms import demo
+    from test_readme_commands import readme_command
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
-    cmd = next(ln.split("#")[0].split() for ln in readme.splitlines()
-               if ln.startswith("python -m glm4v_ms.finetune examples/finetune/demo_tiny_full.yaml --finetuning_type"))
+    cmd = readme_command("python -m glm4v_ms.finetune examples/finetune/demo_tiny_full.yaml --finetuning_type")
+    assert cmd[-4:] == ["--finetuning_type", "freeze", "--freeze_trainable_layers", "1"], cmd
     cache = tmp_path / "cache"
     demo.build(str(cache / "demo-tiny"), "demo-tiny")
     out = tmp_path / "out"
