@@ -295,19 +295,22 @@ def test_readme_command(setup, tmp_path):
     np.testing.assert_allclose(la, lb, atol=1e-4)   # the log rounds to 4 decimals
 
 
+GLM41V_9B = {   # GLM-4.1V-9B's config.json sizes (the README's plan tables; tests/test_finetune_full.py too)
+    "model_type": "glm4v", "text_config": {
+        "vocab_size": 151552, "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
+        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696,
+        "rope_parameters": {"mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5, "rope_theta": 10000.0}},
+    "vision_config": {"depth": 24, "hidden_size": 1536, "num_heads": 12, "out_hidden_size": 4096,
+                      "intermediate_size": 13696, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "image_size": 336}}
+
+
 def test_readme_plan_per_rank():
     """The README's per-rank table for GLM-4.1V-9B is what plan.config_plan gives (its config.json's text and
     vision sizes; bf16, LoRA rank 8, batch 1 per rank, cutoff_len 2048, recompute, AdamW)."""
     from glm4v_ms.config import Glm4vConfig
     from glm4v_ms.finetune import plan
-    cfg = Glm4vConfig.from_dict({
-        "model_type": "glm4v", "text_config": {
-            "vocab_size": 151552, "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
-            "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696,
-            "rope_parameters": {"mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5, "rope_theta": 10000.0}},
-        "vision_config": {"depth": 24, "hidden_size": 1536, "num_heads": 12, "out_hidden_size": 4096,
-                          "intermediate_size": 13696, "patch_size": 14, "spatial_merge_size": 2,
-                          "temporal_patch_size": 2, "image_size": 336}})
+    cfg = Glm4vConfig.from_dict(GLM41V_9B)
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     for n, stage in ((1, 0), (4, 0), (4, 1), (4, 2), (8, 2)):
         p = plan.config_plan(cfg, 2, 1, 2048, 8, ranks=n, stage=stage)

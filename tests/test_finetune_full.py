@@ -16,6 +16,7 @@ import lf_reference  # noqa: F401  (LLaMA-Factory importable: stubs, version che
 import tinylora
 import tinyref
 import torch
+from test_finetune_dp import GLM41V_9B
 from glm4v_ms import AutoModelForImageTextToText
 from glm4v_ms.config import Glm4vConfig
 from glm4v_ms.finetune import forward, full, optim, trainer
@@ -255,14 +256,6 @@ def test_bf16_weights_train_through_float32_masters():
         np.testing.assert_array_equal(again.state()["master.0"], st["master.0"])
 
 
-GLM41V_9B = {   # GLM-4.1V-9B's config.json sizes (as tests/test_finetune_dp.py's LoRA table)
-    "model_type": "glm4v", "text_config": {
-        "vocab_size": 151552, "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
-        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696,
-        "rope_parameters": {"mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5, "rope_theta": 10000.0}},
-    "vision_config": {"depth": 24, "hidden_size": 1536, "num_heads": 12, "out_hidden_size": 4096,
-                      "intermediate_size": 13696, "patch_size": 14, "spatial_merge_size": 2,
-                      "temporal_patch_size": 2, "image_size": 336}}
 LF_GB = {(True, 2): 280, (False, 2): 304, (True, 3): 192, (False, 3): 210}   # FINETUNE.md: 4 x A100, total
 
 
