@@ -16,15 +16,15 @@ import lf_reference  # noqa: F401  (LLaMA-Factory importable: stubs, version che
 import tinylora
 import tinyref
 import torch
-from test_finetune_dp import GLM41V_9B
 from glm4v_ms import AutoModelForImageTextToText
 from glm4v_ms.config import Glm4vConfig
 from glm4v_ms.finetune import forward, full, optim, trainer
 from glm4v_ms.finetune.args import FinetuneArgs, FinetuneError
-from llamafactory.hparams import FinetuningArguments
 from glm4v_ms.finetune.export import _sources, hf_params
 from glm4v_ms.weights import hf_table
+from llamafactory.hparams import FinetuningArguments
 from llamafactory.model.adapter import _setup_freeze_tuning, _setup_full_tuning
+from test_finetune_dp import GLM41V_9B
 
 TOL = 1e-4   # measured worst gradient rel error 3.3e-5 (vision norm weights), tower trained
 
@@ -306,7 +306,8 @@ def test_readme_command(tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert f"the model is in {out}" in p.stderr and "[memory: frozen weights" in p.stderr
-    assert {"checkpoint-2", "checkpoint-4", "config.json", "tokenizer.json", "trainer_log.jsonl"} <= set(os.listdir(out))
+    files = set(os.listdir(out))
+    assert {"checkpoint-2", "checkpoint-4", "config.json", "tokenizer.json", "trainer_log.jsonl"} <= files
     base, final = weights(str(cache / "demo-tiny")), weights(str(out))
     n = json.load(open(out / "config.json"))["text_config"]["num_hidden_layers"]
     last = f".layers.{n - 1}."
