@@ -14,7 +14,8 @@ renamed. Full / freeze fine-tuning (full.py) writes a Hugging Face checkpoint fo
 end and in each checkpoint-N (export.save_hf: transformers' names, the base's dtypes, its tokenizer and processor
 files), the checkpoint with the optimizer state next to it (bf16 weights' float32 masters included; and, when the
 model runs wider than the base's dtype, the trained weights exactly, in trained.npz, so that resuming is exact);
-Ctrl-C (interrupt.py) stops after the step with such a checkpoint and one line naming it; trainer_log.jsonl (LLaMA-Factory's LogCallback lines); training_loss.png with plot_loss.
+Ctrl-C (interrupt.py) stops after the step with such a checkpoint and one line naming it; trainer_log.jsonl
+(LLaMA-Factory's LogCallback lines); training_loss.png with plot_loss.
 
 Under msrun (finetune.py) the trainer is data parallel (distributed.py): the plan is the one process's with
 micro-batches of per_device_train_batch_size x N, each rank trains on its share of each, the loss and gradients
