@@ -148,8 +148,8 @@ class Batch:
             for a, dst in zip((*src.st.dec.k, *src.st.dec.v), (*dec.k, *dec.v)):
                 ops.assign(dst, a[srow:srow + 1])
             held, media = src.saved[srow][:2]
-            pc.st = State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
-                          media=[media])
+            pc.hold(State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
+                          media=[media]), self.model)
             got = prefill_reusing(self.model, p, pc, seq.max_new, between)
         logits, one = got if got is not None else prefill(self.model, p, self.max_len, between=between)
         for a, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):

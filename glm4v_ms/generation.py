@@ -62,7 +62,7 @@ def generate(model, p: Prompt, cfg: GenerationConfig, think_ids: dict | None = N
     else:
         logits, st = got
     if cache is not None:
-        cache.st = st
+        cache.hold(st, model)
     batch = Batch(model, st, logits, keep=cache is not None)
     batch.seqs = [Sequence(p.real(b), cfg, new, force, rng) for b in range(B)]
     out = np.full((B, new), pad, np.int64)

@@ -110,8 +110,9 @@ def _effective(lo: L.Lora):
 class Bank:
     """The adapters served beside the base: names in order (index k + 1 in `rows`), their folders."""
 
-    def __init__(self, names, paths, rows: Parameter, cells: dict):
+    def __init__(self, names, paths, rows: Parameter, cells: dict, digest):
         self.names, self.paths, self.rows, self.cells = list(names), list(paths), rows, cells
+        self.digest = digest   # the model's config_digest before the bank
         self.max_rows = int(rows.shape[0])
 
     def select(self, adapters) -> None:
@@ -131,6 +132,8 @@ def install(model, modules, max_rows: int) -> Bank:
     adapter, if any, is removed. Raises LoraModulesError (one line) for an adapter that does not fit the model."""
     if model.layout.world > 1:
         raise LoraModulesError("--lora-modules: several adapters under tensor parallel are not supported yet")
+    uninstall(model)
+    digest = model.config_digest
     per_site, order = {}, []
     for k, (name, path) in enumerate(modules):
         try:
@@ -169,7 +172,19 @@ def install(model, modules, max_rows: int) -> Bank:
             with open(os.path.join(path, f), "rb") as fh:
                 h.update(name.encode() + b"\0" + fh.read())
     model.config_digest = h.hexdigest()
-    bank = Bank([n for n, _ in modules], [p for _, p in modules], rows, cells)
+    bank = Bank([n for n, _ in modules], [p for _, p in modules], rows, cells, digest)
     model.adapter_bank = bank
     return bank
+
+
+def uninstall(model) -> None:
+    """The model as it was before install (its linears without deltas)."""
+    bank = getattr(model, "adapter_bank", None)
+    if bank is None:
+        return
+    for linear in (c for c in model.cells_and_names() if getattr(c[1], "lora", None) in bank.cells.values()):
+        linear[1].lora = None
+    model.config_digest = bank.digest
+    model._decoders.clear()
+    del model.adapter_bank
 

@@ -130,7 +130,23 @@ def test_rows_of_one_step_each_with_its_adapter(setup):
                             if g.saved[r][3] != a)
     finally:
         engine.stop()
-        del model.adapter_bank
+        multi_lora.uninstall(model)
+
+
+def test_prompt_cache_is_keyed_by_adapter(setup):
+    """generate(past_key_values=PromptCache()) after model.load_adapter: the prefix cached without the adapter
+    is not reused (its keys and values are the base's); the next call with the same adapter reuses it."""
+    from glm4v_ms import PromptCache
+    model, x, want = setup["model"], setup["inputs"]["text"], setup["want"]
+    n, pc = x["input_ids"].shape[1], PromptCache()
+    gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, past_key_values=pc)
+    try:
+        assert model.generate(**x, **gen)[0, n:].tolist() == want[None, "text"].tolist()
+        model.load_adapter(setup["adapters"]["charts"])
+        assert model.generate(**x, **gen)[0, n:].tolist() == want["charts", "text"].tolist() and pc.reused == 0
+        assert model.generate(**x, **gen)[0, n:].tolist() == want["charts", "text"].tolist() and pc.reused > 0
+    finally:
+        L.remove(model)
 
 
 def lora_command():
