@@ -133,6 +133,9 @@ class Engine:
         new = self.check_prompt(p.shape[1], max_new_tokens)
         force = thinking_force(cfg, think_ids if think_ids is not None else self.model.think_ids)
         req = Request(p, Sequence(p.real(0), cfg, new, force, listener=None))
+        bank = getattr(self.model, "adapter_bank", None)
+        if not 0 <= adapter <= (len(bank.names) if bank is not None else 0):
+            raise ValueError(f"adapter {adapter}: the model holds {len(bank.names) if bank else 0} adapters")
         req.seq.adapter = int(adapter)
 
         def tell(kind, value):

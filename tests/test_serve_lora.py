@@ -242,8 +242,8 @@ def test_lora_modules_values():
 
 @pytest.mark.parametrize("case", ["same_name", "another_base", "not_peft"])
 def test_bad_adapters_exit_2_before_the_port_opens(setup, tmp_path, case):
-    """One line, exit 2, no traceback, nothing listening: two adapters under one name (before the model loads), a
-    folder that is no PEFT adapter, an adapter made by PEFT for a base of another size (once the model loaded)."""
+    """One line, exit 2, no traceback, before uvicorn starts: two adapters under one name and a folder that is no
+    PEFT adapter (before the model loads), an adapter made by PEFT for a base of another size (once it loaded)."""
     a = setup["adapters"]["charts"]
     if case == "same_name":
         mods = [f"x={a}", f"x={setup['adapters']['sql']}"]
