@@ -18,7 +18,8 @@ FLOORS = {
               "finetune.forward", "finetune.lora", "finetune.adapter", "finetune.optim", "finetune.plan",
               "finetune.interrupt", "finetune.args", "finetune.data", "finetune.plot", "finetune.distributed"],
     FACES: ["", "model", "faces", "generate_cli", "demo", "cli", "convert", "convert.*", "serve", "serve.*",
-            "parity", "parity.*", "finetune", "finetune.__main__", "finetune.trainer", "finetune.merge"],
+            "parity", "parity.*", "finetune", "finetune.__main__", "finetune.trainer", "finetune.merge",
+            "finetune.export"],
 }
 NAMES = ["host", "device", "model", "engines", "faces"]
 
