@@ -6,9 +6,7 @@ the request gets alone. One server launch, as the README writes the command."""
 import base64
 import io
 import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +22,7 @@ from glm4v_ms.engine import Engine
 from glm4v_ms.finetune import lora as L
 from glm4v_ms.processing.reply import split, strip_boxes
 from processing_fixtures import drawn_image
-from serving import wait_healthy
+from serving import sigterm, wait_healthy
 from test_parallel import free_port
 from test_readme_commands import ROOT, blocks, child_env
 
@@ -219,13 +217,8 @@ def test_server_with_two_adapters_and_the_base(setup):
         assert status == 404 and err["error"]["type"] == "NotFoundError" and err["error"]["code"] == 404
         assert err["error"]["message"] == "The model `no-such-adapter` does not exist."
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            _, log = p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, log = p.communicate()
-    assert "Traceback" not in log, log[-3000:]
+        log = sigterm(p)
+    assert "Traceback" not in log and "SIGTERM: stopping" in log, log[-3000:]
 
 
 def test_lora_modules_values():
