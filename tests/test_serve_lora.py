@@ -213,12 +213,23 @@ def test_server_with_two_adapters_and_the_base(setup):
             text = strip_boxes(split(proc.decode(tokens, skip_special_tokens=True))[1]).strip()
             assert r1["choices"][0]["message"]["content"] == text, j
 
+        # streamed: the adapter's answer, chunk by chunk, each chunk naming it
+        with urllib.request.urlopen(urllib.request.Request(
+                url + "/v1/chat/completions", data=json.dumps({**body(names[1], "image"), "stream": True}).encode(),
+                headers={"Content-Type": "application/json"}), timeout=300) as r:
+            chunks = [json.loads(line[6:]) for line in r.read().decode().splitlines()
+                      if line.startswith("data: {")]
+        assert {c["model"] for c in chunks} == {names[1]}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
+            alone[names[1], "image"][1]["choices"][0]["message"]["content"]
+
         status, err = request(url, body("no-such-adapter", "text"))
         assert status == 404 and err["error"]["type"] == "NotFoundError" and err["error"]["code"] == 404
         assert err["error"]["message"] == "The model `no-such-adapter` does not exist."
     finally:
         log = sigterm(p)
     assert "Traceback" not in log and "SIGTERM: stopping" in log, log[-3000:]
+    assert f"adapters {', '.join(names)} beside {base}]" in log, log[-3000:]
 
 
 def test_lora_modules_values():

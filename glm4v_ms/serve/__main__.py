@@ -110,7 +110,9 @@ def main(argv=None):
     if app is None:   # a rank other than 0: follow rank 0's engine until it stops
         from .ranks import follow
         return follow(engine)
-    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}]", file=sys.stderr)
+    names = list(app.state.server.adapters)
+    served = f"; adapters {', '.join(names)} beside {a.name}" if names else ""
+    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}{served}]", file=sys.stderr)
 
     class Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame):   # SIGINT / SIGTERM: one line, then uvicorn's graceful shutdown
