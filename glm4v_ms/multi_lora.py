@@ -111,7 +111,8 @@ class Bank:
     """The adapters served beside the base: names in order (index k + 1 in `rows`), their folders."""
 
     def __init__(self, names, paths, rows: Parameter, cells: dict, digest):
-        self.names, self.paths, self.rows, self.cells = list(names), list(paths), rows, cells
+        self.names, self.paths, self.rows = list(names), list(paths), rows
+        self.cells = cells     # our linear's path -> (the linear, its MultiLora)
         self.digest = digest   # the model's config_digest before the bank
         self.max_rows = int(rows.shape[0])
 
@@ -161,9 +162,8 @@ def install(model, modules, max_rows: int) -> Bank:
         S = np.zeros(K + 1, np.float32)
         for k, (a, b, s) in got.items():
             A[k + 1, :a.shape[0]], B[k + 1, :, :b.shape[1]], S[k + 1] = a, b, s
-        cell = MultiLora(ours, A, B, S, rows)
-        linear.lora = cell
-        cells[ours] = cell
+        linear.lora = MultiLora(ours, A, B, S, rows)
+        cells[ours] = (linear, linear.lora)
     model._decoders.clear()   # the compiled graphs hold the linears as they were
     # the compile cache's key: the graphs now hold these adapters' stacks (and a selector of max_rows)
     h = hashlib.sha256((model.config_digest or "").encode() + f"multi_lora:{max_rows}".encode())
@@ -182,8 +182,9 @@ def uninstall(model) -> None:
     bank = getattr(model, "adapter_bank", None)
     if bank is None:
         return
-    for linear in (c for c in model.cells_and_names() if getattr(c[1], "lora", None) in bank.cells.values()):
-        linear[1].lora = None
+    for linear, cell in bank.cells.values():
+        if linear.lora is cell:
+            linear.lora = None
     model.config_digest = bank.digest
     model._decoders.clear()
     del model.adapter_bank
