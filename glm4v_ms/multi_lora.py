@@ -130,9 +130,8 @@ class Bank:
 
 def install(model, modules, max_rows: int) -> Bank:
     """Load every (name, folder) adapter and put the stacked deltas on the model's linears; the model's own
-    adapter, if any, is removed. Raises LoraModulesError (one line) for an adapter that does not fit the model."""
-    if model.layout.world > 1:
-        raise LoraModulesError("--lora-modules: several adapters under tensor parallel are not supported yet")
+    adapter, if any, is removed. Raises LoraModulesError (one line) for an adapter that does not fit the model.
+    Under tensor parallel each rank stacks its slices (the reader slices A and B like the linear they sit on)."""
     uninstall(model)
     digest = model.config_digest
     per_site, order = {}, []

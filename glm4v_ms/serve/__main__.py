@@ -55,8 +55,6 @@ def parse(argv):
     if a.allowed_local_media_path and not os.path.isdir(a.allowed_local_media_path):
         p.error(f"--allowed-local-media-path: not a folder: {a.allowed_local_media_path}")
     a.name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
-    if a.lora_modules and a.tensor_parallel_size > 1:
-        p.error("--lora-modules: adapters under tensor parallel are not served yet (one rank only)")
     return a
 
 
