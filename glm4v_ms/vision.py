@@ -48,11 +48,12 @@ def cubic_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def resample_table(table, n_h: int, n_w: int):
-    """(G*G, C) table -> (n_w * n_h, C), row w * n_h + h = the table bicubically resampled at patch (h, w)."""
-    G = int(round(table.shape[0] ** 0.5))
+def resample(table, mh, mw):
+    """(G*G, C) table -> (n_w * n_h, C), row w * n_h + h = the table bicubically resampled at patch (h, w), with
+    the two cubic matrices given ((n_h, G) and (n_w, G), built on the host): two matmuls, in a graph too."""
+    G = mh.shape[1]
     C = table.shape[1]
-    mh, mw = Tensor(cubic_matrix(n_h, G)), Tensor(cubic_matrix(n_w, G))
+    n_h, n_w = mh.shape[0], mw.shape[0]
     t = table.astype(ms.float32).reshape(G, G * C)                        # rows = table h
     a = ops.matmul(mh, t).reshape(n_h, G, C).transpose(1, 0, 2).reshape(G, n_h * C)
     return ops.matmul(mw, a).reshape(n_w * n_h, C)
@@ -121,39 +122,37 @@ class VisionModel(nn.Cell):
         self.downsample = Linear(cfg.hidden_size * m, cfg.out_hidden_size, dtype, bias=True)
         self.merger = Merger(cfg, dtype)
 
-    def position_embeddings(self, grid_rows: np.ndarray, patch_hw: np.ndarray):
-        """Resample the table once per distinct (h, w) grid and gather every patch's row from the results."""
-        tables, offsets, index = [], {}, []
-        start = 0
-        for _, h, w in grid_rows:
-            if (h, w) not in offsets:
-                offsets[(h, w)] = start
-                tables.append(resample_table(self.pos_embed, int(h), int(w)))
-                start += h * w
-        n = 0
-        for t, h, w in grid_rows:
-            hw = patch_hw[n:n + t * h * w]
-            index.append(offsets[(h, w)] + hw[:, 1] * h + hw[:, 0])
-            n += t * h * w
-        table = tables[0] if len(tables) == 1 else ops.cat(tables, 0)
-        return ops.gather(table, Tensor(np.concatenate(index).astype(np.int32)), 0)
-
-    def construct(self, pixels, grid_rows: np.ndarray, states=None, between=None):
-        """pixels (N, C*T*P*P); grid_rows (n, 3) of (t, h, w) in patches, one row per image or video frame pair.
-        Returns (N / merge^2, out_hidden_size) LLM embeddings. `states`, a list, receives each block's output.
-        `between()` is called between blocks and between the query blocks of their attention (the serving engine
-        decodes its other rows meanwhile)."""
+    def tower_inputs(self, grid_rows):
+        """The host side of the tower for these grids: rotary tables (1, N, 1, D), the segment lengths (a tuple),
+        the position table's two cubic matrices per distinct (h, w) grid and every patch's row in their results
+        (resampled once per grid), and the patch count."""
         c = self.cfg
         grid_rows = np.asarray(grid_rows, np.int64).reshape(-1, 3)
         patch_hw = vision_patch_hw(grid_rows, c.spatial_merge_size)
-        if patch_hw.shape[0] != pixels.shape[0]:
-            raise ValueError(f"{pixels.shape[0]} patch rows in the pixel values, the grids describe {patch_hw.shape[0]}")
         cos, sin = (Tensor(a)[None, :, None, :] for a in vision_cos_sin(patch_hw, c.head_dim, c.rope_theta))
-        seg_lens = [int(h * w) for t, h, w in grid_rows for _ in range(t)]
+        seg_lens = tuple(int(h * w) for t, h, w in grid_rows for _ in range(t))
+        mats, offsets, index = [], {}, []
+        start = n = 0
+        for t, h, w in grid_rows:
+            if (h, w) not in offsets:
+                offsets[(h, w)] = start
+                mats += [Tensor(cubic_matrix(int(h), c.pos_grid)), Tensor(cubic_matrix(int(w), c.pos_grid))]
+                start += h * w
+            hw = patch_hw[n:n + t * h * w]
+            index.append(offsets[(h, w)] + hw[:, 1] * h + hw[:, 0])
+            n += t * h * w
+        index = Tensor(np.concatenate(index).astype(np.int32)) if index else None
+        return cos, sin, seg_lens, tuple(mats), index, int(patch_hw.shape[0])
 
+    def features(self, pixels, cos, sin, seg_lens, mats, index, states=None, between=None):
+        """The tower over host-prepared inputs (tower_inputs): graph-friendly, so the training graph runs it with
+        gradients; construct runs it eagerly."""
+        c = self.cfg
         x = self.patch_embed(pixels.astype(self.pos_embed.dtype))
         x = rms_norm(x, self.post_conv_norm.weight, c.rms_norm_eps)
-        x = x + self.position_embeddings(grid_rows, patch_hw).astype(x.dtype)
+        tables = [resample(self.pos_embed, mats[2 * k], mats[2 * k + 1]) for k in range(len(mats) // 2)]
+        table = tables[0] if len(tables) == 1 else ops.cat(tables, 0)
+        x = x + ops.gather(table, index, 0).astype(x.dtype)
         for i, blk in enumerate(self.blocks):
             if i and between is not None:
                 between()
@@ -166,3 +165,13 @@ class VisionModel(nn.Cell):
         if states is not None:
             states.append(("visual.merger", x))
         return x
+
+    def construct(self, pixels, grid_rows: np.ndarray, states=None, between=None):
+        """pixels (N, C*T*P*P); grid_rows (n, 3) of (t, h, w) in patches, one row per image or video frame pair.
+        Returns (N / merge^2, out_hidden_size) LLM embeddings. `states`, a list, receives each block's output.
+        `between()` is called between blocks and between the query blocks of their attention (the serving engine
+        decodes its other rows meanwhile)."""
+        cos, sin, seg_lens, mats, index, n = self.tower_inputs(grid_rows)
+        if n != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} patch rows in the pixel values, the grids describe {n}")
+        return self.features(pixels, cos, sin, list(seg_lens), mats, index, states, between)

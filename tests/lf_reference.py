@@ -14,8 +14,8 @@ import sys
 import reference  # noqa: F401  (torchvision schemas before transformers)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if importlib.util.find_spec("torchaudio") is None:
-    sys.path.append(os.path.join(HERE, "stubs"))
+if importlib.util.find_spec("torchaudio") is None or importlib.util.find_spec("trl") is None:
+    sys.path.append(os.path.join(HERE, "stubs"))   # each stub is found only where the real package is missing
 os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
 os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "ERROR")   # its per-template advice, once per reference built
 

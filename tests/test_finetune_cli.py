@@ -116,8 +116,8 @@ def test_bad_keys_and_output_dir(env, workdir):
              (["--train_on_prompt", "true"],
               "error: train_on_prompt: Current template does not support `train_on_prompt`."),
              (["--freeze_vision_tower", "false"],
-              "error: freeze_vision_tower: training the vision tower is not implemented (LoRA on visual.merger: "
-              "freeze_multi_modal_projector false), got False"),
+              "error: freeze_vision_tower: training the vision tower with LoRA is not implemented (finetuning_type "
+              "full or freeze trains it; LoRA on visual.merger: freeze_multi_modal_projector false), got False"),
              (["--adapter_name_or_path", "nope"],
               "error: adapter_name_or_path: nope is not a folder with adapter_config.json")]
     for flags, expected in cases:

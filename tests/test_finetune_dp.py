@@ -1,6 +1,6 @@
 """Fine-tuning on several ranks (msrun, 2 processes, MCCL on CPU) equals one process with the same global batch:
 SGD and AdamW, two steps, with and without sharded optimizer state (ZeRO 1/2 from a DeepSpeed JSON), a short
-last batch split unevenly; the 2-rank ZeRO-2 checkpoint resumes on the 2 ranks under ZeRO-1 and on one process,
+last batch split unevenly, full fine-tuning under ZeRO-2; the 2-rank ZeRO-2 checkpoint resumes on the 2 ranks under ZeRO-1 and on one process,
 each to the straight run's weights; the
 README's command (msrun ... finetune.py demo_tiny_lora.yaml --deepspeed ...) trains with only rank 0 writing and
 speaking. Two msrun launches in all (each ~20 s before any work); the one-process references run in this process.
@@ -42,6 +42,10 @@ SPECS = [
     # resumed on the 2 ranks from the ZeRO-2 run's checkpoint-1, with ZeRO-1 (the state is saved whole)
     ("adamw_resumed", 7, dict(per_device_train_batch_size=2, deepspeed="z1",
                               resume_from_checkpoint="@adamw_z2/checkpoint-1")),
+    # full fine-tuning (the tower frozen, LLaMA-Factory's default), SGD (AdamW turns the summation-order noise of
+    # the exactly-zero k-bias gradient into +-lr steps), ZeRO-2; its output a Hugging Face folder
+    ("full_z2", 6, dict(finetuning_type="full", optim="sgd", per_device_train_batch_size=1,
+                        gradient_accumulation_steps=2, deepspeed="z2")),
 ]
 
 
@@ -109,12 +113,16 @@ def single(setup):
     base, _ = setup
     got = {}
     for name, n, spec in SPECS:
-        if "deepspeed" in spec:
+        if reference_of(name) in got or "resume_from_checkpoint" in spec:
             continue
-        kw = dict(spec, per_device_train_batch_size=2 * spec["per_device_train_batch_size"])
+        kw = {k: v for k, v in spec.items() if k != "deepspeed"}
+        kw["per_device_train_batch_size"] = 2 * spec["per_device_train_batch_size"]
         tr, losses = worker.run(worker.args(str(base / "one" / name), str(base / "model"), **kw), n)
-        got[name] = ({p.name: p.asnumpy() for p in tr.params}, losses)
+        got[reference_of(name)] = ({p.name: p.asnumpy() for p in tr.params}, losses)
     return got
+
+
+OPTIM = {n: "sgd" if s.get("optim") == "sgd" else "adamw" for n, _, s in SPECS}
 
 
 def reference_of(name):
@@ -136,11 +144,20 @@ def test_two_ranks_equal_one_process(launched, single, name):
     r0, r1 = (dict(np.load(launched / f"{name}.rank{r}.npz")) for r in (0, 1))
     for k in r0:   # the ranks hold the same weights, bit for bit
         np.testing.assert_array_equal(r0[k], r1[k])
-    assert_close(reference_of(name), r0, want, name)
+    assert_close(OPTIM[name], r0, want, name)
     info = json.load(open(launched / f"{name}.rank0.json"))
     resumed = name.endswith("resumed")
     assert info["world"] == 2 and len(info["losses"]) == (1 if resumed else 2)
     np.testing.assert_allclose(info["losses"], want_loss[1:] if resumed else want_loss, rtol=1e-6)
+    if name.startswith("full"):   # rank 0 alone wrote a Hugging Face folder holding what the ranks hold
+        from glm4v_ms import AutoModelForImageTextToText
+        files = set(os.listdir(launched / name))
+        assert {"config.json", "model.safetensors", "checkpoint-1", "checkpoint-2", "trainer_log.jsonl"} <= files
+        assert WEIGHTS not in files and len(r0) > 20
+        params = dict(AutoModelForImageTextToText.from_pretrained(str(launched / name)).parameters_and_names())
+        for k, v in r0.items():
+            np.testing.assert_array_equal(params[k].asnumpy(), v)
+        return
     # rank 0 alone wrote the outputs, and the saved adapter is what the ranks hold
     saved = SafetensorsFile(os.path.join(launched, name, WEIGHTS))
     assert len(saved.keys()) == len(r0)
@@ -278,19 +295,22 @@ def test_readme_command(setup, tmp_path):
     np.testing.assert_allclose(la, lb, atol=1e-4)   # the log rounds to 4 decimals
 
 
+GLM41V_9B = {   # GLM-4.1V-9B's config.json sizes (the README's plan tables; tests/test_finetune_full.py too)
+    "model_type": "glm4v", "text_config": {
+        "vocab_size": 151552, "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
+        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696,
+        "rope_parameters": {"mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5, "rope_theta": 10000.0}},
+    "vision_config": {"depth": 24, "hidden_size": 1536, "num_heads": 12, "out_hidden_size": 4096,
+                      "intermediate_size": 13696, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "image_size": 336}}
+
+
 def test_readme_plan_per_rank():
     """The README's per-rank table for GLM-4.1V-9B is what plan.config_plan gives (its config.json's text and
     vision sizes; bf16, LoRA rank 8, batch 1 per rank, cutoff_len 2048, recompute, AdamW)."""
     from glm4v_ms.config import Glm4vConfig
     from glm4v_ms.finetune import plan
-    cfg = Glm4vConfig.from_dict({
-        "model_type": "glm4v", "text_config": {
-            "vocab_size": 151552, "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
-            "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696,
-            "rope_parameters": {"mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5, "rope_theta": 10000.0}},
-        "vision_config": {"depth": 24, "hidden_size": 1536, "num_heads": 12, "out_hidden_size": 4096,
-                          "intermediate_size": 13696, "patch_size": 14, "spatial_merge_size": 2,
-                          "temporal_patch_size": 2, "image_size": 336}})
+    cfg = Glm4vConfig.from_dict(GLM41V_9B)
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     for n, stage in ((1, 0), (4, 0), (4, 1), (4, 2), (8, 2)):
         p = plan.config_plan(cfg, 2, 1, 2048, 8, ranks=n, stage=stage)

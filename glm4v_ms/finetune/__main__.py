@@ -1,6 +1,6 @@
 """python -m glm4v_ms.finetune [config.yaml] [--key value ...]   (also the console script glm4v-ms-finetune)
 
-LoRA fine-tuning of GLM-4.1V / GLM-4.5V with LLaMA-Factory's keys (see args.py) and its data encoding (data.py).
+LoRA, full and freeze fine-tuning of GLM-4.1V / GLM-4.5V with LLaMA-Factory's keys (see args.py) and its data encoding (data.py).
 Everything the run reads is checked before the model loads: the keys, the checkpoint's processor, every sample
 and its media; a problem is one line on stderr and exit status 2, with nothing written to output_dir. With
 tokenized_path the encoded samples are written to DIR/train.jsonl (and DIR/eval.jsonl with val_size) and the run
@@ -16,7 +16,8 @@ from . import interrupt
 from .args import FinetuneError, parse
 
 USAGE = ("usage: python -m glm4v_ms.finetune [config.yaml] [--key value ...]   (or glm4v-ms-finetune)\n\n"
-         "LoRA fine-tuning with LLaMA-Factory's keys (model_name_or_path, dataset, output_dir, lora_rank, ...): "
+         "LoRA / full / freeze fine-tuning with LLaMA-Factory's keys (model_name_or_path, dataset, output_dir, "
+         "finetuning_type, lora_rank, ...): "
          "see the README's Fine-tuning section.")
 
 
@@ -69,6 +70,9 @@ def prepare(argv):
         args.model_name_or_path = resolve_model(args.model_name_or_path)
     except ValueError as e:   # not a demo, a folder or a hub id: one line
         raise FinetuneError(str(e)) from None
+    if args.finetuning_type != "lora":   # the base and the freeze keys, from config.json alone
+        from .full import check
+        check(args, args.model_name_or_path)
     for adapter in (args.adapter_name_or_path or "").split(","):
         if adapter.strip() and not os.path.isfile(os.path.join(adapter.strip(), "adapter_config.json")):
             raise FinetuneError(f"adapter_name_or_path: {adapter.strip()} is not a folder with adapter_config.json")

@@ -91,6 +91,7 @@ NO_EFFECT = ("trust_remote_code", "use_fast_tokenizer", "overwrite_cache", "prep
 TEMPLATES = ("glm4v", "glm4_5v")
 SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")
+FINETUNING_TYPES = ("lora", "full", "freeze")
 
 
 @dataclass
@@ -129,6 +130,10 @@ class FinetuneArgs:
     use_rslora: bool = False
     freeze_vision_tower: bool = True
     freeze_multi_modal_projector: bool = True
+    freeze_language_model: bool = False
+    freeze_trainable_layers: int = 2         # freeze: the last n text layers (n > 0) or the first |n| (n < 0)
+    freeze_trainable_modules: list = field(default_factory=lambda: ["all"])
+    freeze_extra_modules: list = None
     # output
     output_dir: str = None
     overwrite_output_dir: bool = False
@@ -181,7 +186,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(FinetuneArgs)}
 OPTIONAL = {"model_name_or_path", "adapter_name_or_path", "template", "dataset", "media_dir", "max_samples",
             "default_system", "tokenized_path", "lora_alpha", "output_dir", "save_total_limit",
             "resume_from_checkpoint", "gradient_checkpointing", "preprocessing_num_workers", "enable_thinking",
-            "deepspeed"}
+            "deepspeed", "freeze_extra_modules"}
 assert set(FIELDS) <= LLAMAFACTORY_KEYS | {"warmup_ratio"}, set(FIELDS) - LLAMAFACTORY_KEYS
 
 
@@ -249,7 +254,7 @@ _BOOL = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no":
 
 def _kind(name):
     default = FIELDS[name].default
-    if name in ("dataset", "lora_target"):
+    if name in ("dataset", "lora_target", "freeze_trainable_modules", "freeze_extra_modules"):
         return list
     if name in ("enable_thinking", "gradient_checkpointing"):
         return bool
@@ -334,9 +339,16 @@ def check(a: FinetuneArgs):
         raise FinetuneError("output_dir: required (where the adapter and checkpoints go)")
     need(a.stage == "sft", "stage", "only sft (supervised fine-tuning) is implemented")
     need(a.do_train, "do_train", "must be true (evaluation and prediction runs are not implemented)")
-    need(a.finetuning_type == "lora", "finetuning_type", "only lora is implemented")
-    need(a.freeze_vision_tower, "freeze_vision_tower", "training the vision tower is not implemented (LoRA on "
-         "visual.merger: freeze_multi_modal_projector false)")
+    need(a.finetuning_type in FINETUNING_TYPES, "finetuning_type", f"must be one of {', '.join(FINETUNING_TYPES)}")
+    if a.finetuning_type == "lora":
+        need(a.freeze_vision_tower, "freeze_vision_tower", "training the vision tower with LoRA is not implemented "
+             "(finetuning_type full or freeze trains it; LoRA on visual.merger: freeze_multi_modal_projector false)")
+    else:
+        need(a.adapter_name_or_path is None, "adapter_name_or_path", f"with finetuning_type {a.finetuning_type}: "
+             "not implemented (merge it into the base first: python -m glm4v_ms.convert --adapter)")
+    if a.finetuning_type == "lora":
+        need(not a.freeze_language_model, "freeze_language_model", "with lora: not implemented (the LoRA targets "
+             "are the language model's linears)")
     need(a.template is None or a.template in TEMPLATES, "template", f"must be one of {', '.join(TEMPLATES)}")
     if a.train_on_prompt:   # both GLM templates use efficient_eos; LLaMA-Factory's own message
         raise FinetuneError("train_on_prompt: Current template does not support `train_on_prompt`.")

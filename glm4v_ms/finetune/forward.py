@@ -13,9 +13,17 @@ reused across batches: padded positions are masked keys with no label, padded ro
 With LoRA on visual.merger (freeze_multi_modal_projector false) the tower still runs on the host without gradient,
 up to the merger's input; those rows stand in the embeddings at the image / video tokens, and the device side runs
 the merger over them (row by row, so the order of images and videos does not matter) before the decoder.
+
+Full and freeze fine-tuning (full.py: model.trained_names) take the token ids instead: the embedding lookup runs in
+the graph (the embedding may train). When a tensor of the tower trains, the whole tower runs in the graph too
+(vision.VisionModel.features over the host's tower_inputs: images, then video frames, in one call, their features
+written at the image tokens, then the video tokens), so its gradients and the ones flowing back through frozen
+blocks to a trained position table are the reference's; otherwise its features come from the host, without
+gradient. The tower's segment lengths are constants of its graph: one graph per image layout of a batch.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -45,6 +53,9 @@ class Step:
     tokens: int        # trained tokens (the real rows)
     length: int        # real (unbucketed) length
     vis: Tensor = None  # (m,) int32: flat positions of the media tokens, whose rows hold the merger's input
+    ids: Tensor = None  # full / freeze: (B, L) int32 token ids (h is None): the embedding runs in the graph
+    feats: Tensor = None  # full / freeze, tower untrained: the media features from the host, for the rows `vis`
+    tower: tuple = None   # full / freeze, tower trained: (pixels, cos, sin, seg_lens, mats, index) (tower_inputs)
 
 
 def prepare(model, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None,
@@ -56,14 +67,27 @@ def prepare(model, input_ids, attention_mask=None, labels=None, pixel_values=Non
     mask = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool).reshape(B, L)
     lab = np.full((B, L), IGNORE, np.int64) if labels is None else np.asarray(labels, np.int64).reshape(B, L)
     media = pixel_values is not None or pixel_values_videos is not None
+    if getattr(model, "trained_names", None):
+        return _prepare_full(model, ids, mask, lab, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                             pad_to_bucket)
     if media and trains_merger(model):
         h, vis = _embed_before_merger(model, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     else:
         h, vis = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw), None
     pos3, _ = model.positions(ids, mask, image_grid_thw, video_grid_thw)
     Lb = bucket(L) if pad_to_bucket else L
-    if Lb > L:   # right padding: masked keys, no labels
+    if Lb > L:   # right padding: masked keys, no labels (_rows pads the rest)
         h = ops.cat([h, ops.zeros((B, Lb - L, h.shape[-1]), h.dtype)], 1)
+    cos, sin, seen, rows, targets, weight, n = _rows(model, ids, mask, lab, pos3, Lb, pad_to_bucket)
+    if vis is not None:
+        vis = Tensor((vis[0] * Lb + vis[1]).astype(np.int32))
+    return Step(h, cos, sin, seen, rows, targets, weight, n, L, vis)
+
+
+def _rows(model, ids, mask, lab, pos3, Lb, pad_to_bucket):
+    """The padded mask, rotary tables, causal + padding mask and trained rows for a (B, L) batch bucketed to Lb."""
+    B, L = ids.shape
+    if Lb > L:   # right padding: masked keys, no labels
         pos3 = np.pad(pos3, ((0, 0), (0, 0), (0, Lb - L)))
         mask = np.pad(mask, ((0, 0), (0, Lb - L)))
         lab = np.pad(lab, ((0, 0), (0, Lb - L)), constant_values=IGNORE)
@@ -80,9 +104,59 @@ def prepare(model, input_ids, attention_mask=None, labels=None, pixel_values=Non
     targets[:n] = nxt[b, s]
     weight = np.zeros(nb, np.float32)
     weight[:n] = 1
+    return Tensor(cos), Tensor(sin), Tensor(seen), Tensor(rows), Tensor(targets), Tensor(weight), n
+
+
+def trains_tower(model) -> bool:
+    return any(n.startswith("visual.") for n in getattr(model, "trained_names", ()))
+
+
+def _prepare_full(model, ids, mask, lab, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                  pad_to_bucket):
+    B, L = ids.shape
+    c = model.config
+    pos3, _ = model.positions(ids, mask, image_grid_thw, video_grid_thw)
+    Lb = bucket(L) if pad_to_bucket else L
+    cos, sin, seen, rows, targets, weight, n = _rows(model, ids, mask, lab, pos3, Lb, pad_to_bucket)
+    types = rope.token_types(ids, c.image_token_id, c.video_start_token_id, c.video_end_token_id)
+    pixels, grids, where = [], [], []
+    for kind, px, grid, split in ((rope.IMAGE, pixel_values, image_grid_thw,
+                                   lambda g: np.asarray(g, np.int64).reshape(-1, 3)),
+                                  (rope.VIDEO, pixel_values_videos, video_grid_thw, rope.split_video_grids)):
+        b, t = np.nonzero(types == kind)
+        if px is None:
+            if len(b):
+                raise ValueError(f"input_ids hold {len(b)} media tokens but no pixel values were given")
+            continue
+        pixels.append(np.asarray(px, np.float32))
+        grids.append(split(grid))
+        where.append(b * Lb + t)
+    padded = np.zeros((B, Lb), np.int32)
+    padded[:, :L] = ids
+    st = Step(None, cos, sin, seen, rows, targets, weight, n, L, ids=Tensor(padded))
+    if not pixels:
+        return st
+    px, grid, vis = np.concatenate(pixels), np.concatenate(grids), np.concatenate(where)
+    merge = c.vision.spatial_merge_size ** 2
+    if px.shape[0] != merge * len(vis):
+        raise ValueError(f"media features and media tokens do not match: {px.shape[0] // merge} features, "
+                         f"{len(vis)} tokens")
+    st.vis = Tensor(vis.astype(np.int32))
+    if trains_tower(model):
+        vcos, vsin, seg_lens, mats, index, _ = model.visual.tower_inputs(grid)
+        st.tower = (Tensor(px), vcos, vsin, seg_lens, mats, index)
+    else:
+        st.feats = model.visual(Tensor(px), grid)
+    return st
+
+
+def embed_ids(model, ids, vis=None, feats=None):
+    """The embedding lookup in the graph, the media features written over their tokens (no gradient reaches the
+    media token's embedding row from those positions, as in the reference's masked_scatter)."""
+    h = ops.gather(model.text.embed.weight, ids.reshape(-1), 0)
     if vis is not None:
-        vis = Tensor((vis[0] * Lb + vis[1]).astype(np.int32))
-    return Step(h, Tensor(cos), Tensor(sin), Tensor(seen), Tensor(rows), Tensor(targets), Tensor(weight), n, L, vis)
+        h = ops.tensor_scatter_update(h, vis.reshape(-1, 1), feats.astype(h.dtype))
+    return h.reshape(ids.shape[0], ids.shape[1], -1)
 
 
 def trains_merger(model) -> bool:
@@ -177,7 +251,11 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
     from ..outputs import Output
     st = prepare(model, input_ids, attention_mask, labels, pixel_values, image_grid_thw, pixel_values_videos,
                  video_grid_thw, pad_to_bucket=False)
-    x = hidden(model, st.h, st.cos, st.sin, st.seen)
+    h = st.h
+    if h is None:   # full / freeze: the ids and media as the training graph takes them
+        feats = st.feats if st.tower is None else model.visual.features(*st.tower)
+        h = embed_ids(model, st.ids, st.vis, feats)
+    x = hidden(model, h, st.cos, st.sin, st.seen)
     logits = _mm_nt(x.reshape(-1, x.shape[-1]), model.lm_head.weight).reshape(x.shape[:2] + (-1,))
     logits = model.text.gather_logits(logits)   # tensor parallel: each rank's vocab slice -> the whole vocabulary
     total = ce_sum(ops.gather(logits.reshape(-1, logits.shape[-1]), st.rows, 0), st.targets, st.weight)
@@ -186,6 +264,21 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
     _, deltas = model.positions(ids, None if attention_mask is None else np.asarray(attention_mask), image_grid_thw,
                                 video_grid_thw)
     return Output(logits=logits, rope_deltas=deltas, loss=loss)
+
+
+@contextlib.contextmanager
+def _plain_vision_attention():
+    """The tower inside a training graph attends segment by segment (attention.vision_attention's plain path):
+    the fused varlen kernel is a compiled cell built per image layout at call time, which a graph being traced
+    cannot build (MindSpore 2.10: "The pointer[cond_value] is null", emulated Ascend path). Read when the graph is
+    compiled (a constant there)."""
+    from .. import attention
+    kept = attention._FUSED
+    attention._FUSED = tuple(k for k in kept if k != "vision_attention")
+    try:
+        yield
+    finally:
+        attention._FUSED = kept
 
 
 class Grad:
@@ -208,8 +301,48 @@ class Grad:
         self.run = ms.jit(self.vg) if jit else self.vg
         self.vg_merger = ms.value_and_grad(fn_merger, None, self.params)   # batches with media, merger trained
         self.run_merger = ms.jit(self.vg_merger) if jit else self.vg_merger
+        self.jit = jit
+        self._full, self._towers = {}, {}
+
+    def _compiled(self, fn):
+        vg = ms.value_and_grad(fn, None, self.params)
+        return ms.jit(vg) if self.jit else vg
+
+    def _full_fn(self, media: bool):
+        """full / freeze: ids in, the embedding in the graph; host media features written in when `media`."""
+        if media not in self._full:
+            model = self.model
+
+            def fn(ids, cos, sin, seen, rows, targets, weight, vis=None, feats=None):
+                return loss_sum(model, embed_ids(model, ids, vis, feats), cos, sin, seen, rows, targets, weight)
+            self._full[media] = self._compiled(fn)
+        return self._full[media]
+
+    def _tower_fn(self, seg_lens: tuple):
+        """full / freeze with the tower trained: the tower in the graph too; its segment lengths are constants."""
+        if seg_lens not in self._towers:
+            if len(self._towers) >= 16:   # a graph per image layout: keep the recent ones
+                self._towers.pop(next(iter(self._towers)))
+            model, visual = self.model, self.model.visual
+
+            def fn(ids, cos, sin, seen, rows, targets, weight, vis, pixels, vcos, vsin, mats, index):
+                feats = visual.features(pixels, vcos, vsin, seg_lens, mats, index)
+                return loss_sum(model, embed_ids(model, ids, vis, feats), cos, sin, seen, rows, targets, weight)
+            self._towers[seg_lens] = self._compiled(fn)
+        return self._towers[seg_lens]
 
     def __call__(self, st: Step):
+        if st.ids is not None:
+            args = (st.ids, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
+            if st.tower is not None:
+                pixels, vcos, vsin, seg_lens, mats, index = st.tower
+                with _plain_vision_attention():
+                    loss, grads = self._tower_fn(seg_lens)(*args, st.vis, pixels, vcos, vsin, mats, index)
+            elif st.vis is not None:
+                loss, grads = self._full_fn(True)(*args, st.vis, st.feats)
+            else:
+                loss, grads = self._full_fn(False)(*args)
+            return loss, list(grads)
         args = (st.h, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
         loss, grads = self.run(*args) if st.vis is None else self.run_merger(*args, st.vis)
         return loss, list(grads)

@@ -9,6 +9,8 @@
 - schedules: transformers.get_scheduler's lambdas (constant, linear, cosine with warmup); warmup_ratio gives
   ceil(total * ratio) warmup steps when warmup_steps is 0.
 The updates run as one compiled graph over all parameters (ms.jit): per-parameter eager ops cost ~0.1-1 ms each.
+A parameter held narrower than float32 (bf16 full fine-tuning) is updated through a float32 master kept in the
+optimizer state (sharded with the moments under ZeRO 1/2), the parameter being its rounding.
 On several ranks (distributed.py) the optimizer also reduces the gradients; with sharded state (ZeRO 1/2) it
 keeps the moments of its flat slice only and runs the same per-element update on that slice (_ShardUpdate).
 """
@@ -65,24 +67,42 @@ class _Update(nn.Cell):
                                         requires_grad=False)
         self.m = ParameterTuple([zero(p, "exp_avg") for p in params]) if kind == "adamw_torch" else ()
         self.v = ParameterTuple([zero(p, "exp_avg_sq") for p in params]) if kind == "adamw_torch" else ()
+        # a weight held narrower than float32 (bf16 full fine-tuning) is updated through a float32 master, the
+        # model's copy its rounding (LLaMA-Factory trains float32 parameters under bf16 autocast)
+        self.masters = masters(params)
+        self.narrow = tuple(p.dtype != ms.float32 for p in params)
+        self.master_of = tuple(int(np.cumsum(self.narrow)[i]) - 1 for i in range(len(params)))
 
     @ms.jit
     def construct(self, grads, lr, bc1, bc2_sqrt):
         for i in range(len(self.params)):
-            p, g = self.params[i], grads[i]
+            p, g = self.params[i], grads[i].astype(ms.float32)
+            w = self.masters[self.master_of[i]] if self.narrow[i] else p
             if self.kind == "sgd":
                 if self.wd != 0.0:
-                    g = g + self.wd * p
-                ops.assign(p, p - lr * g)
+                    g = g + self.wd * w
+                new = w - lr * g
             else:
-                ops.assign(p, p * (1.0 - lr * self.wd))
+                w2 = w * (1.0 - lr * self.wd)
                 m = self.m[i] + (g - self.m[i]) * (1.0 - self.b1)
                 v = self.v[i] * self.b2 + g * g * (1.0 - self.b2)
                 ops.assign(self.m[i], m)
                 ops.assign(self.v[i], v)
                 denom = ops.sqrt(v) / bc2_sqrt + self.eps
-                ops.assign(p, p - (lr / bc1) * (m / denom))
+                new = w2 - (lr / bc1) * (m / denom)
+            ops.assign(w, new)   # narrow: the master (the caller rounds it into p: CPU has no bf16 Assign)
         return lr
+
+    def round_into_params(self):
+        for i, p in enumerate(self.params):
+            if self.narrow[i]:
+                p.set_data(self.masters[self.master_of[i]].astype(p.dtype))
+
+
+def masters(params):
+    """float32 copies of the parameters held narrower than float32, in order."""
+    return ParameterTuple([Parameter(p.astype(ms.float32), name=f"{p.name}.master", requires_grad=False)
+                           for p in params if p.dtype != ms.float32])
 
 
 class _ShardUpdate(nn.Cell):
@@ -98,15 +118,24 @@ class _ShardUpdate(nn.Cell):
         self.m = zero("exp_avg") if kind == "adamw_torch" else None
         self.v = zero("exp_avg_sq") if kind == "adamw_torch" else None
         self.gather = ops.AllGather()
+        # weights narrower than float32: this rank's slice of their float32 masters, sharded with the moments
+        self.narrow = any(p.dtype != ms.float32 for p in params)
+        self.master = None
+        if self.narrow:
+            whole = flat.flatten([p.astype(ms.float32).asnumpy() for p in params])
+            self.master = Parameter(Tensor(whole[flat.lo:flat.hi]), name="flat.master", requires_grad=False)
 
     @ms.jit
     def construct(self, g, lr, bc1, bc2_sqrt):
-        parts = []
-        for i in range(len(self.params)):
-            parts.append(self.params[i].astype(ms.float32).reshape(-1))
-        if self.flat.padded > self.flat.n:
-            parts.append(ops.zeros((self.flat.padded - self.flat.n,), ms.float32))
-        p = ops.cat(parts)[self.flat.lo:self.flat.hi]
+        if self.narrow:
+            p = self.master + 0.0
+        else:
+            parts = []
+            for i in range(len(self.params)):
+                parts.append(self.params[i].astype(ms.float32).reshape(-1))
+            if self.flat.padded > self.flat.n:
+                parts.append(ops.zeros((self.flat.padded - self.flat.n,), ms.float32))
+            p = ops.cat(parts)[self.flat.lo:self.flat.hi]
         if self.kind == "sgd":
             if self.wd != 0.0:
                 g = g + self.wd * p
@@ -118,11 +147,20 @@ class _ShardUpdate(nn.Cell):
             ops.assign(self.m, m)
             ops.assign(self.v, v)
             p = p - (lr / bc1) * (m / (ops.sqrt(v) / bc2_sqrt + self.eps))
+        if self.narrow:
+            ops.assign(self.master, p)
         whole = self.gather(p)
+        if self.narrow:   # the caller rounds it into the parameters (CPU has no bf16 Assign)
+            return whole
         for i in range(len(self.params)):
             o, s = self.flat.offsets[i], self.flat.sizes[i]
             ops.assign(self.params[i], whole[o:o + s].reshape(self.flat.shapes[i]).astype(self.params[i].dtype))
         return lr
+
+    def round_into_params(self, whole):
+        for i, p in enumerate(self.params):
+            o, s = self.flat.offsets[i], self.flat.sizes[i]
+            p.set_data(whole[o:o + s].reshape(self.flat.shapes[i]).astype(p.dtype))
 
 
 class Optimizer:
@@ -166,37 +204,55 @@ class Optimizer:
         if isinstance(self.update, _ShardUpdate):
             if self.world.stage == 1:   # the whole reduced gradient: this rank's slice of it
                 grads = grads[self.sharding.flat.lo:self.sharding.flat.hi]
-            self.update(grads, f(lr), f(bc1), f(bc2))
+            out = self.update(grads, f(lr), f(bc1), f(bc2))
+            if self.update.narrow:
+                self.update.round_into_params(out)
             return
         self.update(ms.mutable(tuple(grads)), f(lr), f(bc1), f(bc2))   # mutable: a new tuple is not a new graph
+        if self.update.masters:
+            self.update.round_into_params()
 
     def state(self) -> dict:
         """The whole state, in one format for any number of ranks (sharded: a collective, every rank calls it)."""
         out = {"step": np.array(self.t, np.int64)}
         if isinstance(self.update, _ShardUpdate):
-            if self.kind == "adamw_torch":
-                sh = self.sharding
-                for tag, part in (("exp_avg", self.update.m), ("exp_avg_sq", self.update.v)):
-                    for i, a in enumerate(sh.flat.split(sh.gather(part))):
+            sh = self.sharding
+            tags = (("exp_avg", self.update.m), ("exp_avg_sq", self.update.v)) if self.kind == "adamw_torch" else ()
+            for tag, part in tags + ((("master", self.update.master),) if self.update.narrow else ()):
+                for i, a in enumerate(sh.flat.split(sh.gather(part))):
+                    if tag != "master" or self.params[i].dtype != ms.float32:
                         out[f"{tag}.{i}"] = a
             return out
         for i, (m, v) in enumerate(zip(self.update.m, self.update.v)):
             out[f"exp_avg.{i}"], out[f"exp_avg_sq.{i}"] = m.asnumpy(), v.asnumpy()
+        narrow = [i for i, p in enumerate(self.params) if p.dtype != ms.float32]
+        for i, w in zip(narrow, self.update.masters):
+            out[f"master.{i}"] = w.asnumpy()
         return out
 
     def load_state(self, d: dict):
+        """A state from state() (any number of ranks). A weight held narrower than float32 takes its master from
+        the state when it is there, else from its current value (a state saved before the weight was narrow)."""
         self.t = int(d["step"])
+        master = lambda i: (np.asarray(d[f"master.{i}"], np.float32) if f"master.{i}" in d  # noqa: E731
+                            else self.params[i].astype(ms.float32).asnumpy())
         if isinstance(self.update, _ShardUpdate):
+            fl = self.sharding.flat
+            n = len(fl.sizes)
             if self.kind == "adamw_torch":
-                fl = self.sharding.flat
-                n = len(fl.sizes)
                 for tag, part in (("exp_avg", self.update.m), ("exp_avg_sq", self.update.v)):
                     whole = fl.flatten([d[f"{tag}.{i}"] for i in range(n)])
                     part.set_data(Tensor(whole[fl.lo:fl.hi]))
+            if self.update.narrow:
+                whole = fl.flatten([master(i) for i in range(n)])
+                self.update.master.set_data(Tensor(whole[fl.lo:fl.hi]))
             return
         for i, (m, v) in enumerate(zip(self.update.m, self.update.v)):
             m.set_data(Tensor(np.asarray(d[f"exp_avg.{i}"], np.float32)))
             v.set_data(Tensor(np.asarray(d[f"exp_avg_sq.{i}"], np.float32)))
+        narrow = [i for i, p in enumerate(self.params) if p.dtype != ms.float32]
+        for i, w in zip(narrow, self.update.masters):
+            w.set_data(Tensor(master(i)))
 
 
 def clip_grad_norm(grads, max_norm: float):

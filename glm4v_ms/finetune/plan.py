@@ -13,6 +13,14 @@ layer's input (D) is kept, plus one layer's full set while it is recomputed. The
 Per rank on N ranks (data parallel, distributed.py), with T the trainable bytes: the reduction's flat vector (T) is
 added; ZeRO 1 and 2 keep the optimizer state of a 1/N slice, ZeRO 2 also the reduced and clipped gradient (so
 2 T + T/N + the flat vector instead of 3 T + it: the backward's own gradients and their sum are whole on every rank).
+
+Full / freeze fine-tuning (full_parts): every weight in the model's dtype (item bytes); the trained ones also as
+float32 masters when item < 4 (LLaMA-Factory upcasts trainable parameters to float32; optim.py keeps the master
+beside the model's copy and the moments), the backward's gradients and their sum in the model's dtype, the
+reduction's float32 flat vector and the clipped gradient (float32; a 1/N slice with ZeRO-2), AdamW's two float32
+moments; ZeRO-1/2 shard the masters with the moments. The ZeRO-3 row (stage 3, not implemented: refused by name)
+is computed as sharded parameters would be: every weight, master, gradient and moment a 1/N slice, plus the
+largest group gathered at once (one decoder layer, or the embedding / head) and its gradients.
 """
 from __future__ import annotations
 
@@ -88,22 +96,35 @@ def training_plan(model, args, n_trainable: int, world=None) -> str:
     n, st = (world.size, world.stage) if world is not None else (1, 0)
     w_bytes = weight_bytes(model)[0]
 
+    trained = getattr(model, "trained_names", None)
+    if trained:   # full / freeze: parameter counts, every weight in the model's dtype
+        n_all = sum(int(np.prod(q.shape)) for _, q in model.parameters_and_names())
+
     def make(stage):
+        if trained:
+            return full_parts(model.config, _item(model), n_all - n_trainable, n_trainable, bs, L, opt, ranks=n,
+                              stage=stage, accum=args.gradient_accumulation_steps)
         p = parts(model.config, _item(model), w_bytes, bs, L, n_trainable, opt, ranks=n, stage=stage)
         p["dequant"] = backward_peak(model)   # a GPTQ base on the kernel path (its weights counted at their bytes)
         return p
     p = make(st)
-    line = describe(p, bs, L, rec)
+    line = describe(p, bs, L, rec, n_trainable if trained else None, _item(model))
     if n > 1 and st:
         saved = total(make(0), rec) - total(p, rec)
         line += f"; ZeRO-{st} saves {saved / 1e6:,.3f} MB per rank against unsharded state"
     return line
 
 
-def describe(p: dict, batch: int, length: int, recompute: bool) -> str:
+def describe(p: dict, batch: int, length: int, recompute: bool, n_trained: int | None = None, item: int = 4) -> str:
+    """The plan line; n_trained: a full / freeze fine-tune's trained parameter count (None: LoRA)."""
     f = lambda b: f"{b / GB:.2f} GB"  # noqa: E731
-    return (f"frozen weights {f(p['frozen'])}; LoRA {p['trainable'] // 4 / 1e6:,.2f} M parameters = "
-            f"{f(p['trainable'])} float32, gradients {f(p['grads'])}, optimizer state {f(p['optimizer'])}; "
+    if n_trained is None:
+        what = f"LoRA {p['trainable'] // 4 / 1e6:,.2f} M parameters = {f(p['trainable'])} float32"
+    else:
+        what = (f"trained {n_trained / 1e6:,.2f} M parameters = {f(p['trainable'])}"
+                + (" with float32 masters" if item < 4 else ""))
+    return (f"frozen weights {f(p['frozen'])}; {what}, gradients {f(p['grads'])}, optimizer state "
+            f"{f(p['optimizer'])}; "
             f"activations at {batch} x {length} tokens {f(p['activations'])} without recompute, "
             f"{f(p['activations_recompute'])} with (recompute {'on' if recompute else 'off'}); "
             + (f"quantized backward <= {f(p['dequant'])}; " if p.get("dequant") else "") + "runtime "
@@ -137,3 +158,58 @@ def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim
               plain, ranks, stage)
     p["dequant"] = backward_peak_estimate(cfg, qcfg, dtype_bytes)
     return p
+
+
+# ---------------------------------------------------------------------------------------------- full / freeze
+def full_parts(cfg, item: int, n_frozen: int, n_trained: int, batch: int, length: int, optim: str,
+               plain: bool | None = None, ranks: int = 1, stage: int = 0, gathered: int = 0, accum: int = 1) -> dict:
+    """Bytes of each term for a full / freeze fine-tune (module docstring): n_frozen / n_trained parameters;
+    gathered: the parameters of the largest group ZeRO-3 gathers at once (stage 3 only); accum: the micro-batches
+    per step (with one, the backward's gradients are the step's sum: no second copy)."""
+    p = parts(cfg, item, 0, batch, length, 0, optim, plain)   # the activation and runtime terms
+    N = ranks
+    sl = lambda b: -(-b // N) if N > 1 and stage else b  # noqa: E731   (a 1/N slice under ZeRO)
+    master = 4 * n_trained if item < 4 else 0
+    state = 8 * n_trained if optim.startswith("adamw") else 0
+    copies = 2 if accum > 1 else 1   # the backward's gradients (model dtype), and their sum over micro-batches
+    if stage == 3:
+        frozen, trainable = -(-n_frozen * item // N) + gathered * item, -(-n_trained * item // N)
+        grads = -(-copies * item * n_trained // N) + 2 * -(-4 * n_trained // N) + 4 * gathered
+    elif N == 1:   # + the clipped copy
+        frozen, trainable = n_frozen * item, n_trained * item
+        grads = (copies + 1) * item * n_trained
+    else:          # + the reduction's float32 flat vector, then the clipped one (a slice with ZeRO-2)
+        frozen, trainable = n_frozen * item, n_trained * item
+        grads = copies * item * n_trained + 4 * n_trained + (sl(4 * n_trained) if stage == 2 else 4 * n_trained)
+    p.update(frozen=frozen, trainable=trainable + sl(master), grads=grads, optimizer=sl(state))
+    return p
+
+
+def trained_counts(cfg, args) -> tuple:
+    """(frozen, trained) parameter counts and the largest group's parameter count (a decoder layer, a vision
+    block, or one tensor outside them) for the trained set the args select (full.select)."""
+    import re
+
+    from ..weights import hf_shapes
+    from .full import hf_parameters, select
+    shapes = hf_shapes(cfg)
+    table = hf_parameters(cfg)
+    trained = set(select(cfg, args))
+    n = {True: 0, False: 0}
+    groups = {}
+    for ours, names in table.items():
+        k = sum(int(np.prod(shapes[h])) for h in names) if names else 0
+        n[ours in trained] += k
+        m = re.match(r"(.*?\.(layers|blocks)\.\d+)\.", ours)
+        g = m.group(1) if m else ours
+        groups[g] = groups.get(g, 0) + k
+    return n[False], n[True], max(groups.values())
+
+
+def full_config_plan(cfg, dtype_bytes: int, batch: int, length: int, args, optim: str = "adamw_torch",
+                     plain: bool = False, ranks: int = 1, stage: int = 0, accum: int = 1) -> dict:
+    """full_parts from a config and the finetuning keys alone (no weights loaded): the README's full fine-tuning
+    figures for the 9B model."""
+    frozen, trained, largest = trained_counts(cfg, args)
+    return full_parts(cfg, dtype_bytes, frozen, trained, batch, length, optim, plain, ranks, stage,
+                      largest if stage == 3 else 0, accum)

@@ -10,8 +10,12 @@ done and goes on with the same batches, so it ends at the same weights as an uni
 
 Output (output_dir): adapter_config.json + adapter_model.safetensors at the end; checkpoint-N/ every save_steps
 (adapter, optimizer and scheduler state, the step = the data position), each written into a temporary folder and
-renamed; Ctrl-C (interrupt.py) stops after the step with such a checkpoint and one line naming it;
-trainer_log.jsonl (LLaMA-Factory's LogCallback lines); training_loss.png with plot_loss.
+renamed. Full / freeze fine-tuning (full.py) writes a Hugging Face checkpoint folder instead, in output_dir at the
+end and in each checkpoint-N (export.save_hf: transformers' names, the base's dtypes, its tokenizer and processor
+files), the checkpoint with the optimizer state next to it (bf16 weights' float32 masters included; and, when the
+model runs wider than the base's dtype, the trained weights exactly, in trained.npz, so that resuming is exact);
+Ctrl-C (interrupt.py) stops after the step with such a checkpoint and one line naming it; trainer_log.jsonl
+(LLaMA-Factory's LogCallback lines); training_loss.png with plot_loss.
 
 Under msrun (finetune.py) the trainer is data parallel (distributed.py): the plan is the one process's with
 micro-batches of per_device_train_batch_size x N, each rank trains on its share of each, the loss and gradients
@@ -28,16 +32,17 @@ import re
 import shutil
 import sys
 import time
+import types
 
 import mindspore as ms
 import numpy as np
 
-from . import adapter, distributed, forward, interrupt, lora, optim
+from . import adapter, distributed, forward, full, interrupt, lora, optim
 
 from .args import FinetuneError, check_batch_keys, zero_stage
 from .data import collate
 
-LOG, STATE, OPTIM = "trainer_log.jsonl", "trainer_state.json", "optimizer.npz"
+LOG, STATE, OPTIM, EXACT = "trainer_log.jsonl", "trainer_state.json", "optimizer.npz", "trained.npz"
 CKPT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -116,7 +121,8 @@ class Trainer:
         total = self.plan.total
         warm = _count(args.warmup_steps, total) or math.ceil(total * args.warmup_ratio)
         self.sched = optim.Schedule(args.lr_scheduler_type, args.learning_rate, total, warm)
-        self.params = lora.trainable(model)
+        self.full = args.finetuning_type != "lora"
+        self.params = full.trainable(model) if self.full else lora.trainable(model)
         self.opt = optim.Optimizer(self.params, args.optim.replace("adamw_torch_fused", "adamw_torch"),
                                    args.weight_decay, world=self.world)
         self.grad = forward.Grad(model, self.params, jit=jit)
@@ -140,7 +146,7 @@ class Trainer:
             loss, g = self.grad(st)
             total += float(loss.asnumpy())
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-        seen = sum(s.length * s.h.shape[0] for s in steps)
+        seen = sum(s.length * s.cos.shape[0] for s in steps)
         # the loss over every rank's trained tokens; a Ctrl-C on any rank stops them all after this step
         total, n_items, seen, stop = distributed.sum_scalars(w, [total, n_items, seen, interrupt.requested()])
         self.stop = stop > 0
@@ -170,11 +176,18 @@ class Trainer:
             return final
 
         def write(tmp):
-            adapter.save(self.model, tmp, self.adapter_config())
+            if self.full:
+                self.save_model(tmp)
+                if _wider_than_base(self.model, self.args.model_name_or_path):
+                    np.savez(os.path.join(tmp, EXACT), **{p.name: p.asnumpy() for p in self.params})
+            else:
+                adapter.save(self.model, tmp, self.adapter_config())
             np.savez(os.path.join(tmp, OPTIM), **opt_state)
             with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as f:
                 # batch: the global micro-batch (per device x ranks): a run resumes on any number of ranks with it
                 json.dump({"global_step": self.step, "epoch": self.epoch, "max_steps": self.plan.total,
+                           "finetuning_type": self.args.finetuning_type, "model": self.model.config_digest,
+                           "trained": [p.name for p in self.params] if self.full else None,
                            "scheduler": self.sched.state(), "optim": self.opt.kind, "seed": self.plan.seed,
                            "shuffle": self.plan.shuffle, "num_samples": self.plan.n, "batch": self.plan.batch,
                            "accum": self.plan.accum, "ranks": self.world.size, "zero_stage": self.world.stage,
@@ -186,18 +199,35 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def resume(self, folder: str):
+    def save_model(self, dst: str):
+        """The model's current weights as a Hugging Face checkpoint in the folder dst (which may exist: the files
+        are moved in from export.save_hf's own atomic folder)."""
+        from .export import save_hf
+        tmp = os.path.join(dst, f".hf-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            with open(os.path.join(folder, STATE), encoding="utf-8") as f:
-                st = json.load(f)
-        except (OSError, ValueError):
-            raise FinetuneError(f"resume_from_checkpoint: {folder} holds no readable {STATE}") from None
+            save_hf(self.model, self.args.model_name_or_path, tmp)
+        except ValueError as e:   # safetensors_io.WeightError: the base is no Hugging Face checkpoint of it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
+        for name in os.listdir(tmp):
+            target = os.path.join(dst, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+        os.rmdir(tmp)
+
+    def resume(self, folder: str):
+        st = read_state(folder, self.args, self.model)
         for key, mine in (("num_samples", self.plan.n), ("batch", self.plan.batch), ("accum", self.plan.accum),
                           ("seed", self.plan.seed), ("optim", self.opt.kind)):
             if st.get(key) != mine:
                 what = "batch (per_device_train_batch_size x ranks)" if key == "batch" else key
                 raise FinetuneError(f"resume_from_checkpoint: {folder} was made with {what} {st.get(key)}, this run "
                                     f"has {mine}")
+        if self.full:
+            self._resume_full(folder, st)
+            return
         mods = sorted(m for lo in self.model.loras for m in lo.targets)
         try:
             ad = adapter.read_config(folder)
@@ -216,6 +246,19 @@ class Trainer:
         with np.load(os.path.join(folder, OPTIM)) as d:
             self.opt.load_state(dict(d))
         self.grad = forward.Grad(self.model, self.params, jit=self.grad.run is not self.grad.vg)
+        self.sched.last = int(st["scheduler"]["last"])
+        self.step, self.epoch, self.history = int(st["global_step"]), float(st["epoch"]), list(st["log_history"])
+
+    def _resume_full(self, folder, st):
+        self.model.load_weights(folder)   # the whole Hugging Face checkpoint (the Parameters stay the same objects)
+        exact = os.path.join(folder, EXACT)
+        if os.path.isfile(exact):
+            from mindspore import Tensor
+            with np.load(exact) as d:
+                for p in self.params:
+                    p.set_data(Tensor(d[p.name]).astype(p.dtype))
+        with np.load(os.path.join(folder, OPTIM)) as d:
+            self.opt.load_state(dict(d))
         self.sched.last = int(st["scheduler"]["last"])
         self.step, self.epoch, self.history = int(st["global_step"]), float(st["epoch"]), list(st["log_history"])
 
@@ -254,12 +297,15 @@ class Trainer:
             self.save_checkpoint()   # transformers saves the last step's checkpoint too when it falls on save_steps
         if self.world.rank != 0:
             return
-        adapter.save(self.model, self.out, self.adapter_config())
+        if self.full:
+            self.save_model(self.out)
+        else:
+            adapter.save(self.model, self.out, self.adapter_config())
         if self.args.plot_loss:
             from .plot import plot_loss
             plot_loss(self.out, [h["loss"] for h in self.history], [h["current_steps"] for h in self.history])
         self.log(f"[train] done: {total} steps in {datetime.timedelta(seconds=int(time.time() - self.t_start))}; "
-                 f"the adapter is in {self.out}")
+                 f"the {'model' if self.full else 'adapter'} is in {self.out}")
 
     def write_log(self, loss, lr):
         if self.world.rank != 0:
@@ -304,13 +350,60 @@ class Progress:
 
 # ---------------------------------------------------------------------------------------------- the face
 def _check(args):
-    if args.finetuning_type != "lora":
-        raise FinetuneError(f"finetuning_type {args.finetuning_type}: only lora is implemented")
-    if not args.freeze_vision_tower:
-        raise FinetuneError("freeze_vision_tower false: training the vision tower is not implemented (LoRA on the "
-                            "language model, and on visual.merger with freeze_multi_modal_projector false)")
+    if args.finetuning_type not in ("lora", "full", "freeze"):
+        raise FinetuneError(f"finetuning_type {args.finetuning_type}: use lora, full or freeze")
+    if args.finetuning_type == "lora" and not args.freeze_vision_tower:
+        raise FinetuneError("freeze_vision_tower false: training the vision tower with LoRA is not implemented "
+                            "(finetuning_type full or freeze trains it)")
     if not args.output_dir:
         raise FinetuneError("output_dir: needed")
+
+
+def read_state(folder, args, model) -> dict:
+    """A checkpoint's trainer_state.json, refused (one line, before anything is written) when it comes from
+    another finetuning_type, another model or (full / freeze) another trained set."""
+    try:
+        with open(os.path.join(folder, STATE), encoding="utf-8") as f:
+            st = json.load(f)
+    except (OSError, ValueError):
+        raise FinetuneError(f"resume_from_checkpoint: {folder} holds no readable {STATE}") from None
+    kind = st.get("finetuning_type", "lora")   # checkpoints from before full fine-tuning are LoRA ones
+    if kind != args.finetuning_type:
+        raise FinetuneError(f"resume_from_checkpoint: {folder} is a finetuning_type {kind} checkpoint, this run is "
+                            f"{args.finetuning_type}")
+    if st.get("model") and model.config_digest and st["model"] != model.config_digest:
+        raise FinetuneError(f"resume_from_checkpoint: {folder} was trained from another model than "
+                            f"{args.model_name_or_path} (its config.json differs)")
+    names = getattr(model, "trained_names", None)
+    if kind != "lora" and names is not None and st.get("trained") != list(names):
+        raise FinetuneError(f"resume_from_checkpoint: {folder} trained other parameters than this run's keys "
+                            f"select (freeze_* keys)")
+    return st
+
+
+def _digest(folder):
+    """What model.config_digest holds for a folder (None when unreadable: the check is then the model's)."""
+    import hashlib
+    if not folder:
+        return None
+    try:
+        with open(os.path.join(folder, "config.json"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _wider_than_base(model, base) -> bool:
+    """The model holds float32 weights of a base stored narrower (a bf16 checkpoint trained on CPU)."""
+    import mindspore as ms
+    if model.dtype != ms.float32:
+        return False
+    try:
+        with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return True
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32") != "float32"
 
 
 def _resume_point(args):
@@ -331,8 +424,18 @@ def _resume_point(args):
 
 
 def setup(args, model):
-    """LoRA on the model as the args ask: a given adapter to continue, else fresh (A kaiming, B zero)."""
+    """LoRA on the model as the args ask: a given adapter to continue, else fresh (A kaiming, B zero); full /
+    freeze: the trained set (full.select). Then recompute per decoder layer (and per vision block when the tower
+    runs in the training graph)."""
     projector = not args.freeze_multi_modal_projector
+    if args.finetuning_type != "lora":
+        lay = getattr(model, "layout", None)
+        if lay is not None and lay.world > 1:   # the training graphs of full.py take whole weights
+            raise FinetuneError(f"finetuning_type {args.finetuning_type}: under tensor / expert parallel is not "
+                                "implemented (data parallel is: one whole model per rank, ZeRO-1/2)")
+        model.trained_names = full.select(model.config, args)
+        _recompute(args, model)
+        return
     try:
         if args.adapter_name_or_path:
             path = args.adapter_name_or_path
@@ -344,6 +447,10 @@ def setup(args, model):
                         projector=projector)
     except (lora.LoraError, adapter.AdapterError) as e:
         raise FinetuneError(str(e)) from None
+    _recompute(args, model)
+
+
+def _recompute(args, model):
     model.recompute_layers = False
     if args.recompute:
         from .. import attention
@@ -355,6 +462,9 @@ def setup(args, model):
         else:
             for layer in model.text.layers:
                 layer.recompute()
+            if forward.trains_tower(model):   # the tower runs in the training graph: per block there too
+                for block in model.visual.blocks:
+                    block.recompute()
             model.recompute_layers = True
 
 
@@ -370,6 +480,11 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     distributed.check_split(len(train), bs, n_ranks)
     check_batch_keys(args.deepspeed, bs, args.gradient_accumulation_steps, n_ranks)
     resume = _resume_point(args)
+    if resume:   # before the model and before anything is written: another kind of checkpoint, or model
+        read_state(resume, args, types.SimpleNamespace(
+            config_digest=_digest(args.model_name_or_path),
+            trained_names=full.check(args, args.model_name_or_path)
+            if args.finetuning_type != "lora" and os.path.isdir(args.model_name_or_path or "") else None))
     world = distributed.init(stage)
     if world.size > 1:
         distributed.sum_scalars(world, [0.0])   # every rank has read output_dir before rank 0 changes it
