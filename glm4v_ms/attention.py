@@ -13,6 +13,8 @@ built; past a limit that kernel runs the plain maths, as vllm-mindspore falls ba
 """
 from __future__ import annotations
 
+import contextlib
+
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
@@ -48,6 +50,19 @@ def mode() -> str:
 
 def fused(kernel: str) -> bool:
     return kernel in _FUSED
+
+
+@contextlib.contextmanager
+def unfused(kernel: str):
+    """`kernel` runs on its plain path inside this block: read when a graph is compiled (a constant there), so a
+    graph traced here keeps the plain path after the block."""
+    global _FUSED
+    kept = _FUSED
+    _FUSED = tuple(k for k in kept if k != kernel)
+    try:
+        yield
+    finally:
+        _FUSED = kept
 
 
 def choose_kernels(cfg, dtype, world: int = 1) -> dict:

@@ -23,7 +23,6 @@ gradient. The tower's segment lengths are constants of its graph: one graph per 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -266,19 +265,12 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
     return Output(logits=logits, rope_deltas=deltas, loss=loss)
 
 
-@contextlib.contextmanager
 def _plain_vision_attention():
     """The tower inside a training graph attends segment by segment (attention.vision_attention's plain path):
     the fused varlen kernel is a compiled cell built per image layout at call time, which a graph being traced
-    cannot build (MindSpore 2.10: "The pointer[cond_value] is null", emulated Ascend path). Read when the graph is
-    compiled (a constant there)."""
+    cannot build (MindSpore 2.10: "The pointer[cond_value] is null", emulated Ascend path)."""
     from .. import attention
-    kept = attention._FUSED
-    attention._FUSED = tuple(k for k in kept if k != "vision_attention")
-    try:
-        yield
-    finally:
-        attention._FUSED = kept
+    return attention.unfused("vision_attention")
 
 
 class Grad:
