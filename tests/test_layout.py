@@ -16,7 +16,8 @@ FLOORS = {
     MODEL: ["layers", "text", "moe", "vision", "weights", "quant", "quant_layers"],
     ENGINES: ["prompt", "steps", "reuse", "batch", "sampling", "generation", "beam", "engine",
               "finetune.forward", "finetune.lora", "finetune.adapter", "finetune.optim", "finetune.plan",
-              "finetune.interrupt", "finetune.args", "finetune.data", "finetune.plot", "finetune.distributed"],
+              "finetune.interrupt", "finetune.args", "finetune.data", "finetune.plot", "finetune.distributed",
+              "finetune.tensor_parallel"],
     FACES: ["", "model", "faces", "generate_cli", "demo", "cli", "convert", "convert.*", "serve", "serve.*",
             "parity", "parity.*", "finetune", "finetune.__main__", "finetune.trainer", "finetune.merge"],
 }
