@@ -7,6 +7,7 @@ nothing written, checked before any process group is joined (so alike on every r
 import json
 import os
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -46,15 +47,22 @@ def test_readme_command_tp2_ep(tmp_path):
                         "path/to/GLM-4.5V"], cmd
     cmd = [f"--master_port={free_port()}" if c.startswith("--master_port=") else f"--log_dir={logs}"
            if c.startswith("--log_dir=") else base if c == "path/to/GLM-4.5V" else c for c in cmd]
-    flags = ["--template", "glm4_5v", "--max_steps", "2", "--save_steps", "2", "--plot_loss", "false"]
+    # the 4 samples in one micro-batch: one shape, so one compiled step (each new shape compiles, ~20 s here)
+    flags = ["--template", "glm4_5v", "--max_steps", "2", "--save_steps", "2", "--plot_loss", "false",
+             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--warmup_ratio", "0"]
+    t0 = time.perf_counter()
     p = subprocess.run(cmd + ["--output_dir", str(two), *flags], env=env(), capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
+    print(f"msrun: {time.perf_counter() - t0:.1f} s")
     text = logs_of(logs)
     assert p.returncode == 0, "\n".join(f"== {k}\n{v[-3000:]}" for k, v in text.items())
+    assert "[memory per rank (2 ranks, tensor parallel, experts whole): " in text["worker_0.log"]
     assert "[train] step 2/2" in text["worker_0.log"] and "[train]" not in text["worker_1.log"]
     assert sorted(os.listdir(two)) == ["adapter_config.json", WEIGHTS, "checkpoint-2", "trainer_log.jsonl"]
 
+    t0 = time.perf_counter()
     assert main([YAML, "--model_name_or_path", base, "--output_dir", str(one), *flags]) == 0
+    print(f"one process: {time.perf_counter() - t0:.1f} s")
     a, b = (SafetensorsFile(os.path.join(d, WEIGHTS)) for d in (two, one))
     assert sorted(a.keys()) == sorted(b.keys())
     assert any("shared_experts" in k for k in b.keys())
@@ -65,6 +73,7 @@ def test_readme_command_tp2_ep(tmp_path):
             assert np.abs(b.read(k)[0]).max() > 1e-5, k   # trained
     la, lb = ([json.loads(ln)["loss"] for ln in open(d / "trainer_log.jsonl")] for d in (two, one))
     np.testing.assert_allclose(la, lb, atol=1e-4)
+    assert la[1] < la[0]   # the second step sees the first one's update
     shapes = []
     for d in (two, one):   # the checkpoint's optimizer state is whole: the same tensors as one process's
         with np.load(d / "checkpoint-2" / "optimizer.npz") as z:

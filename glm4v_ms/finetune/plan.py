@@ -140,14 +140,16 @@ def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim
 
 
 def tensor_parallel_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, tp: int,
-                         expert_parallel: bool = False, optim: str = "adamw_torch", plain: bool = False) -> dict:
+                         expert_parallel: bool = False, optim: str = "adamw_torch", plain: bool = False,
+                         n_lora: int | None = None) -> dict:
     """One rank's plan for LoRA under tensor parallel (tensor_parallel_size tp, finetune/tensor_parallel.py), from
     the config alone: the frozen weights as the loader slices them (parallel.py: heads, KV heads or one replicated
     head, dense and shared MLPs, vocabulary split; routed experts split inside, or 1/tp of them whole under
     expert_parallel: the same bytes; norms, router (float32) and vision tower whole), the rank's LoRA slices (A
     whole and B sliced on column-parallel linears, A sliced and B whole on row-parallel ones), their gradients and
     AdamW state, and the activations of one rank's share of every layer (the residual stream whole; under
-    expert_parallel each token's experts counted at full width: a bound)."""
+    expert_parallel each token's experts counted at full width: a bound). n_lora: the rank's LoRA parameters when
+    known (default: rank `rank` on attention, the dense MLPs and the shared experts, lora_target all)."""
     import dataclasses
 
     from .. import parallel
@@ -168,16 +170,17 @@ def tensor_parallel_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: i
                 n //= tp
             w += n * item
     D, Q, KV = t.hidden_size, t.q_size // tp, kv_rank * t.head_dim
-    n_lora = 0
+    count = 0
     for i in range(t.num_hidden_layers):
-        n_lora += rank * (D + Q) + 2 * rank * (D + KV) + rank * (Q + D)   # q, k, v (column), o (row)
+        count += rank * (D + Q) + 2 * rank * (D + KV) + rank * (Q + D)   # q, k, v (column), o (row)
         if t.is_moe_layer(i):
             S = t.moe_intermediate_size * t.n_shared_experts // tp
-            n_lora += 2 * rank * (D + S) + rank * (S + D)
+            count += 2 * rank * (D + S) + rank * (S + D)
         elif t.n_routed_experts:
-            n_lora += 2 * rank * (D + t.intermediate_size // tp) + rank * (t.intermediate_size // tp + D)
+            count += 2 * rank * (D + t.intermediate_size // tp) + rank * (t.intermediate_size // tp + D)
         else:   # GLM-4.1V's fused gate_up: one A, B of its 2 I rows sliced
-            n_lora += rank * (D + 2 * t.intermediate_size // tp) + rank * (t.intermediate_size // tp + D)
+            count += rank * (D + 2 * t.intermediate_size // tp) + rank * (t.intermediate_size // tp + D)
+    n_lora = count if n_lora is None else n_lora
     # one rank's layer widths for the activations (parts: heads, KV heads, MLP widths, experts, vocabulary)
     experts = dict(n_routed_experts=t.n_routed_experts // tp,
                    num_experts_per_tok=min(t.num_experts_per_tok, t.n_routed_experts // tp)) if expert_parallel \

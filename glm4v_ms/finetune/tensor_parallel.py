@@ -78,6 +78,17 @@ def load_keys(args) -> dict:
         if tp > 1 else {}
 
 
+def plan_line(model, args, n_trainable: int) -> str:
+    """The memory plan line of one rank (plan.tensor_parallel_plan: the rank's slices, its layer widths)."""
+    from .. import attention
+    from .plan import _item, describe, tensor_parallel_plan
+    lay, bs, L = model.layout, args.per_device_train_batch_size, args.cutoff_len
+    p = tensor_parallel_plan(model.config, _item(model), bs, L, model.loras[0].r, lay.world, lay.expert_parallel,
+                             args.optim, attention.mode() == "plain", n_trainable)
+    return (f"per rank ({lay.world} ranks, tensor parallel{', experts whole' if lay.expert_parallel else ''}): "
+            + describe(p, bs, L, bool(getattr(model, "recompute_layers", False))))
+
+
 def holding(lo, module: str, lay, n_kv: int) -> tuple:
     """(what this rank holds of A, of B, on how many ranks B is) for one trained source module of a Lora."""
     site, p = lo.site, lo.part(module)

@@ -399,7 +399,10 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     tr = Trainer(args, model, train, pad, jit=jit, world=world)
     from .plan import training_plan
     n_trainable = sum(int(np.prod(p.shape)) for p in tr.params)
-    tr.log(f"[memory{_per_rank(world)}: {training_plan(model, args, n_trainable, world)}]")
+    if tr.tp:   # the rank's slices and layer widths
+        tr.log(f"[memory {tensor_parallel.plan_line(model, args, n_trainable)}]")
+    else:
+        tr.log(f"[memory{_per_rank(world)}: {training_plan(model, args, n_trainable, world)}]")
     if resume:
         tr.resume(resume)
         if world.rank == 0:
