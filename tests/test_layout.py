@@ -19,7 +19,8 @@ FLOORS = {
               "finetune.interrupt", "finetune.args", "finetune.data", "finetune.plot", "finetune.distributed",
               "finetune.tensor_parallel"],
     FACES: ["", "model", "faces", "generate_cli", "demo", "cli", "convert", "convert.*", "serve", "serve.*",
-            "parity", "parity.*", "finetune", "finetune.__main__", "finetune.trainer", "finetune.merge"],
+            "parity", "parity.*", "finetune", "finetune.__main__", "finetune.trainer", "finetune.merge",
+            "finetune.export"],
 }
 NAMES = ["host", "device", "model", "engines", "faces"]
 
