@@ -427,6 +427,9 @@ def check_parallel(a: FinetuneArgs):
         raise FinetuneError(f"tensor_parallel_size: must be >= 1, got {a.tensor_parallel_size!r}")
     if a.expert_parallel and a.tensor_parallel_size == 1:
         raise FinetuneError("expert_parallel: needs tensor_parallel_size > 1 (the ranks to place experts on)")
+    if a.tensor_parallel_size > 1 and a.finetuning_type != "lora":
+        raise FinetuneError(f"finetuning_type {a.finetuning_type} with tensor_parallel_size {a.tensor_parallel_size}: "
+                            f"not implemented (LoRA only under tensor parallel)")
     if a.tensor_parallel_size > 1 and a.deepspeed is not None:
         raise FinetuneError(f"deepspeed with tensor_parallel_size {a.tensor_parallel_size}: sharded optimizer state "
                             f"(ZeRO) under tensor parallel is not implemented; drop one of them")
