@@ -111,13 +111,13 @@ class Ranks:
         self.n_kv = model.config.text.num_key_value_heads
 
     def tensors(self):
-        """(lora, module, 'A' | 'B', holding, copies) in lora.trainable's order."""
+        """(lora, module, 'A' | 'B', what the rank holds, on how many ranks it is) in lora.trainable's order."""
         out = []
         for lo in self.model.loras:   # read each time: resuming replaces the Lora cells
             for m in lo.targets:
                 a, b, copies = holding(lo, m, self.lay, self.n_kv)
                 out.append((lo, m, "A", a, 1 if a == SLICED else self.lay.world))
-                out.append((lo, m, "B", b, 1 if b == SLICED else copies))
+                out.append((lo, m, "B", b, copies))
         return out
 
     # ---- the collectives
