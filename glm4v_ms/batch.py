@@ -18,6 +18,13 @@ from .steps import State, decode_one, prefill
 from .text import CachedDecoder
 
 
+def select(model, adapters):
+    """Row b of the next device step takes adapter adapters[b] (multi_lora.Bank; nothing without one)."""
+    bank = getattr(model, "adapter_bank", None)
+    if bank is not None:
+        bank.select(adapters)
+
+
 class Sequence:
     """One request being decoded: its settings and random generator, what it has made, its thinking budget and
     stop rules. `listener(kind, value)` hears ("token", id) per token and ("done", finish_reason) once;
@@ -34,6 +41,7 @@ class Sequence:
         self.eos = set(int(e) for e in cfg.eos_token_id)
         self.thinking, self.closed, self.forced, self.queued = 0, False, False, []
         self.finish_reason = None
+        self.adapter = 0            # the server's adapter for this row (multi_lora: 0 is the base)
         self.cancelled = False      # set from any thread; the decode loop frees the row at its next step
 
     def cancel(self):
@@ -93,12 +101,14 @@ class Batch:
                    ids=np.full((rows, max_len), -1, np.int64) if prefix_reuse else None,
                    media=[[] for _ in range(rows)] if prefix_reuse else None)
         b = cls(model, st, np.zeros((rows, model.config.text.vocab_size), np.float32))
-        b.saved = [None] * rows if prefix_reuse else None   # per free row: (ids (S,), media) its cache holds
+        # per free row: (ids (S,), media, when, adapter) of what its cache holds
+        b.saved = [None] * rows if prefix_reuse else None
         return b
 
-    def shared(self, p: Prompt, row: int) -> int:
-        """How many leading prompt ids free row `row`'s remembered cache holds (0 without prefix reuse)."""
-        if self.saved is None or self.saved[row] is None:
+    def shared(self, p: Prompt, row: int, adapter: int = 0) -> int:
+        """How many leading prompt ids free row `row`'s remembered cache holds (0 without prefix reuse, or where
+        it was computed under another adapter: its keys and values are that adapter's)."""
+        if self.saved is None or self.saved[row] is None or self.saved[row][3] != adapter:
             return 0
         real = p.real(0)
         held = self.saved[row][0][self.saved[row][0] >= 0][:len(real)]
@@ -125,16 +135,21 @@ class Batch:
         assert self.seqs[row] is None
         src, srow = origin if origin is not None else (self, row)
         got = None
-        if src.saved is not None and src.saved[srow] is not None:
+        select(self.model, [seq.adapter])   # the batch-1 prefill's row 0
+        if between is not None:   # the busy rows' steps in between select theirs: this prompt's again after them
+            def between(run=between):
+                run()
+                select(self.model, [seq.adapter])
+        if src.saved is not None and src.saved[srow] is not None and src.saved[srow][3] == seq.adapter:
             assert src.seqs[srow] is None and src.max_len == self.max_len
             # the row's remembered cache into the batch-1 scratch cache, then only the rest of the prompt runs
             pc = PromptCache()
             dec = self.model.decoder(1, self.max_len, pc)
             for a, dst in zip((*src.st.dec.k, *src.st.dec.v), (*dec.k, *dec.v)):
                 ops.assign(dst, a[srow:srow + 1])
-            held, media, _ = src.saved[srow]
-            pc.st = State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
-                          media=[media])
+            held, media = src.saved[srow][:2]
+            pc.hold(State(dec, (held >= 0)[None], np.zeros(1, np.int64), np.zeros(1, np.int64), ids=held[None],
+                          media=[media]), self.model)
             got = prefill_reusing(self.model, p, pc, seq.max_new, between)
         logits, one = got if got is not None else prefill(self.model, p, self.max_len, between=between)
         for a, dst in zip((*one.dec.k, *one.dec.v), (*self.st.dec.k, *self.st.dec.v)):
@@ -174,6 +189,7 @@ class Batch:
         assert not any(s is not None for s in self.seqs), "warm up a batch of free rows only"
         for r in range(len(self.seqs)):
             self._free(r)
+        select(self.model, np.zeros(len(self.seqs)))
         self.logits = decode_one(self.model, self.st, np.zeros(len(self.seqs), np.int64))
         for r in range(len(self.seqs)):
             self._free(r)
@@ -183,7 +199,8 @@ class Batch:
             if self.seqs[row] is not None:   # a request ends: remember what the row's cache holds
                 held = self.st.ids[row].copy()
                 held[-1] = -1                # the slot free rows decode their dummy into
-                self.saved[row] = (held, self.st.media[row], time.monotonic())   # when: the oldest goes first
+                # when: the oldest goes first; the adapter: reused for that adapter's requests only
+                self.saved[row] = (held, self.st.media[row], time.monotonic(), self.seqs[row].adapter)
             self.st.ids[row] = -1
         self.seqs[row] = None
         self.st.kv_valid[row] = False
@@ -209,6 +226,7 @@ class Batch:
             for r in self.free_rows():   # a free row decodes a dummy at its slot 0 (or last slot)
                 self._free(r)
             parked = [r for r, s in enumerate(self.seqs) if s is not None and s.finish_reason is not None]
+            select(self.model, [0 if s is None else s.adapter for s in self.seqs])   # each row its own adapter
             self.logits = decode_one(self.model, self.st, np.maximum(tok, 0))
             for r in parked:   # its dummy went to its next unused slot: forget it, the row's cache stays as it was
                 s = self.st.slot[r] - 1

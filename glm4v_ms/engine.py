@@ -125,13 +125,18 @@ class Engine:
         return fit(prompt_tokens, self.max_model_len, max_new_tokens, strict=True, padded=True)
 
     def submit(self, inputs: dict, cfg: GenerationConfig, max_new_tokens: int | None = None, listener=None,
-               think_ids: dict | None = None) -> Request:
+               think_ids: dict | None = None, adapter: int = 0) -> Request:
         """Queue one prompt (batch 1: the processor's output). max_new_tokens None: up to the row's context.
+        adapter: which of the model's adapters (multi_lora.install) its row decodes with, 0 the base.
         Raises GenerationError (does not fit, bad settings) or QueueFull, before anything is queued."""
         p = Prompt.of(self.model.config, inputs)
         new = self.check_prompt(p.shape[1], max_new_tokens)
         force = thinking_force(cfg, think_ids if think_ids is not None else self.model.think_ids)
         req = Request(p, Sequence(p.real(0), cfg, new, force, listener=None))
+        bank = getattr(self.model, "adapter_bank", None)
+        if not 0 <= adapter <= (len(bank.names) if bank is not None else 0):
+            raise ValueError(f"adapter {adapter}: the model holds {len(bank.names) if bank else 0} adapters")
+        req.seq.adapter = int(adapter)
 
         def tell(kind, value):
             if kind == "token" and req.first_token_s is None:
@@ -205,7 +210,7 @@ class Engine:
         # in the target group is taken as the request's own row (and kept from the moved rows)
         plan = []
         for req in reqs:
-            best = max(((g.shared(req.prompt, r), gi, r) for gi, g in enumerate(self.groups) for r in g.free_rows()
+            best = max(((g.shared(req.prompt, r, req.seq.adapter), gi, r) for gi, g in enumerate(self.groups) for r in g.free_rows()
                         if gi != ti or r in free), default=(0, None, None))
             row = None
             if best[0] > 0 and best[1] == ti:

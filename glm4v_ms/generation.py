@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from . import compile_cache
-from .batch import Batch, Sequence
+from .batch import Batch, Sequence, select
 from .generation_config import GenerationConfig, thinking_force
 from .prompt import Prompt
 from .reuse import PromptCache, prefill_reusing
@@ -53,6 +53,7 @@ def generate(model, p: Prompt, cfg: GenerationConfig, think_ids: dict | None = N
     rng = np.random.default_rng(cfg.seed)            # one generator, drawn from row by row
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
 
+    select(model, np.zeros(B))   # a model serving several adapters (multi_lora): generate() runs the base
     got = prefill_reusing(model, p, cache, new) if cache is not None else None
     if got is None:
         plan_compiles(model, B, prompt_bucket(L), max_len, new)
@@ -62,7 +63,7 @@ def generate(model, p: Prompt, cfg: GenerationConfig, think_ids: dict | None = N
     else:
         logits, st = got
     if cache is not None:
-        cache.st = st
+        cache.hold(st, model)
     batch = Batch(model, st, logits, keep=cache is not None)
     batch.seqs = [Sequence(p.real(b), cfg, new, force, rng) for b in range(B)]
     out = np.full((B, new), pad, np.int64)

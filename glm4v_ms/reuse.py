@@ -19,15 +19,29 @@ class PromptCache:
     their pixels) with what that cache holds: only the rest of the prompt is run, its images alone through the
     vision tower. The output is that of a run without reuse. Where nothing can be reused (another batch size,
     videos, inputs_embeds, a cache too short for the new turn, or the model's shared cache taken meanwhile by a
-    call without this PromptCache), the prompt is prefilled afresh into it."""
+    call without this PromptCache, or another adapter loaded since: model.load_adapter), the prompt is prefilled
+    afresh into it."""
 
     def __init__(self):
         self.st = None
+        self.key = None     # adapter_key of the model that filled it
         self.reused = 0     # prompt tokens taken from the cache by the last call (summed over rows)
 
-    def usable(self, B: int) -> bool:
+    def hold(self, st, model):
+        self.st, self.key = st, adapter_key(model)
+
+    def usable(self, B: int, model=None) -> bool:
         st = self.st
-        return st is not None and st.ids is not None and st.ids.shape[0] == B and getattr(st.dec, "owner", None) is self
+        return (st is not None and st.ids is not None and st.ids.shape[0] == B and
+                getattr(st.dec, "owner", None) is self and (model is None or self.key == adapter_key(model)))
+
+
+def adapter_key(model):
+    """The adapters the model's linears hold (load_adapter changes the digest, LoRA cells and multi_lora's bank
+    are new objects): keys and values cached under others are not this model's."""
+    bank = getattr(model, "adapter_bank", None)
+    return (getattr(model, "config_digest", None), tuple(id(x) for x in getattr(model, "loras", None) or ()),
+            None if bank is None else id(bank))
 
 
 def prefill_reusing(model, p: Prompt, cache: PromptCache, new: int, between=None):
@@ -41,7 +55,7 @@ def prefill_reusing(model, p: Prompt, cache: PromptCache, new: int, between=None
     if p.inputs_embeds is not None or p.pixel_values_videos is not None:
         return None
     B, L = p.shape
-    if not cache.usable(B):
+    if not cache.usable(B, model):
         return None
     old = cache.st
     keep, tails, kept_slots = [], [], []

@@ -68,3 +68,16 @@ def wait_healthy(url, proc, timeout=240, log=lambda: ""):
             pass
         assert proc.poll() is None and time.time() < deadline, f"no server: {log()}"
         time.sleep(0.5)
+
+
+def sigterm(proc, timeout=60) -> str:
+    """Stop a server started as the subprocess `proc` (text pipes) the way a user does: SIGTERM; its stderr.
+    AssertionError (with the log's end) when it does not stop within `timeout` s."""
+    import signal
+    import subprocess
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("SIGTERM did not stop the server: " + proc.communicate()[1][-3000:]) from None

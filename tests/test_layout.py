@@ -14,7 +14,7 @@ FLOORS = {
            "outputs"],
     DEVICE: ["device", "attention", "ascend_emulation", "moe_kernels", "parallel", "compile_cache", "shapes"],
     MODEL: ["layers", "text", "moe", "vision", "weights", "quant", "quant_layers"],
-    ENGINES: ["prompt", "steps", "reuse", "batch", "sampling", "generation", "beam", "engine",
+    ENGINES: ["prompt", "steps", "reuse", "batch", "sampling", "generation", "beam", "engine", "multi_lora",
               "finetune.forward", "finetune.lora", "finetune.adapter", "finetune.optim", "finetune.plan",
               "finetune.interrupt", "finetune.args", "finetune.data", "finetune.plot", "finetune.distributed",
               "finetune.tensor_parallel"],

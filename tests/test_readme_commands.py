@@ -9,13 +9,12 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import urllib.request
 
 from glm4v_ms import compile_cache
-from serving import wait_healthy
+from serving import sigterm, wait_healthy
 from test_compile_cache import snapshot
 from test_parallel import free_port
 
@@ -103,13 +102,7 @@ def test_server_command_as_the_readme_writes_it(tmp_path):
             assert reply["usage"]["completion_tokens"] > 0, reply
             answers.append(reply["choices"][0]["message"])
         finally:
-            p.send_signal(signal.SIGTERM)
-            try:
-                _, err = p.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                _, err = p.communicate()
-                raise AssertionError("SIGTERM did not stop the server: " + err[-3000:]) from None
+            err = sigterm(p)
         assert "Traceback" not in err and "[WARNING]" not in err, err[-3000:]   # MindSpore's log: errors only
         assert "SIGTERM: stopping" in err, err[-3000:]
         files, n = graphs(cache)

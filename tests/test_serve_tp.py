@@ -1,6 +1,7 @@
 """The server under msrun, 2 ranks (one launch): rank 0 serves HTTP, rank 1 follows its engine step by step.
 Concurrent greedy requests (streaming, an image, one prefilled in pieces while another decodes) answer exactly what
-the one-process server answers, a client that disconnects mid-stream stops its row on both ranks (the ranks stay
+the one-process server answers (one of them for a LoRA adapter, --lora-modules: each rank holds its slices of
+the adapter), a client that disconnects mid-stream stops its row on both ranks (the ranks stay
 in step: later requests are still right), and SIGTERM to rank 0 prints one line and ends every process of the
 launch."""
 import base64
@@ -39,11 +40,12 @@ def messages(i):
 
 
 def ask(client, i, stream):
+    model = "a" if i == 3 else "m"   # the last prompt asks the adapter, decoding beside the base's rows
     if not stream:
-        r = client.chat.completions.create(model="m", messages=messages(i), max_tokens=10, temperature=0)
+        r = client.chat.completions.create(model=model, messages=messages(i), max_tokens=10, temperature=0)
         return r.choices[0].message.content, r.choices[0].finish_reason
     text, reason = "", None
-    for ch in client.chat.completions.create(model="m", messages=messages(i), max_tokens=10, temperature=0,
+    for ch in client.chat.completions.create(model=model, messages=messages(i), max_tokens=10, temperature=0,
                                              stream=True):
         if ch.choices:
             text += ch.choices[0].delta.content or ""
@@ -76,10 +78,21 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(folder):
-    s = Running(["--model", folder, *ARGS])
+def lora_args(folder):
+    from test_serve_lora import peft_adapter
+    # q/v column-parallel (B sliced by rows), o_proj row-parallel (A sliced by columns)
+    d = peft_adapter(folder, os.path.join(os.path.dirname(folder), "a"), 4, 8, ["q_proj", "v_proj", "o_proj"])
+    return ["--lora-modules", f"a={d}"]
+
+
+@pytest.fixture(scope="module")
+def single(folder, lora_args):
+    s = Running(["--model", folder, *ARGS, *lora_args])
     try:
-        return [ask(s.client, i, stream=False) for i in range(len(PROMPTS))]
+        out = [ask(s.client, i, stream=False) for i in range(len(PROMPTS))]
+        base = s.client.chat.completions.create(model="m", messages=messages(3), max_tokens=10, temperature=0)
+        assert base.choices[0].message.content != out[3][0]   # the adapter changes that answer
+        return out
     finally:
         s.close()
 
@@ -106,14 +119,14 @@ def workers(root_pid):
     return sorted(found, key=lambda x: x[1])
 
 
-def test_tp2_server(folder, single, tmp_path):
+def test_tp2_server(folder, single, lora_args, tmp_path):
     port = free_port()
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                PYTHONPATH=os.pathsep.join([ROOT, HERE]), GLM4V_MS_DEVICE="cpu", GLOG_v="3")
     logs = tmp_path / "logs"
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "--join=True", f"--log_dir={logs}", "--cluster_time_out=90", os.path.join(ROOT, "serve.py"),
-           "--model", folder, "--tensor_parallel_size", "2", "--port", str(port), *ARGS]
+           "--model", folder, "--tensor_parallel_size", "2", "--port", str(port), *ARGS, *lora_args]
     p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True)
 

@@ -1,5 +1,9 @@
 """python -m glm4v_ms.serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-num-seqs 4] [--max-model-len N]
-[--served-model-name NAME] [--allowed-local-media-path DIR] [--api-key KEY]
+[--served-model-name NAME] [--allowed-local-media-path DIR] [--api-key KEY] [--lora-modules NAME=DIR ...]
+
+--lora-modules (vLLM's flag; also its JSON form '{"name": N, "path": DIR, "base_model_name": BASE}'): PEFT LoRA
+adapters served beside the base, a request's `model` picking one; rows for different adapters decode in the same
+step (glm4v_ms.multi_lora). A bad adapter is one line and exit 2 before the port opens.
 
 On several cards, one process per card under msrun (a script path: serve.py at the repository root); rank 0 serves
 HTTP, the other ranks follow its engine (glm4v_ms.serve.ranks):
@@ -38,6 +42,10 @@ def parse(argv):
     p.add_argument("--allowed-local-media-path", help="local image/video files are allowed only under this folder")
     p.add_argument("--api-key", default=os.environ.get("GLM4V_MS_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR",
+                   help="PEFT LoRA adapters served beside the base, each under its name (a request's `model`); "
+                        "vLLM's JSON form '{\"name\": ..., \"path\": ...}' too")
+    p.add_argument("--enable-lora", action="store_true", help="vLLM's switch; implied by --lora-modules")
     p.add_argument("--log-level", default="warning")
     add_runtime_args(p, dashed=True, ranks_help="; rank 0 serves HTTP")
     a = p.parse_args(argv)
@@ -46,6 +54,7 @@ def parse(argv):
         p.error("--max-num-seqs must be >= 1, --max-queue >= 0, --max-model-len >= 64")
     if a.allowed_local_media_path and not os.path.isdir(a.allowed_local_media_path):
         p.error(f"--allowed-local-media-path: not a folder: {a.allowed_local_media_path}")
+    a.name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     return a
 
 
@@ -56,9 +65,15 @@ def build(a):
     from glm4v_ms.engine import Engine
     from .app import Server, create_app
     from .ranks import LeaderEngine
+    from glm4v_ms.multi_lora import check_folders, install, parse_modules
+    # the adapters' cheap checks first (names, PEFT folders), whether each fits the base once it has loaded
+    adapters = parse_modules(a.lora_modules, a.name)
+    check_folders(adapters)
     folder = resolve_model(a.model)
     processor = Glm4vProcessor.from_pretrained(folder)
     model = load_model(folder, a)
+    if adapters:
+        install(model, adapters, a.max_num_seqs)
     # rank 0 under msrun tells the other ranks what its engine does; theirs only replay it (ranks.follow)
     kind = LeaderEngine if model.layout.world > 1 and model.layout.rank == 0 else Engine
     engine = kind(model, a.max_num_seqs, a.max_model_len, a.max_queue, prefix_reuse=not a.no_prefix_reuse,
@@ -66,8 +81,8 @@ def build(a):
     if model.layout.rank != 0:
         return None, engine
     engine.start()
-    name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
-    server = Server(engine, processor, name, a.api_key, a.allowed_local_media_path, a.max_images)
+    server = Server(engine, processor, a.name, a.api_key, a.allowed_local_media_path, a.max_images,
+                    adapters=adapters)
     return create_app(server), engine
 
 
@@ -81,15 +96,21 @@ def main(argv=None):
     except ImportError:
         print("error: the server needs the serving extra: pip install -r requirements-serve.txt", file=sys.stderr)
         return 1
+    from glm4v_ms.multi_lora import LoraModulesError
     try:
         app, engine = build(a)
+    except LoraModulesError as e:   # an adapter that does not fit this base: refused before the port opens
+        print(f"glm4v_ms.serve: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 1
     if app is None:   # a rank other than 0: follow rank 0's engine until it stops
         from .ranks import follow
         return follow(engine)
-    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}]", file=sys.stderr)
+    names = list(app.state.server.adapters)
+    served = f"; adapters {', '.join(names)} beside {a.name}" if names else ""
+    print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}{served}]", file=sys.stderr)
 
     class Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame):   # SIGINT / SIGTERM: one line, then uvicorn's graceful shutdown

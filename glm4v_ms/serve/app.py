@@ -61,8 +61,11 @@ class Server:
     """What the app serves: the model's processor and defaults, the engine, and the limits."""
 
     def __init__(self, engine, processor, name, api_key=None, allowed_local_media_path=None, max_images=8,
-                 max_media_bytes=32 << 20, max_request_bytes=64 << 20):
+                 max_media_bytes=32 << 20, max_request_bytes=64 << 20, adapters=()):
+        """adapters: [(name, folder)] installed on the engine's model in this order (multi_lora.install): a
+        request's `model` names the base or one of them."""
         self.engine, self.processor, self.name, self.api_key = engine, processor, name, api_key
+        self.adapters = {n: (k + 1, path) for k, (n, path) in enumerate(adapters)}   # name -> (index, folder)
         self.media = MediaLoader(allowed_local_media_path, max_media_bytes)
         self.max_images, self.max_request_bytes = max_images, max_request_bytes
         self.defaults = engine.model.generation_config
@@ -210,7 +213,9 @@ def read_body(server: Server, raw: bytes) -> dict:
         if body.get(k) not in (None, False, 0, [], {}):
             raise ApiError(400, f"'{k}' is not supported by this server", k)
     model = body.get("model")
-    if model is not None and model != server.name:
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model")
+    if model is not None and model != server.name and model not in server.adapters:
         raise ApiError(404, f"The model `{model}` does not exist.", "model")
     return body
 
@@ -228,6 +233,9 @@ class ChatCompletion:
 
     def __init__(self, server: Server, body: dict, request: Request):
         self.server, self.request = server, request
+        # the base, or an adapter (read_body checked the name): replies name what the request named
+        self.model = body.get("model") or server.name
+        self.adapter = server.adapters[self.model][0] if self.model in server.adapters else 0
         self.stream = _typed(body, "stream", (bool,), "a boolean") or False
         opts = _typed(body, "stream_options", (dict,), "an object") or {}
         self.include_usage = bool(opts.get("include_usage"))
@@ -256,7 +264,7 @@ class ChatCompletion:
                 c = cfg if cfg.seed is None or i == 0 else cfg.updated(seed=cfg.seed + i)
                 tell = (lambda i: lambda kind, value: loop.call_soon_threadsafe(self.events.put_nowait,
                                                                                 (i, kind, value)))(i)
-                self.reqs.append(engine.submit(inputs, c, new, tell))
+                self.reqs.append(engine.submit(inputs, c, new, tell, adapter=self.adapter))
         except (GenerationError, QueueFull, RuntimeError) as e:
             self.cancel()
             status = 400 if isinstance(e, GenerationError) else 503 if isinstance(e, QueueFull) else 500
@@ -314,12 +322,12 @@ class ChatCompletion:
                        "reasoning": reasoning or None, "boxes": self.boxes(i), "tool_calls": []}
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": self.reasons[i],
                             "stop_reason": None})
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.server.name,
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage(), "system_fingerprint": None}
 
     def _chunk(self, choices, **extra) -> str:
         return "data: " + json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                      "model": self.server.name, "choices": choices, **extra},
+                                      "model": self.model, "choices": choices, **extra},
                                      ensure_ascii=False) + "\n\n"
 
     def _choice(self, i, delta, reason=None, **extra) -> str:
@@ -399,9 +407,11 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         auth(request)
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
-                                            "owned_by": "glm4v-ms", "root": server.name, "parent": None,
-                                            "max_model_len": server.engine.max_model_len}]}
+        card = lambda name, root, parent: {  # noqa: E731  (vLLM's ModelCard; an adapter's root is its folder)
+            "id": name, "object": "model", "created": server.created, "owned_by": "glm4v-ms", "root": root,
+            "parent": parent, "max_model_len": server.engine.max_model_len}
+        return {"object": "list", "data": [card(server.name, server.name, None)] + [
+            card(n, path, server.name) for n, (_, path) in server.adapters.items()]}
 
     @app.post("/v1/pdf/pages")
     async def pdf(request: Request):

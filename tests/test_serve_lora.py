@@ -1,0 +1,269 @@
+"""Adapters in the server (vLLM's --lora-modules): two PEFT adapters made by PEFT itself on the tiny checkpoint
+(different ranks, target modules and scalings; B random, so that each changes the output), served beside the base.
+Requests for the base and both adapters decode in the same batch step, each row with its own adapter, and each
+answer is the library's greedy generate with that adapter loaded (model.load_adapter), token for token, and what
+the request gets alone. One server launch, as the README writes the command."""
+import base64
+import io
+import json
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from glm4v_ms import Glm4vForConditionalGeneration, Glm4vProcessor, demo, multi_lora
+from glm4v_ms.engine import Engine
+from glm4v_ms.finetune import lora as L
+from glm4v_ms.processing.reply import split, strip_boxes
+from processing_fixtures import drawn_image
+from serving import sigterm, wait_healthy
+from test_parallel import free_port
+from test_readme_commands import ROOT, blocks, child_env
+
+N = 10   # new tokens per request (min_tokens too: every answer has them all)
+
+
+def peft_adapter(base, dst, r, alpha, target_modules, rslora=False, seed=0):
+    import reference  # noqa: F401  (torchvision schemas before transformers)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Glm4vForConditionalGeneration as Ref
+    pm = get_peft_model(Ref.from_pretrained(base).eval(), LoraConfig(
+        r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=target_modules, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(dst)
+    return dst
+
+
+def chats():
+    buf = io.BytesIO()
+    drawn_image(64, 48, seed=4).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    text = [{"role": "user", "content": "Describe this image."}]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                          {"type": "text", "text": "What is in the picture?"}]}]
+    return {"text": text, "image": image}
+
+
+def for_processor(chat):
+    """The same chat as the library takes it (the image decoded)."""
+    from PIL import Image
+    out = []
+    for m in chat:
+        if isinstance(m["content"], str):
+            out.append(m)
+            continue
+        parts = []
+        for p in m["content"]:
+            if p["type"] == "image_url":
+                raw = base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+                parts.append({"type": "image", "image": Image.open(io.BytesIO(raw)).convert("RGB")})
+            else:
+                parts.append(p)
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_lora")
+    d = demo.build(str(root / "tiny"), "demo-tiny", seed=2)
+    # "charts": rank 4 on q/v (a list, PEFT's suffix rule); "sql": rank 8, rsLoRA, the MLPs, o_proj and the vision
+    # merger's down_proj (a regex), so rows of one step take different linears, ranks and scalings
+    adapters = {
+        "charts": peft_adapter(d, str(root / "charts"), 4, 8, ["q_proj", "v_proj"], seed=0),
+        "sql": peft_adapter(d, str(root / "sql"), 8, 16, r"^(model\.language_model(?=\.).*\.(o_proj|gate_up_proj|"
+                            r"down_proj)|model\.visual\.merger\.down_proj)$", rslora=True, seed=1)}
+    model, proc = Glm4vForConditionalGeneration.from_pretrained(d), Glm4vProcessor.from_pretrained(d)
+    inputs = {k: proc.apply_chat_template(for_processor(c), add_generation_prompt=True, tokenize=True,
+                                          return_dict=True) for k, c in chats().items()}
+    want = {}   # (adapter or None, chat) -> the library's greedy tokens
+    for name in (None, *adapters):
+        if name is not None:
+            model.load_adapter(adapters[name])
+        for k, x in inputs.items():
+            want[name, k] = model.generate(**x, max_new_tokens=N, min_new_tokens=N, do_sample=False)[
+                0, x["input_ids"].shape[1]:]
+    L.remove(model)
+    for k in inputs:   # each adapter changes the answer
+        assert not np.array_equal(want["charts", k], want[None, k]) and not np.array_equal(want["sql", k],
+                                                                                          want[None, k])
+    return dict(folder=d, adapters=adapters, model=model, proc=proc, inputs=inputs, want=want, root=root)
+
+
+def test_rows_of_one_step_each_with_its_adapter(setup):
+    """The engine on the library's model with both adapters installed: the base and both adapters admitted
+    together decode in the same steps (the selector of one step holds all three), each equal to the library's
+    generate with its adapter; a second round reuses each prompt's cache from a row of the same adapter only."""
+    model, inputs, want = setup["model"], setup["inputs"], setup["want"]
+    bank = multi_lora.install(model, list(setup["adapters"].items()), 4)
+    steps, real = [], bank.select
+    bank.select = lambda a: (steps.append(tuple(int(v) for v in np.asarray(a).reshape(-1))), real(a))[1]
+    engine = Engine(model, 4, 256, prefix_reuse=True, row_groups=False).start()
+    try:
+        cfg = model.generation_config.updated(do_sample=False, min_new_tokens=N)
+        names = [None, "charts", "sql"]
+        for order in (names, names[::-1]):
+            reqs = {n: engine.submit(inputs["text"], cfg, N, adapter=bank.index(n)) for n in order}
+            while any(r.seq.finish_reason is None for r in reqs.values()):
+                time.sleep(0.02)
+            for n, r in reqs.items():
+                assert r.tokens == want[n, "text"].tolist(), n
+            if order is not names:   # the second round: every prompt's prefix from its own adapter's row
+                assert all(r.reused_tokens > 0 for r in reqs.values()), [r.reused_tokens for r in reqs.values()]
+        assert any(len(s) == 4 and {0, 1, 2} <= set(s) for s in steps), sorted(set(steps))
+        g = engine.groups[-1]
+        held = [r for r in g.free_rows() if g.saved[r] is not None]
+        assert held and all(g.shared(reqs[None].prompt, r, a) == 0 for r in held for a in (0, 1, 2)
+                            if g.saved[r][3] != a)
+    finally:
+        engine.stop()
+        multi_lora.uninstall(model)
+
+
+def test_prompt_cache_is_keyed_by_adapter(setup):
+    """generate(past_key_values=PromptCache()) after model.load_adapter: the prefix cached without the adapter
+    is not reused (its keys and values are the base's); the next call with the same adapter reuses it."""
+    from glm4v_ms import PromptCache
+    model, x, want = setup["model"], setup["inputs"]["text"], setup["want"]
+    n, pc = x["input_ids"].shape[1], PromptCache()
+    gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, past_key_values=pc)
+    try:
+        assert model.generate(**x, **gen)[0, n:].tolist() == want[None, "text"].tolist()
+        model.load_adapter(setup["adapters"]["charts"])
+        assert model.generate(**x, **gen)[0, n:].tolist() == want["charts", "text"].tolist() and pc.reused == 0
+        assert model.generate(**x, **gen)[0, n:].tolist() == want["charts", "text"].tolist() and pc.reused > 0
+    finally:
+        L.remove(model)
+
+
+def lora_command():
+    """The README's server command with --lora-modules, as argv."""
+    for block in blocks():
+        text = block.replace("\\\n", " ")
+        for line in text.splitlines():
+            if line.startswith("python -m glm4v_ms.serve") and "--lora-modules" in line:
+                return shlex.split(line.split("#")[0])
+    raise AssertionError("no `python -m glm4v_ms.serve ... --lora-modules` command in the README")
+
+
+def request(url, body, path="/v1/chat/completions"):
+    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_with_two_adapters_and_the_base(setup):
+    """The README's command: /v1/models lists the base and each adapter (root its folder, parent the base); six
+    concurrent requests (the base and both adapters, a text and an image prompt each) answer what each answers
+    alone and what the library's generate gives with that adapter; an unknown model is vLLM's 404."""
+    argv = lora_command()
+    i = argv.index("--lora-modules")
+    names = [v.split("=", 1)[0] for v in argv[i + 1:i + 3]]
+    assert sorted(names) == sorted(setup["adapters"]), argv
+    argv[i + 1:i + 3] = [f"{n}={setup['adapters'][n]}" for n in names]
+    argv[argv.index("--model") + 1] = setup["folder"]
+    port = free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    base = argv[argv.index("--served-model-name") + 1]
+    argv = [sys.executable] + argv[1:] + ["--max-model-len", "512"]
+    url = f"http://127.0.0.1:{port}"
+    p = subprocess.Popen(argv, cwd=ROOT, env=child_env(setup["root"] / "cache"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(url, p)
+        with urllib.request.urlopen(url + "/v1/models") as r:
+            cards = json.loads(r.read())["data"]
+        assert [(c["id"], c["root"], c["parent"]) for c in cards] == [(base, base, None)] + [
+            (n, setup["adapters"][n], base) for n in names]
+
+        jobs = [(m, k) for m in (base, *names) for k in chats()]
+
+        def body(m, k):
+            return {"model": m, "messages": chats()[k], "max_tokens": N, "min_tokens": N, "temperature": 0}
+        together = {}
+        threads = [threading.Thread(target=lambda j=j: together.__setitem__(j, request(url, body(*j))))
+                   for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        alone = {j: request(url, body(*j)) for j in jobs}
+        proc, want = setup["proc"], setup["want"]
+        for j in jobs:
+            (s1, r1), (s2, r2) = together[j], alone[j]
+            assert s1 == s2 == 200, (j, r1, r2)
+            assert r1["model"] == j[0] and r1["choices"][0]["message"] == r2["choices"][0]["message"], j
+            assert r1["usage"]["completion_tokens"] == N, r1["usage"]
+            tokens = want[None if j[0] == base else j[0], j[1]]
+            text = strip_boxes(split(proc.decode(tokens, skip_special_tokens=True))[1]).strip()
+            assert r1["choices"][0]["message"]["content"] == text, j
+
+        # streamed: the adapter's answer, chunk by chunk, each chunk naming it
+        with urllib.request.urlopen(urllib.request.Request(
+                url + "/v1/chat/completions", data=json.dumps({**body(names[1], "image"), "stream": True}).encode(),
+                headers={"Content-Type": "application/json"}), timeout=300) as r:
+            chunks = [json.loads(line[6:]) for line in r.read().decode().splitlines()
+                      if line.startswith("data: {")]
+        assert {c["model"] for c in chunks} == {names[1]}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
+            alone[names[1], "image"][1]["choices"][0]["message"]["content"]
+
+        status, err = request(url, body("no-such-adapter", "text"))
+        assert status == 404 and err["error"]["type"] == "NotFoundError" and err["error"]["code"] == 404
+        assert err["error"]["message"] == "The model `no-such-adapter` does not exist."
+    finally:
+        log = sigterm(p)
+    assert "Traceback" not in log and "SIGTERM: stopping" in log, log[-3000:]
+    assert f"adapters {', '.join(names)} beside {base}]" in log, log[-3000:]
+
+
+def test_lora_modules_values():
+    """vLLM's two forms; two adapters under one name, or one under the base's name: refused (one line)."""
+    assert multi_lora.parse_modules(["a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}'], "m") == [
+        ("a", "/x"), ("b", "/y")]
+    for values, msg in ((["a=/x", "a=/y"], "two adapters under one name"),
+                        (["m=/x"], "the base model is served under that name"),
+                        (['{"name": "b", "path": "/y", "base_model_name": "other"}'], "is not this server's"),
+                        (["a"], "expected name=path")):
+        with pytest.raises(multi_lora.LoraModulesError, match=msg):
+            multi_lora.parse_modules(values, "m")
+
+
+@pytest.mark.parametrize("case", ["same_name", "another_base", "not_peft"])
+def test_bad_adapters_exit_2_before_the_port_opens(setup, tmp_path, case):
+    """One line, exit 2, no traceback, before uvicorn starts: two adapters under one name and a folder that is no
+    PEFT adapter (before the model loads), an adapter made by PEFT for a base of another size (once it loaded)."""
+    a = setup["adapters"]["charts"]
+    if case == "same_name":
+        mods = [f"x={a}", f"x={setup['adapters']['sql']}"]
+    elif case == "not_peft":
+        mods = [f"x={tmp_path}"]
+    else:
+        import tinyref
+        other = str(tmp_path / "other")
+        tinyref.build(other, hidden_size=96)
+        mods = [f"x={peft_adapter(other, str(tmp_path / 'ad'), 4, 8, ['q_proj', 'v_proj'])}"]
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "glm4v_ms.serve", "--model", setup["folder"], "--port", str(port),
+                        "--lora-modules", *mods], cwd=ROOT, env=child_env(tmp_path / "cache"), capture_output=True,
+                       text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith("glm4v_ms.serve: error: --lora-modules x: "), lines
+    assert {"same_name": "two adapters under one name", "not_peft": "not a PEFT adapter folder",
+            "another_base": "another base"}[case] in lines[0], lines
