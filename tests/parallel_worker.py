@@ -2,8 +2,10 @@
 (rank 0) the logits and greedy ids of every prepared input; every rank saves its memory plan and parameter count.
 
     msrun ... tests/parallel_worker.py OUT_DIR SPECS_JSON
-SPECS_JSON: [{"name", "folder", "tp", "ep", "adapter"?}]; with "adapter" (a PEFT folder), the greedy case again
-after model.load_adapter. Inputs come from OUT_DIR/inputs/*.npz (made by the test).
+SPECS_JSON: [{"name", "folder", "tp", "ep", "adapter"?, "grad"?, "train"?}]; with "adapter" (a PEFT folder), the
+greedy case again after model.load_adapter; with "train" (a list of {"name", "n", ...trainer keys}), LoRA fine-tuning
+under this layout, the trainer called in-process as finetune.py runs it (tests/finetune_dp_worker.py's samples and
+keys), into OUT_DIR/train/<spec>/<name>, rank 0 saving its losses. Inputs come from OUT_DIR/inputs/*.npz.
 """
 import glob
 import json
@@ -66,7 +68,23 @@ def main(out, specs):
             if r == 0:
                 np.save(os.path.join(out, f"{spec['name']}.{GREEDY_CASE}.adapter.logits.npy"), logits)
                 np.save(os.path.join(out, f"{spec['name']}.{GREEDY_CASE}.adapter.ids.npy"), ids)
+        for run in spec.get("train", []):
+            train(out, spec, dict(run))
     print(f"rank {r}: done", flush=True)
+
+
+def train(out, spec, run):
+    """trainer.run with tensor_parallel_size / expert_parallel (the model loaded by the trainer, split like m)."""
+    import finetune_dp_worker as dp
+    name, n = run.pop("name"), run.pop("n")
+    folder = os.path.join(out, "train", spec["name"])
+    if str(run.get("resume_from_checkpoint", "")).startswith("@"):   # a checkpoint of an earlier run
+        run["resume_from_checkpoint"] = os.path.join(folder, run["resume_from_checkpoint"][1:])
+    tr, losses = dp.run(dp.args(os.path.join(folder, name), spec["folder"], tensor_parallel_size=spec["tp"],
+                                expert_parallel=spec["ep"], **run), n)
+    if tr.world.rank == 0:
+        with open(os.path.join(folder, f"{name}.losses.json"), "w") as f:
+            json.dump(losses, f)
 
 
 if __name__ == "__main__":

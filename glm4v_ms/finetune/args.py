@@ -171,6 +171,9 @@ class FinetuneArgs:
     dataloader_num_workers: int = 0
     ddp_timeout: int = 1800
     logging_first_step: bool = False
+    # tensor / expert parallel under msrun (generate.py's flags; not LLaMA-Factory keys): finetune/tensor_parallel.py
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
 
     @property
     def recompute(self) -> bool:
@@ -183,11 +186,12 @@ class FinetuneArgs:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(FinetuneArgs)}
+PARALLEL_KEYS = ("tensor_parallel_size", "expert_parallel")
 OPTIONAL = {"model_name_or_path", "adapter_name_or_path", "template", "dataset", "media_dir", "max_samples",
             "default_system", "tokenized_path", "lora_alpha", "output_dir", "save_total_limit",
             "resume_from_checkpoint", "gradient_checkpointing", "preprocessing_num_workers", "enable_thinking",
             "deepspeed", "freeze_extra_modules"}
-assert set(FIELDS) <= LLAMAFACTORY_KEYS | {"warmup_ratio"}, set(FIELDS) - LLAMAFACTORY_KEYS
+assert set(FIELDS) <= LLAMAFACTORY_KEYS | {"warmup_ratio", *PARALLEL_KEYS}, set(FIELDS) - LLAMAFACTORY_KEYS
 
 
 def parse(argv) -> FinetuneArgs:
@@ -381,6 +385,7 @@ def check(a: FinetuneArgs):
     need(a.report_to in ("none", "", None), "report_to", "only none (no logging integrations here)")
     if a.deepspeed is not None:   # read now: a bad config fails before the data and the model
         zero_stage(a.deepspeed)
+    check_parallel(a)
 
 
 def zero_stage(path) -> int:
@@ -426,3 +431,17 @@ def check_batch_keys(path, per_device: int, accum: int, world: int):
         v = cfg.get(key, "auto")
         if v != "auto" and v != ours:
             raise FinetuneError(f"deepspeed: {path} sets {key} {v}, this run has {ours} (use \"auto\")")
+
+
+def check_parallel(a: FinetuneArgs):
+    """tensor_parallel_size / expert_parallel on their own (against the launch and the model: tensor_parallel.py)."""
+    if a.tensor_parallel_size < 1:
+        raise FinetuneError(f"tensor_parallel_size: must be >= 1, got {a.tensor_parallel_size!r}")
+    if a.expert_parallel and a.tensor_parallel_size == 1:
+        raise FinetuneError("expert_parallel: needs tensor_parallel_size > 1 (the ranks to place experts on)")
+    if a.tensor_parallel_size > 1 and a.finetuning_type != "lora":
+        raise FinetuneError(f"finetuning_type {a.finetuning_type} with tensor_parallel_size {a.tensor_parallel_size}: "
+                            f"not implemented (LoRA only under tensor parallel)")
+    if a.tensor_parallel_size > 1 and a.deepspeed is not None:
+        raise FinetuneError(f"deepspeed with tensor_parallel_size {a.tensor_parallel_size}: sharded optimizer state "
+                            f"(ZeRO) under tensor parallel is not implemented; drop one of them")

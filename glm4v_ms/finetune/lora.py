@@ -45,6 +45,8 @@ class Part:
     size: int
     perm: np.ndarray     # our row j of the part = the source's row perm[j] (of the rows this rank holds)
     rows: np.ndarray = None   # tensor parallel: the source rows this rank's linear holds (None: all)
+    kind: str = ""            # tensor parallel: the source's split kind (parallel.OUT, HALVES, KV, IN or REPLICATED)
+    whole_perm: np.ndarray = None   # tensor parallel: perm of the whole part (one process's row order)
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ def sites(model, projector: bool = False) -> list[Site]:
         held = [_held(cfg, lay, k, shapes[s][0]) for k, s in zip(kinds, e.sources)]
         sizes = [shapes[s][0] if h is None else len(h) for s, h in zip(e.sources, held)]
         starts, perms = _row_order(cfg, e, sizes)
-        parts = tuple(Part(s[:-len(".weight")], int(a), n, p, h)
-                      for s, a, n, p, h in zip(e.sources, starts, sizes, perms, held))
+        wperms = _row_order(cfg, e, [shapes[s][0] for s in e.sources])[1] if lay.world > 1 else perms
+        parts = tuple(Part(s[:-len(".weight")], int(a), n, p, h, k, w)
+                      for s, a, n, p, h, k, w in zip(e.sources, starts, sizes, perms, held, kinds, wperms))
         cols = lay.part(shapes[e.sources[0]][1]) if lay.world > 1 and parallel.IN in kinds else None
         out.append(Site(path, cell, parts, cols))
     return out
@@ -194,6 +197,8 @@ class Lora(nn.Cell):
     def peft(self, module, A=None, B=None):
         """(lora_A, lora_B) of one source module in PEFT's layout (the row order undone); A/B: arrays of ours."""
         if self.site.cols is not None or any(p.rows is not None for p in self.site.parts):
+            if A is None and B is None and module in getattr(self, "whole", {}):
+                return self.whole[module]   # gathered from every rank (finetune/tensor_parallel.gather)
             raise LoraError("a tensor-parallel rank holds a slice of this adapter, not PEFT's whole tensors")
         j = self.targets.index(module)
         a = self.A[j].asnumpy() if A is None else A
@@ -226,7 +231,10 @@ def inject(model, modules: list[str], r: int, alpha: float, dropout: float = 0.0
             continue
         lora = Lora(site, trained, r, scaling(r, alpha, rslora), dropout)
         for a in lora.A:
-            a.set_data(Tensor(kaiming_uniform_a(rng, r, a.shape[1])))
+            # a row-parallel rank draws the whole A and keeps its columns: the one process's init, sliced
+            cols = site.cols or slice(0, a.shape[1])
+            n_in = a.shape[1] * (model.layout.world if site.cols is not None else 1)
+            a.set_data(Tensor(kaiming_uniform_a(rng, r, n_in)[:, cols]))
         site.linear.lora = lora
         out.append(lora)
     missing = want - {m for l in out for m in l.targets}

@@ -213,3 +213,56 @@ def full_config_plan(cfg, dtype_bytes: int, batch: int, length: int, args, optim
     frozen, trained, largest = trained_counts(cfg, args)
     return full_parts(cfg, dtype_bytes, frozen, trained, batch, length, optim, plain, ranks, stage,
                       largest if stage == 3 else 0, accum)
+
+
+def tensor_parallel_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, tp: int,
+                         expert_parallel: bool = False, optim: str = "adamw_torch", plain: bool = False,
+                         n_lora: int | None = None) -> dict:
+    """One rank's plan for LoRA under tensor parallel (tensor_parallel_size tp, finetune/tensor_parallel.py), from
+    the config alone: the frozen weights as the loader slices them (parallel.py: heads, KV heads or one replicated
+    head, dense and shared MLPs, vocabulary split; routed experts split inside, or 1/tp of them whole under
+    expert_parallel: the same bytes; norms, router (float32) and vision tower whole), the rank's LoRA slices (A
+    whole and B sliced on column-parallel linears, A sliced and B whole on row-parallel ones), their gradients and
+    AdamW state, and the activations of one rank's share of every layer (the residual stream whole; under
+    expert_parallel each token's experts counted at full width: a bound). n_lora: the rank's LoRA parameters when
+    known (default: rank `rank` on attention, the dense MLPs and the shared experts, lora_target all)."""
+    import dataclasses
+
+    from .. import parallel
+    from ..weights import hf_shapes, hf_table
+    t, shapes = cfg.text, hf_shapes(cfg)
+    kv_rank = max(1, t.num_key_value_heads // tp)
+    w = 0
+    for e in hf_table(cfg):
+        kinds = e.split or (parallel.REPLICATED,) * len(e.sources)
+        item = 4 if ".router_" in e.ours else dtype_bytes   # the router is kept float32
+        for s, k in zip(e.sources, kinds):
+            n = int(np.prod(shapes[s]))
+            if e.per_expert:
+                n //= tp   # split inside each expert, or whole experts on 1/tp of the ranks
+            elif k == parallel.KV:
+                n = n // t.num_key_value_heads * kv_rank
+            elif k != parallel.REPLICATED:
+                n //= tp
+            w += n * item
+    D, Q, KV = t.hidden_size, t.q_size // tp, kv_rank * t.head_dim
+    count = 0
+    for i in range(t.num_hidden_layers):
+        count += rank * (D + Q) + 2 * rank * (D + KV) + rank * (Q + D)   # q, k, v (column), o (row)
+        if t.is_moe_layer(i):
+            S = t.moe_intermediate_size * t.n_shared_experts // tp
+            count += 2 * rank * (D + S) + rank * (S + D)
+        elif t.n_routed_experts:
+            count += 2 * rank * (D + t.intermediate_size // tp) + rank * (t.intermediate_size // tp + D)
+        else:   # GLM-4.1V's fused gate_up: one A, B of its 2 I rows sliced
+            count += rank * (D + 2 * t.intermediate_size // tp) + rank * (t.intermediate_size // tp + D)
+    n_lora = count if n_lora is None else n_lora
+    # one rank's layer widths for the activations (parts: heads, KV heads, MLP widths, experts, vocabulary)
+    experts = dict(n_routed_experts=t.n_routed_experts // tp,
+                   num_experts_per_tok=min(t.num_experts_per_tok, t.n_routed_experts // tp)) if expert_parallel \
+        else dict(moe_intermediate_size=t.moe_intermediate_size // tp)
+    text = dataclasses.replace(t, num_attention_heads=t.num_attention_heads // tp, num_key_value_heads=kv_rank,
+                               explicit_head_dim=t.head_dim, intermediate_size=t.intermediate_size // tp,
+                               vocab_size=t.vocab_size // tp, **(experts if t.n_routed_experts else {}))
+    return parts(dataclasses.replace(cfg, text=text), dtype_bytes, w + 4 * n_lora, batch, length, n_lora, optim,
+                 plain)

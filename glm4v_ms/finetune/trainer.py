@@ -37,7 +37,7 @@ import types
 import mindspore as ms
 import numpy as np
 
-from . import adapter, distributed, forward, full, interrupt, lora, optim
+from . import adapter, distributed, forward, full, interrupt, lora, optim, tensor_parallel
 
 from .args import FinetuneError, check_batch_keys, zero_stage
 from .data import collate
@@ -126,6 +126,7 @@ class Trainer:
         self.opt = optim.Optimizer(self.params, args.optim.replace("adamw_torch_fused", "adamw_torch"),
                                    args.weight_decay, world=self.world)
         self.grad = forward.Grad(model, self.params, jit=jit)
+        self.tp = tensor_parallel.Ranks(model) if model.layout.world > 1 else None   # the model split over the ranks
         self.max_norm = args.max_grad_norm
         self.out = args.output_dir
         self.logging_steps = max(1, _count(args.logging_steps, total))
@@ -149,11 +150,13 @@ class Trainer:
         seen = sum(s.length * s.cos.shape[0] for s in steps)
         # the loss over every rank's trained tokens; a Ctrl-C on any rank stops them all after this step
         total, n_items, seen, stop = distributed.sum_scalars(w, [total, n_items, seen, interrupt.requested()])
-        self.stop = stop > 0
+        self.stop = (self.tp.vote(stop) if self.tp else stop) > 0
         scale = 1.0 / max(n_items, 1)
         grads = self.opt.reduce(grads, scale)
+        if self.tp:
+            grads = self.tp.reduce(grads)
         if self.max_norm > 0:
-            grads, _ = self.opt.clip(grads, self.max_norm)
+            grads, _ = (self.tp or self.opt).clip(grads, self.max_norm)
         self.opt.step(grads, self.sched.lr())
         self.sched.step()
         self.step, self.epoch = k + 1, epoch
@@ -171,7 +174,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         final = os.path.join(self.out, f"checkpoint-{self.step}")
-        opt_state = self.opt.state()   # sharded: gathered from every rank
+        opt_state = self.tp.gather(self.opt) if self.tp else self.opt.state()   # sharded / split: gathered
         if self.world.rank != 0:
             return final
 
@@ -244,7 +247,7 @@ class Trainer:
         kind = self.opt.kind
         self.opt = optim.Optimizer(self.params, kind, self.opt.wd, world=self.world)
         with np.load(os.path.join(folder, OPTIM)) as d:
-            self.opt.load_state(dict(d))
+            self.opt.load_state(self.tp.local_state(dict(d)) if self.tp else dict(d))
         self.grad = forward.Grad(self.model, self.params, jit=self.grad.run is not self.grad.vg)
         self.sched.last = int(st["scheduler"]["last"])
         self.step, self.epoch, self.history = int(st["global_step"]), float(st["epoch"]), list(st["log_history"])
@@ -280,10 +283,12 @@ class Trainer:
                     self.write_log(float(np.mean(window)), lr)
                     window = []
                 # on several ranks the vote taken inside the step, so that every rank stops at the same one
-                if self.stop or (self.world.size == 1 and interrupt.requested()):
+                if self.stop or (self.world.size == 1 and not self.tp and interrupt.requested()):
                     path = self.save_checkpoint()
                     # msrun ends every rank as soon as one exits non-zero: none leaves before rank 0 has published
                     distributed.sum_scalars(self.world, [0.0])
+                    if self.tp:
+                        self.tp.vote(0)
                     bar.close()
                     self.log(f"interrupted: saved {path} (step {self.step} of {total}); run again with "
                              f"resume_from_checkpoint {path} to go on")
@@ -295,6 +300,8 @@ class Trainer:
         bar.close()
         if self.save_steps and total % self.save_steps == 0:
             self.save_checkpoint()   # transformers saves the last step's checkpoint too when it falls on save_steps
+        if self.tp:
+            self.tp.gather()   # every rank: the adapter's whole tensors, for rank 0 to write
         if self.world.rank != 0:
             return
         if self.full:
@@ -474,7 +481,7 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     if not train:
         raise FinetuneError("dataset: no training samples")
     stage = zero_stage(args.deepspeed)
-    n_ranks = distributed.launched()
+    n_ranks = tensor_parallel.data_ranks(args, distributed.launched(), model)   # 1 under tensor parallel
     bs = args.per_device_train_batch_size
     # checked alike on every rank before the process group is joined: a bad launch fails everywhere, none waits
     distributed.check_split(len(train), bs, n_ranks)
@@ -485,7 +492,7 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
             config_digest=_digest(args.model_name_or_path),
             trained_names=full.check(args, args.model_name_or_path)
             if args.finetuning_type != "lora" and os.path.isdir(args.model_name_or_path or "") else None))
-    world = distributed.init(stage)
+    world = tensor_parallel.init(args) if tensor_parallel.size(args) > 1 else distributed.init(stage)
     if world.size > 1:
         distributed.sum_scalars(world, [0.0])   # every rank has read output_dir before rank 0 changes it
     if world.rank == 0 and os.path.isdir(args.output_dir) and args.overwrite_output_dir and not resume:
@@ -494,7 +501,8 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
         from ..model import AutoModelForImageTextToText
         try:
             model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path,
-                                                                dtype="bfloat16" if args.bf16 else None)
+                                                                dtype="bfloat16" if args.bf16 else None,
+                                                                **tensor_parallel.load_keys(args))
         except ValueError as e:
             raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
     ms.set_seed(args.seed)
@@ -506,7 +514,10 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
     tr = Trainer(args, model, train, pad, jit=jit, world=world)
     from .plan import training_plan
     n_trainable = sum(int(np.prod(p.shape)) for p in tr.params)
-    tr.log(f"[memory{_per_rank(world)}: {training_plan(model, args, n_trainable, world)}]")
+    if tr.tp:   # the rank's slices and layer widths
+        tr.log(f"[memory {tensor_parallel.plan_line(model, args, n_trainable)}]")
+    else:
+        tr.log(f"[memory{_per_rank(world)}: {training_plan(model, args, n_trainable, world)}]")
     if resume:
         tr.resume(resume)
         if world.rank == 0:
