@@ -98,6 +98,7 @@ class Engine:
         self.warm = 0             # groups whose decode graph is compiled
         self.waiting = queue.Queue(maxsize=max_queue)
         self.deferred = []        # taken from `waiting`, waiting for an adapter slot (engine thread only)
+        self.slot_waits = 0       # times a request found no adapter slot and waited (for tests)
         self._stop = threading.Event()
         self._thread = None
         self.steps = 0            # decode steps run (for tests and /health)
@@ -207,6 +208,7 @@ class Engine:
                 slot = bank.slot_for(req.adapter, busy)
                 if slot is None:
                     self.deferred.append(req)
+                    self.slot_waits += 1
                     continue
                 req.seq.slot = slot
                 busy.add(slot)

@@ -1,8 +1,10 @@
-"""Adapters in the server (vLLM's --lora-modules): two PEFT adapters made by PEFT itself on the tiny checkpoint
-(different ranks, target modules and scalings; B random, so that each changes the output), served beside the base.
-Requests for the base and both adapters decode in the same batch step, each row with its own adapter, and each
-answer is the library's greedy generate with that adapter loaded (model.load_adapter), token for token, and what
-the request gets alone. One server launch, as the README writes the command."""
+"""Adapters in the server (vLLM's --lora-modules, --max-loras, --max-lora-rank, /v1/load_lora_adapter and
+/v1/unload_lora_adapter): PEFT adapters made by PEFT itself on the tiny checkpoint (different ranks, target modules
+and scalings; B random, so that each changes the output), served beside the base. Requests for the base and the
+adapters decode in the same batch step, each row with its own adapter, and each answer is the library's greedy
+generate with that adapter loaded (model.load_adapter), token for token, and what the request gets alone; more
+adapters than slots wait for one; an adapter loaded while serving writes a slot and compiles nothing. One server
+launch, as the README writes the command; GLM-4.5V (MoE) in the engine in-process."""
 import base64
 import io
 import json
@@ -84,29 +86,41 @@ def setup(tmp_path_factory):
         "charts": peft_adapter(d, str(root / "charts"), 4, 8, ["q_proj", "v_proj"], seed=0),
         "sql": peft_adapter(d, str(root / "sql"), 8, 16, r"^(model\.language_model(?=\.).*\.(o_proj|gate_up_proj|"
                             r"down_proj)|model\.visual\.merger\.down_proj)$", rslora=True, seed=1)}
+    # loaded while serving: "third" (rank 8 on k_proj and down_proj), "big" (rank 16: above --max-lora-rank 8)
+    more = {"third": peft_adapter(d, str(root / "third"), 8, 8,
+                                   r"^model\.language_model\..*\.(k_proj|down_proj)$", seed=2),
+            "big": peft_adapter(d, str(root / "big"), 16, 16, ["q_proj"], seed=3)}
     model, proc = Glm4vForConditionalGeneration.from_pretrained(d), Glm4vProcessor.from_pretrained(d)
     inputs = {k: proc.apply_chat_template(for_processor(c), add_generation_prompt=True, tokenize=True,
                                           return_dict=True) for k, c in chats().items()}
     want = {}   # (adapter or None, chat) -> the library's greedy tokens
-    for name in (None, *adapters):
+    for name in (None, *adapters, "third"):
         if name is not None:
-            model.load_adapter(adapters[name])
+            model.load_adapter({**adapters, **more}[name])
         for k, x in inputs.items():
             want[name, k] = model.generate(**x, max_new_tokens=N, min_new_tokens=N, do_sample=False)[
                 0, x["input_ids"].shape[1]:]
     L.remove(model)
     for k in inputs:   # each adapter changes the answer
-        assert not np.array_equal(want["charts", k], want[None, k]) and not np.array_equal(want["sql", k],
-                                                                                          want[None, k])
-    return dict(folder=d, adapters=adapters, model=model, proc=proc, inputs=inputs, want=want, root=root)
+        assert all(not np.array_equal(want[n, k], want[None, k]) for n in ("charts", "sql", "third"))
+    return dict(folder=d, adapters=adapters, more=more, model=model, proc=proc, inputs=inputs, want=want, root=root)
+
+
+def wait_all(reqs):
+    while any(r.seq.finish_reason is None for r in reqs):
+        time.sleep(0.02)
 
 
 def test_rows_of_one_step_each_with_its_adapter(setup):
-    """The engine on the library's model with both adapters installed: the base and both adapters admitted
-    together decode in the same steps (the selector of one step holds all three), each equal to the library's
-    generate with its adapter; a second round reuses each prompt's cache from a row of the same adapter only."""
+    """The engine on the library's model with a bank of 2 slots: the base and both adapters admitted together
+    decode in the same steps (the selector of one step holds all three), each equal to the library's generate
+    with its adapter; a second round reuses each prompt's cache from a row of the same adapter only. Then an
+    adapter read while the engine runs goes into the slot used longest ago (no graph compiled), and requests for
+    three adapters at once over two slots: one waits for a slot, each answers its own."""
+    from mindspore.graph import api
     model, inputs, want = setup["model"], setup["inputs"], setup["want"]
-    bank = multi_lora.install(model, list(setup["adapters"].items()), 4)
+    bank = multi_lora.install(model, list(setup["adapters"].items()), 4, max_loras=2, max_rank=8)
+    assert bank.resident_names() == ["charts", "sql"] and bank.loads == 2
     steps, real = [], bank.select
     bank.select = lambda a: (steps.append(tuple(int(v) for v in np.asarray(a).reshape(-1))), real(a))[1]
     engine = Engine(model, 4, 256, prefix_reuse=True, row_groups=False).start()
@@ -114,9 +128,8 @@ def test_rows_of_one_step_each_with_its_adapter(setup):
         cfg = model.generation_config.updated(do_sample=False, min_new_tokens=N)
         names = [None, "charts", "sql"]
         for order in (names, names[::-1]):
-            reqs = {n: engine.submit(inputs["text"], cfg, N, adapter=bank.index(n)) for n in order}
-            while any(r.seq.finish_reason is None for r in reqs.values()):
-                time.sleep(0.02)
+            reqs = {n: engine.submit(inputs["text"], cfg, N, adapter=bank.adapters.get(n)) for n in order}
+            wait_all(reqs.values())
             for n, r in reqs.items():
                 assert r.tokens == want[n, "text"].tolist(), n
             if order is not names:   # the second round: every prompt's prefix from its own adapter's row
@@ -124,8 +137,58 @@ def test_rows_of_one_step_each_with_its_adapter(setup):
         assert any(len(s) == 4 and {0, 1, 2} <= set(s) for s in steps), sorted(set(steps))
         g = engine.groups[-1]
         held = [r for r in g.free_rows() if g.saved[r] is not None]
-        assert held and all(g.shared(reqs[None].prompt, r, a) == 0 for r in held for a in (0, 1, 2)
+        uids = {0} | {a.uid for a in bank.adapters.values()}
+        assert held and all(g.shared(reqs[None].prompt, r, a) == 0 for r in held for a in uids
                             if g.saved[r][3] != a)
+
+        graphs = set(api.ms_compile_cache)
+        bank.adapters["third"] = third = bank.read("third", setup["more"]["third"])   # as /v1/load_lora_adapter
+        r = engine.submit(inputs["text"], cfg, N, adapter=third)
+        wait_all([r])
+        assert r.tokens == want["third", "text"].tolist()
+        # sql's slot was used longest ago (the second round admitted sql, then charts): it was rewritten
+        assert bank.resident_names() == ["charts", "third"] and bank.loads == 3
+        assert set(api.ms_compile_cache) == graphs, set(api.ms_compile_cache) - graphs
+
+        reqs = {n: engine.submit(inputs["text"], cfg, N, adapter=bank.adapters.get(n))
+                for n in (None, "charts", "sql", "third")}
+        wait_all(reqs.values())
+        for n, r in reqs.items():
+            assert r.tokens == want[n, "text"].tolist(), n
+        assert engine.slot_waits > 0 and bank.loads >= 5 and not engine.deferred
+        assert set(api.ms_compile_cache) == graphs, set(api.ms_compile_cache) - graphs
+    finally:
+        engine.stop()
+        multi_lora.uninstall(model)
+
+
+def test_moe_adapter_in_the_engine(tmp_path):
+    """GLM-4.5V (the tiny MoE checkpoint): an adapter made by PEFT on transformers' Glm4vMoe model (attention, the
+    dense layer's MLP and the shared experts) served in the engine's bank beside the base, both rows in the same
+    steps, each equal to the library's greedy generate (with model.load_adapter for the adapter's)."""
+    import tinylora
+    import tinyref
+    from glm4v_ms import AutoModelForImageTextToText
+    d, ad = str(tmp_path / "moe"), str(tmp_path / "moe-lora")
+    tinylora.build("moe", d)
+    tinylora.peft_model("moe", d, r=4, alpha=8, b_scale=0.5).save_pretrained(ad)
+    model = AutoModelForImageTextToText.from_pretrained(d)
+    x = tinyref.Prompt(3).text(5).image(4, 4).text(6).inputs()
+    gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    n = x["input_ids"].shape[1]
+    want = {None: model.generate(**x, **gen)[0, n:].tolist()}
+    model.load_adapter(ad)
+    want["moe"] = model.generate(**x, **gen)[0, n:].tolist()
+    L.remove(model)
+    assert want["moe"] != want[None]
+    bank = multi_lora.install(model, [("moe", ad)], 2, max_loras=1, max_rank=8)
+    assert any(".mlp.shared." in k for k in bank.adapters["moe"].deltas), sorted(bank.adapters["moe"].deltas)
+    engine = Engine(model, 2, 256, row_groups=False).start()
+    try:
+        cfg = model.generation_config.updated(do_sample=False, min_new_tokens=N)
+        reqs = {k: engine.submit(x, cfg, N, adapter=bank.adapters.get(k)) for k in (None, "moe")}
+        wait_all(reqs.values())
+        assert {k: r.tokens for k, r in reqs.items()} == want
     finally:
         engine.stop()
         multi_lora.uninstall(model)
