@@ -26,6 +26,11 @@ pieces, so a long prompt (a 4K image: ~6000 tokens) slows the running streams ra
 whole prefill (vLLM's chunked prefill, with one
 prompt piece per step as its budget). A request cancelled (or an engine stopped) mid-prefill stops at the next
 piece. Requests still join one at a time, in order: a short prompt waits behind a long one's prefill.
+
+Adapters (a multi_lora bank on the model): a request names the Adapter it decodes with; when it is taken from the
+queue its adapter gets a slot (multi_lora.Bank.slot_for: the slot holding it, or an idle one rewritten); when every
+slot holds another adapter with running rows it waits in `deferred`, keeping its place, while later requests for
+the base or for adapters in slots go ahead (vLLM's scheduler with --max-loras).
 """
 from __future__ import annotations
 
