@@ -302,7 +302,8 @@ class Engine:
         g = self.groups[self.cur]
         busy = [r for r, s in enumerate(g.seqs) if s is not None]
         fit = self._fit(len(busy))
-        if fit < self.cur and self.waiting.empty() and not self.deferred:   # fewer rows busy: continue in the smallest group holding them
+        # fewer rows busy and nothing waits: continue in the smallest group holding them
+        if fit < self.cur and self.waiting.empty() and not self.deferred:
             if busy:
                 small = self.groups[fit]
                 g.move(busy, small, self._spare(small, small.free_rows())[:len(busy)])
