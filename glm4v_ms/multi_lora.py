@@ -33,7 +33,6 @@ import itertools
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 
 import mindspore as ms
@@ -218,7 +217,8 @@ class Bank:
             self.cells[site.ours] = (site.linear, cell)
         self.adapters = {}
         self.resident = [None] * (K + 1)   # slot -> the Adapter it holds (slot 0: the base, always None)
-        self.used = [0.0] * (K + 1)        # slot -> when a request last took it
+        self.used = [0] * (K + 1)          # slot -> when a request last took it (a count of takes: no ties)
+        self.takes = 0
         self.loads = 0                     # slot writes (an adapter into a slot)
 
     def select(self, slots) -> None:
@@ -254,7 +254,8 @@ class Bank:
         """The slot a request for `ad` decodes with: the one holding it, else an idle one (not in `busy`: no
         running row uses it) overwritten, the one holding an unloaded adapter or used longest ago first; None when
         every slot holds another adapter in use (the request waits)."""
-        now = time.monotonic()
+        self.takes += 1
+        now = self.takes
         for k in range(1, self.max_loras + 1):
             if self.resident[k] is ad:
                 self.used[k] = now
