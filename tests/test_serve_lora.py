@@ -101,6 +101,10 @@ def setup(tmp_path_factory):
         for k, x in inputs.items():
             want[name, k] = model.generate(**x, max_new_tokens=N, min_new_tokens=N, do_sample=False)[
                 0, x["input_ids"].shape[1]:]
+        if name == "charts":   # a long answer: decoding while other slots are rewritten
+            x = inputs["text"]
+            want[name, "long"] = model.generate(**x, max_new_tokens=4 * N, min_new_tokens=4 * N, do_sample=False)[
+                0, x["input_ids"].shape[1]:]
     L.remove(model)
     for k in inputs:   # each adapter changes the answer
         assert all(not np.array_equal(want[n, k], want[None, k]) for n in ("charts", "sql", "third"))
@@ -117,7 +121,8 @@ def test_rows_of_one_step_each_with_its_adapter(setup):
     decode in the same steps (the selector of one step holds all three), each equal to the library's generate
     with its adapter; a second round reuses each prompt's cache from a row of the same adapter only. Then an
     adapter read while the engine runs goes into the slot used longest ago (no graph compiled), and requests for
-    three adapters at once over two slots: one waits for a slot, each answers its own."""
+    three adapters at once over two slots: one waits for a slot, then takes it while another row decodes, and each
+    answers its own."""
     from mindspore.graph import api
     model, inputs, want = setup["model"], setup["inputs"], setup["want"]
     bank = multi_lora.install(model, list(setup["adapters"].items()), 4, max_loras=2, max_rank=8)
@@ -151,12 +156,16 @@ def test_rows_of_one_step_each_with_its_adapter(setup):
         assert bank.resident_names() == ["charts", "third"] and bank.loads == 3
         assert set(api.ms_compile_cache) == graphs, set(api.ms_compile_cache) - graphs
 
-        reqs = {n: engine.submit(inputs["text"], cfg, N, adapter=bank.adapters.get(n))
-                for n in (None, "charts", "sql", "third")}
-        wait_all(reqs.values())
+        # charts decodes 4N tokens; sql takes third's slot; third waits for it (both slots in use), then takes it
+        # back while charts still decodes: slot writes beside a running row leave it undisturbed
+        long = engine.submit(inputs["text"], cfg.updated(min_new_tokens=4 * N), 4 * N, adapter=bank.adapters["charts"])
+        reqs = {n: engine.submit(inputs["text"], cfg, N, adapter=bank.adapters.get(n)) for n in ("sql", "third", None)}
+        wait_all([long, *reqs.values()])
         for n, r in reqs.items():
             assert r.tokens == want[n, "text"].tolist(), n
-        assert engine.slot_waits > 0 and bank.loads >= 5 and not engine.deferred
+        assert long.tokens == want["charts", "long"].tolist()
+        assert engine.slot_waits > 0 and bank.loads == 5 and not engine.deferred
+        assert reqs["third"].first_token_s > reqs["sql"].first_token_s
         assert set(api.ms_compile_cache) == graphs, set(api.ms_compile_cache) - graphs
     finally:
         engine.stop()
