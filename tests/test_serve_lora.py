@@ -220,6 +220,20 @@ def test_prompt_cache_is_keyed_by_adapter(setup):
         L.remove(model)
 
 
+def test_beam_search_on_a_model_holding_a_bank(setup):
+    """A model serving adapters (a bank installed, the last step's rows on an adapter's slot): the library's beam
+    search runs the base, as generate() does, not the adapter the server's last step selected."""
+    model, x = setup["model"], setup["inputs"]["text"]
+    gen = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    want = model.generate(**x, **gen)
+    bank = multi_lora.install(model, list(setup["adapters"].items()), 4, max_loras=2, max_rank=8)
+    try:
+        bank.select([1, 1, 1, 1])   # as the engine leaves it after a step of rows on slot 1
+        np.testing.assert_array_equal(model.generate(**x, **gen), want)
+    finally:
+        multi_lora.uninstall(model)
+
+
 def lora_command():
     """The README's server command with --lora-modules, as (environment assignments, argv)."""
     for block in blocks():
