@@ -137,6 +137,63 @@ def test_sgd_step(base, case):
             np.testing.assert_array_equal(after[n], before[n])
 
 
+# two batches of different image layouts (grids, image counts) in one bucket: 40 and 48 patches -> 64 rows (16
+# feature rows), the rest padding; text 64, trained rows 16
+LAYOUTS = {"two images, one per sample": [[(4, 6)], [(4, 4)]],
+           "three images, other grids": [[(2, 4), (4, 4)], [(6, 4)]]}
+
+
+def layout_batch(layout, seed=0):
+    pairs = []
+    for i, grids in enumerate(layout):
+        p = tinyref.Prompt(seed + i).text(3)
+        for gh, gw in grids:
+            p = p.image(gh, gw).text(2)
+        x = p.text(4).inputs()
+        pairs.append((x, tinylora.answer_labels(x, 4)))
+    return tinylora.right_padded(*pairs)
+
+
+def test_one_graph_for_image_layouts_of_a_bucket(base):
+    """The tower trained: batches of other image layouts that fall in one patch bucket run on one compiled graph
+    (Grad keys its tower graphs by the inputs' shapes, one compiled graph per key; before, by the segment
+    lengths), and each step, the bucket's padding rows present, still equals transformers: the loss and every
+    trained tensor's gradient (the tower's included)."""
+    kw = CASES[SGD["tower trained"]]
+    ours = AutoModelForImageTextToText.from_pretrained(base)
+    ours.trained_names = full.select(ours.config, ours_args(kw))
+    grad = forward.Grad(ours, full.trainable(ours), jit=True)
+    ref = lf_model(base, kw)
+    for name, layout in LAYOUTS.items():
+        x, y = layout_batch(layout)
+        patches = sum(gh * gw for grids in layout for gh, gw in grids)
+        st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
+        assert st.tower[0].shape[0] == forward.patch_bucket(patches) == 64 > patches, name   # padding rows
+        loss, grads = grad(st)
+        ref.zero_grad()
+        out = ref(**tinylora.torch_inputs(x), labels=torch.from_numpy(y))
+        out.loss.backward()
+        assert abs(float(loss.asnumpy()) / st.tokens - out.loss.item()) <= TOL * out.loss.item(), name
+        got = to_hf(ours.config, {n: g.asnumpy() / st.tokens for n, g in zip(ours.trained_names, grads)})
+        want = {n: p.grad.numpy() for n, p in ref.named_parameters() if p.requires_grad}
+        assert set(got) == set(want) and any(n.startswith("model.visual.blocks.") for n in want)
+        for n, w in want.items():
+            err = float(np.abs(got[n] - w).max() / np.abs(w).max())
+            assert err <= TOL, (name, n, err)
+    assert len(grad._towers) == 1, list(grad._towers)
+
+
+def test_patch_bucket():
+    """The text rule (multiples of 64) up to 1023 patches, then 8 sizes per doubling: the padding stays under
+    1/8 of the count, a multiple of the merge block."""
+    assert [forward.patch_bucket(n) for n in (4, 64, 68, 1020, 1024, 1028, 5000, 20000)] == \
+        [64, 64, 128, 1024, 1024, 1152, 5120, 20480]
+    for n in range(4, 70000, 36):
+        b = forward.patch_bucket(n)
+        assert n <= b < n + max(64, n / 8) and b % 4 == 0, n
+    assert forward.patch_bucket(100, 9) % 9 == 0
+
+
 # ---------------------------------------------------------------------------------------------- the trainer
 def sample(seed):
     """A user turn with an image, then a 6-token answer (the trained part), as data.Sample lays it out."""
