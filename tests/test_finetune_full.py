@@ -397,28 +397,36 @@ a = FinetuneArgs(model_name_or_path=d, dataset=["x"], output_dir="o", finetuning
                  freeze_vision_tower=False, freeze_multi_modal_projector=False, gradient_checkpointing=True)
 ours = AutoModelForImageTextToText.from_pretrained(d)
 trainer.setup(a, ours)
-x, y = tinylora.padded_batch()
-st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
-total, grads = forward.Grad(ours, full.trainable(ours), jit=True)(st)
+grad = forward.Grad(ours, full.trainable(ours), jit=True)
 ref = tinylora.reference("v", d)
-out = ref(**tinylora.torch_inputs(x), labels=torch.from_numpy(y))
-out.loss.backward()
-want = {n: p.grad.numpy() for n, p in ref.named_parameters()}
 from glm4v_ms.finetune.export import _sources
 from glm4v_ms.weights import hf_table
 table = {e.ours: e for e in hf_table(ours.config)}
-worst, n = 0.0, 0
-for name, g in zip(ours.trained_names, grads):
-    for s, got in zip(table[name].sources, _sources(ours.config, table[name], g.asnumpy() / st.tokens)):
-        worst = max(worst, float(np.abs(got - want[s]).max() / np.abs(want[s]).max())); n += 1
-print(json.dumps({"loss": float(total.asnumpy()) / st.tokens, "ref": out.loss.item(), "worst": worst, "n": n,
-                  "recompute": bool(ours.recompute_layers)}))
+worst, n, losses, rows = 0.0, 0, [], []
+from test_finetune_full import LAYOUTS, layout_batch
+for layout in LAYOUTS.values():   # two image layouts of one patch bucket, padding rows in both
+    x, y = layout_batch(layout)
+    st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
+    rows.append([int(st.tower[0].shape[0]), int(len(x["pixel_values"]))])
+    total, grads = grad(st)
+    ref.zero_grad()
+    out = ref(**tinylora.torch_inputs(x), labels=torch.from_numpy(y))
+    out.loss.backward()
+    want = {k: p.grad.numpy() for k, p in ref.named_parameters()}
+    for name, g in zip(ours.trained_names, grads):
+        for s, got in zip(table[name].sources, _sources(ours.config, table[name], g.asnumpy() / st.tokens)):
+            worst = max(worst, float(np.abs(got - want[s]).max() / np.abs(want[s]).max())); n += 1
+    losses.append([float(total.asnumpy()) / st.tokens, out.loss.item()])
+print(json.dumps({"losses": losses, "worst": worst, "n": n, "rows": rows, "graphs": len(grad._towers),
+                  "fused": attention.fused("vision_attention"), "recompute": bool(ours.recompute_layers)}))
 """
 
 
 def test_emulated_ascend_path_with_recompute(tmp_path):
     """GLM4V_MS_KERNELS=emulated (the Ascend code path on CPU), recompute on (per decoder layer and per vision
-    block, the tower trained and in the graph): the loss and every gradient equal transformers'."""
+    block, the tower trained and in the graph, its attention the emulated FlashAttentionScore with the segment
+    mask): two image layouts of one patch bucket (padding rows in both) on one graph, the loss and every gradient
+    equal to transformers'."""
     import subprocess
     import sys
     d = str(tmp_path)
@@ -429,5 +437,7 @@ def test_emulated_ascend_path_with_recompute(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["recompute"] and out["n"] == 56 and out["worst"] <= TOL, out
-    assert abs(out["loss"] - out["ref"]) <= TOL * abs(out["ref"]), out
+    assert out["recompute"] and out["fused"] and out["n"] == 2 * 56 and out["worst"] <= TOL, out
+    assert out["graphs"] == 1 and out["rows"] == [[64, 40], [64, 48]], out
+    for loss, ref in out["losses"]:
+        assert abs(loss - ref) <= TOL * abs(ref), out
