@@ -16,8 +16,8 @@ the merger over them (row by row, so the order of images and videos does not mat
 
 Full and freeze fine-tuning (full.py: model.trained_names) take the token ids instead: the embedding lookup runs in
 the graph (the embedding may train). When a tensor of the tower trains, the whole tower runs in the graph too
-(vision.VisionModel.features over the host's tower_inputs: images, then video frames, in one call, their features
-written at the image tokens, then the video tokens), so its gradients and the ones flowing back through frozen
+(vision.VisionModel.features_padded: images, then video frames, in one call, their features taken by the image
+tokens, then the video tokens), so its gradients and the ones flowing back through frozen
 blocks to a trained position table are the reference's; otherwise its features come from the host, without
 gradient. Its graph takes the image layout as data (vision.VisionModel.padded_inputs: per-patch segment ids,
 rotary tables, rows of the position table's cubic matrices) over a patch count padded to patch_bucket, the padding
