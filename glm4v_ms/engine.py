@@ -177,7 +177,9 @@ class Engine:
             self._thread = None
 
     def busy_rows(self) -> int:
-        return sum(s is not None for g in self.groups for s in g.seqs)
+        """Rows decoding a request. A request's row is freed just after its last token tells the listener "done",
+        so its client may have the answer first: counted here as free from that point on."""
+        return sum(s is not None and s.finish_reason is None for g in self.groups for s in g.seqs)
 
     # ------------------------------------------------------------------ the engine thread
     def _fit(self, n: int) -> int:

@@ -212,7 +212,7 @@ def test_tp2_server(folder, single, lora_args, runtime_adapter, library, tmp_pat
         stream.close()
         assert all_at_once(client) == single
         health = json.loads(urllib.request.urlopen(url + "/health", timeout=5).read())
-        assert health["busy_rows"] == 0 and health["waiting"] == 0   # the disconnected row was freed
+        assert health["busy_rows"] == 0 and health["waiting"] == 0, health   # the disconnected row was freed
 
         # runtime adapters on both ranks: b loaded, then asked (the one slot swaps a -> b), then a, b and the base
         # at once (a and b cannot share the slot: one waits, then swaps it), each the library's answer
