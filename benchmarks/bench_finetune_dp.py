@@ -1,6 +1,12 @@
 """Fine-tuning on 2 ranks (msrun, MCCL on CPU) against 1 process, the same global batch, CPU, one run each:
 
     .venv/bin/python benchmarks/bench_finetune_dp.py [--steps 6] [--model demo-tiny]
+    .venv/bin/python benchmarks/bench_finetune_dp.py --finetuning_type full --model demo-150m --steps 3
+
+With --finetuning_type full (the tower frozen, SGD, global batch 4) the runs are 2 ranks under ZeRO-2 with the
+gradient reduction in one bucket (the whole float32 vector, as before bucketing) and in buckets of --bucket
+elements, then ZeRO-3: what the bucketed reduction saves shows in the peak resident set when the trained vector is
+large against the rest (demo-150m: 0.16 B parameters, the vector 0.66 GB).
 
 LoRA on the demo dataset (examples/finetune, 4 image samples) with the demo recipe's keys, global batch 4 per step
 (1 process: per_device_train_batch_size 4; 2 ranks: 2 each), AdamW, `--steps` steps. Three runs: 1 process,
@@ -35,7 +41,6 @@ def worker(out, name, flags, threads):
         os.cpu_count = lambda: threads
     from glm4v_ms.finetune import plan, trainer
     from glm4v_ms.finetune.__main__ import prepare
-    from glm4v_ms.quant_layers import weight_bytes
     times, tokens = [], []
     real = trainer.Trainer.train_step
 
@@ -49,8 +54,7 @@ def worker(out, name, flags, threads):
     args, train, _, processor = prepare([YAML, *flags])
     tr = trainer.run(args, train, [], processor)
     a = tr.args
-    p = plan.parts(tr.model.config, 4, weight_bytes(tr.model)[0], a.per_device_train_batch_size, a.cutoff_len,
-                   sum(int(p.size) for p in tr.params), a.optim, ranks=tr.world.size, stage=tr.world.stage)
+    p = plan.training_parts(tr.model, a, tr.n_trained, tr.world)
     with open(os.path.join(out, f"{name}.rank{tr.world.rank}.json"), "w") as f:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         json.dump({"times": times, "tokens": tokens, "peak_mb": peak, "grads": p["grads"], "optimizer": p["optimizer"]},
@@ -67,14 +71,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--model", default="demo-tiny")
+    ap.add_argument("--finetuning_type", default="lora", choices=("lora", "full"))
+    ap.add_argument("--bucket", type=int, default=1 << 20, help="full: reduce_bucket_size of the bucketed run")
     a = ap.parse_args()
     from glm4v_ms import demo
     if a.model in ("demo-tiny", "demo-150m"):
         demo.cached(a.model)   # built once before the ranks start
     tmp = tempfile.mkdtemp(prefix="bench_ft_dp_")
-    ds = os.path.join(tmp, "ds_z2_config.json")
-    with open(ds, "w") as f:
-        json.dump({"train_batch_size": "auto", "zero_optimization": {"stage": 2}}, f)
+    def ds_file(name, **zero):
+        path = os.path.join(tmp, name)
+        with open(path, "w") as f:
+            json.dump({"train_batch_size": "auto", "zero_optimization": zero}, f)
+        return path
+    ds = ds_file("ds_z2_config.json", stage=2)
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                PYTHONPATH=ROOT, GLOG_v="3")
     common = ["--model_name_or_path", a.model, "--max_steps", str(a.steps), "--gradient_accumulation_steps", "1",
@@ -82,11 +91,22 @@ def main():
               "--warmup_ratio", "0"]
     cores = os.cpu_count() or 1
     half = max(1, cores // 2)
+    if a.finetuning_type == "full":
+        common += ["--finetuning_type", "full", "--optim", "sgd"]
     runs = [("1 process", 1, 0, ["--per_device_train_batch_size", "4"]),
             (f"2 ranks, {cores} threads each", 2, 0, ["--per_device_train_batch_size", "2"]),
             (f"2 ranks, {half} thread(s) each", 2, half, ["--per_device_train_batch_size", "2"]),
             (f"2 ranks, {half} thread(s) each, ZeRO-2", 2, half,
              ["--per_device_train_batch_size", "2", "--deepspeed", ds])]
+    if a.finetuning_type == "full":
+        two = ["--per_device_train_batch_size", "2", "--deepspeed"]
+        runs = [(f"2 ranks, {half} thread(s) each, ZeRO-2, one bucket (the whole vector)", 2, half,
+                 two + [ds_file("whole.json", stage=2, reduce_bucket_size=10 ** 12)]),
+                (f"2 ranks, {half} thread(s) each, ZeRO-2, buckets of {a.bucket:,}", 2, half,
+                 two + [ds_file("bucket.json", stage=2, reduce_bucket_size=a.bucket)]),
+                (f"2 ranks, {half} thread(s) each, ZeRO-3, buckets of {a.bucket:,}", 2, half,
+                 two + [ds_file("z3.json", stage=3, reduce_bucket_size=a.bucket,
+                                stage3_param_persistence_threshold="auto")])]
     rows = []
     for i, (label, n, threads, flags) in enumerate(runs):
         name = f"run{i}"
@@ -108,8 +128,9 @@ def main():
         rows.append((label, tps, [r["peak_mb"] for r in ranks], ranks[0]["grads"], ranks[0]["optimizer"],
                      time.perf_counter() - t0, ranks[0]["times"][0], med))
     base = rows[0][1]
-    print(f"LoRA on {a.model}, global batch 4, {a.steps} steps (AdamW); {os.cpu_count()} CPU cores")
-    print("| run | tokens/s (steps 2..) | ratio to 1 process | median step (s) | peak RSS per rank (MiB) | plan: "
+    what = "LoRA" if a.finetuning_type == "lora" else "full fine-tuning (SGD)"
+    print(f"{what} on {a.model}, global batch 4, {a.steps} steps; {os.cpu_count()} CPU cores")
+    print("| run | tokens/s (steps 2..) | ratio to the first | median step (s) | peak RSS per rank (MiB) | plan: "
           "gradients per rank (KB) | plan: optimizer state per rank (KB) | first step (s) | wall (s) |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for label, tps, peaks, g, o, wall, first, med in rows:
