@@ -261,7 +261,7 @@ def sharded_name(name: str, numel: int, threshold: int) -> bool:
     training forward reads directly, the vision tower and the merger, which a rank with no image in its share does
     not run) stays whole on every rank."""
     import re
-    return numel > threshold and re.match(r"text\.layers\.\d+\..*\.weight$", name) is not None
+    return numel > threshold and re.match(r"text\.layers\.\d+\.(attn|mlp)\..*\.weight$", name) is not None
 
 
 def _gathered_cell():
