@@ -13,8 +13,6 @@ built; past a limit that kernel runs the plain maths, as vllm-mindspore falls ba
 """
 from __future__ import annotations
 
-import contextlib
-
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
@@ -50,19 +48,6 @@ def mode() -> str:
 
 def fused(kernel: str) -> bool:
     return kernel in _FUSED
-
-
-@contextlib.contextmanager
-def unfused(kernel: str):
-    """`kernel` runs on its plain path inside this block: read when a graph is compiled (a constant there), so a
-    graph traced here keeps the plain path after the block."""
-    global _FUSED
-    kept = _FUSED
-    _FUSED = tuple(k for k in kept if k != kernel)
-    try:
-        yield
-    finally:
-        _FUSED = kept
 
 
 def choose_kernels(cfg, dtype, world: int = 1) -> dict:
@@ -226,6 +211,41 @@ def vision_attention(q, k, v, seg_lens, scale, between=None):
             out.append(ops.matmul(ops.softmax(s, -1).astype(q.dtype), vs))
     o = (out[0] if len(out) == 1 else ops.cat(out, 1)).transpose(1, 0, 2)
     return o.reshape(o.shape[0], -1)
+
+
+def vision_segment_mask(seg):
+    """Per-patch segment ids (N,) int32 -> the mask vision_attention_masked takes in this mode, made once for every
+    block, outside the gradient: where the fused kernel runs, FlashAttentionScore's (N, N) bool, True = discard
+    (a patch sees only its own segment); otherwise the additive float32 (N, N), 0 within a segment, NEG across."""
+    same = seg[:, None] == seg[None, :]
+    if fused("vision_attention"):
+        return ops.stop_gradient(~same)
+    return ops.stop_gradient((1.0 - same.astype(ms.float32)) * NEG)
+
+
+def vision_attention_masked(q, k, v, mask, scale):
+    """vision_attention with the segments as data (vision_segment_mask), so that one compiled graph takes every
+    image layout of N patches (the training graph). The varlen kernel's segment ends are not data here: MindSpore
+    documents FlashAttentionScore's actual_seq_qlen / kvlen as List / Tuple[int64], which reach
+    aclnnFlashAttentionVarLenScore as a host aclIntArray [kernel_limits: ms-fas, ms-aclnn], so they would be
+    graph constants again. Fused: the same primitive in "BNSD" (B = 1) with the block-diagonal mask, sparse_mode
+    0 (aclnnFlashAttentionScore: no sequence lengths; it has a backward, as causal_attention uses it). Plain: the
+    masked scores in query blocks of VISION_SCORES_BUDGET. Either way every pair of the N patches is scored
+    (N^2, where the varlen path costs the sum of the segments' squares). q, k, v (N, H, D); returns (N, H*D)."""
+    N, H, D = q.shape
+    if fused("vision_attention"):
+        fa = emu.flash_attention_score_bnsd if _MODE == "emulated" else _flash_attention_score_bnsd
+        o = fa(*(t.transpose(1, 0, 2)[None] for t in (q, k, v)), H, scale_value=scale, attn_mask=mask, sparse_mode=0)
+        return o[0].transpose(1, 0, 2).reshape(N, H * D)
+    qs, ks, vs = (t.transpose(1, 0, 2) for t in (q, k, v))   # (H, N, D)
+    step = max(1, VISION_SCORES_BUDGET // (H * N * 4))
+    blocks = zip(ops.split(qs, step, 1), ops.split(mask, step, 0)) if step < N else ((qs, mask),)
+    out = []
+    for qb, mb in blocks:
+        s = _bmm_nt(qb, ks).astype(ms.float32) * scale + mb
+        out.append(ops.matmul(ops.softmax(s, -1).astype(q.dtype), vs))
+    o = (out[0] if len(out) == 1 else ops.cat(out, 1)).transpose(1, 0, 2)
+    return o.reshape(N, H * D)
 
 
 _VARLEN = {}

@@ -18,11 +18,11 @@ from .steps import State, decode_one, prefill
 from .text import CachedDecoder
 
 
-def select(model, adapters):
-    """Row b of the next device step takes adapter adapters[b] (multi_lora.Bank; nothing without one)."""
+def select(model, slots):
+    """Row b of the next device step takes the adapter in slot slots[b] (multi_lora.Bank; nothing without one)."""
     bank = getattr(model, "adapter_bank", None)
     if bank is not None:
-        bank.select(adapters)
+        bank.select(slots)
 
 
 class Sequence:
@@ -41,7 +41,8 @@ class Sequence:
         self.eos = set(int(e) for e in cfg.eos_token_id)
         self.thinking, self.closed, self.forced, self.queued = 0, False, False, []
         self.finish_reason = None
-        self.adapter = 0            # the server's adapter for this row (multi_lora: 0 is the base)
+        self.adapter = 0            # the server's adapter for this row (multi_lora.Adapter.uid: 0 is the base)
+        self.slot = 0               # the bank's slot holding it (multi_lora.Bank.slot_for), 0 the base
         self.cancelled = False      # set from any thread; the decode loop frees the row at its next step
 
     def cancel(self):
@@ -135,11 +136,11 @@ class Batch:
         assert self.seqs[row] is None
         src, srow = origin if origin is not None else (self, row)
         got = None
-        select(self.model, [seq.adapter])   # the batch-1 prefill's row 0
+        select(self.model, [seq.slot])   # the batch-1 prefill's row 0
         if between is not None:   # the busy rows' steps in between select theirs: this prompt's again after them
             def between(run=between):
                 run()
-                select(self.model, [seq.adapter])
+                select(self.model, [seq.slot])
         if src.saved is not None and src.saved[srow] is not None and src.saved[srow][3] == seq.adapter:
             assert src.seqs[srow] is None and src.max_len == self.max_len
             # the row's remembered cache into the batch-1 scratch cache, then only the rest of the prompt runs
@@ -226,7 +227,7 @@ class Batch:
             for r in self.free_rows():   # a free row decodes a dummy at its slot 0 (or last slot)
                 self._free(r)
             parked = [r for r, s in enumerate(self.seqs) if s is not None and s.finish_reason is not None]
-            select(self.model, [0 if s is None else s.adapter for s in self.seqs])   # each row its own adapter
+            select(self.model, [0 if s is None else s.slot for s in self.seqs])   # each row its own adapter
             self.logits = decode_one(self.model, self.st, np.maximum(tok, 0))
             for r in parked:   # its dummy went to its next unused slot: forget it, the row's cache stays as it was
                 s = self.st.slot[r] - 1

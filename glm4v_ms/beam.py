@@ -25,6 +25,7 @@ from mindspore import Tensor, ops
 from .outputs import GenerateOutput
 from .generation_config import GenerationError
 from .prompt import Prompt
+from .batch import select
 from .sampling import process_logits
 from .shapes import cache_bucket, fit, prompt_bucket
 from .steps import State, decode_one, prefill
@@ -109,6 +110,7 @@ def generate(model, p: Prompt, cfg, num_beams: int, num_return_sequences: int = 
     top_mask = np.arange(K) < nb
 
     t0 = time.perf_counter()
+    select(model, ())   # a model serving several adapters (multi_lora): beam search runs the base, as generate()
     logits, st = prefill(model, p, cache_bucket(prompt_bucket(L) + new))
     st = _expand_cache(model, st, nb)
     logits = np.repeat(logits, nb, 0)

@@ -26,6 +26,11 @@ pieces, so a long prompt (a 4K image: ~6000 tokens) slows the running streams ra
 whole prefill (vLLM's chunked prefill, with one
 prompt piece per step as its budget). A request cancelled (or an engine stopped) mid-prefill stops at the next
 piece. Requests still join one at a time, in order: a short prompt waits behind a long one's prefill.
+
+Adapters (a multi_lora bank on the model): a request names the Adapter it decodes with; when it is taken from the
+queue its adapter gets a slot (multi_lora.Bank.slot_for: the slot holding it, or an idle one rewritten); when every
+slot holds another adapter with running rows it waits in `deferred`, keeping its place, while later requests for
+the base or for adapters in slots go ahead (vLLM's scheduler with --max-loras).
 """
 from __future__ import annotations
 
@@ -66,6 +71,7 @@ class Request:
 
     def __init__(self, prompt: Prompt, seq: Sequence):
         self.prompt, self.seq, self.prompt_tokens = prompt, seq, int(prompt.mask.sum())
+        self.adapter = None       # its multi_lora.Adapter (None: the base)
         self.submitted = time.perf_counter()
         self.first_token_s = None
         self.reused_tokens = 0    # prompt tokens taken from a row's remembered cache (prefix reuse)
@@ -96,6 +102,8 @@ class Engine:
         self.cur = 0              # the group holding the busy rows
         self.warm = 0             # groups whose decode graph is compiled
         self.waiting = queue.Queue(maxsize=max_queue)
+        self.deferred = []        # taken from `waiting`, waiting for an adapter slot (engine thread only)
+        self.slot_waits = 0       # times a request found no adapter slot and waited (for tests)
         self._stop = threading.Event()
         self._thread = None
         self.steps = 0            # decode steps run (for tests and /health)
@@ -125,18 +133,20 @@ class Engine:
         return fit(prompt_tokens, self.max_model_len, max_new_tokens, strict=True, padded=True)
 
     def submit(self, inputs: dict, cfg: GenerationConfig, max_new_tokens: int | None = None, listener=None,
-               think_ids: dict | None = None, adapter: int = 0) -> Request:
+               think_ids: dict | None = None, adapter=None) -> Request:
         """Queue one prompt (batch 1: the processor's output). max_new_tokens None: up to the row's context.
-        adapter: which of the model's adapters (multi_lora.install) its row decodes with, 0 the base.
+        adapter: the multi_lora.Adapter its row decodes with (one of the model's bank's), None the base; the request
+        holds it, so an unload after this does not disturb it.
         Raises GenerationError (does not fit, bad settings) or QueueFull, before anything is queued."""
         p = Prompt.of(self.model.config, inputs)
         new = self.check_prompt(p.shape[1], max_new_tokens)
         force = thinking_force(cfg, think_ids if think_ids is not None else self.model.think_ids)
         req = Request(p, Sequence(p.real(0), cfg, new, force, listener=None))
-        bank = getattr(self.model, "adapter_bank", None)
-        if not 0 <= adapter <= (len(bank.names) if bank is not None else 0):
-            raise ValueError(f"adapter {adapter}: the model holds {len(bank.names) if bank else 0} adapters")
-        req.seq.adapter = int(adapter)
+        if adapter is not None:
+            bank = getattr(self.model, "adapter_bank", None)
+            if bank is None or adapter.rank > bank.max_rank:
+                raise ValueError(f"adapter {adapter.name}: not one this model's bank can hold")
+            req.adapter, req.seq.adapter = adapter, adapter.uid
 
         def tell(kind, value):
             if kind == "token" and req.first_token_s is None:
@@ -180,20 +190,40 @@ class Engine:
         return sorted(rows, key=lambda r: -1.0 if g.saved is None or g.saved[r] is None else g.saved[r][2])
 
     def _take(self, block: bool) -> list:
-        """Waiting requests, as many as rows are free (the first one waited for briefly when `block`)."""
+        """Waiting requests, as many as rows are free (the first one waited for briefly when `block`), each with
+        its adapter's slot; a request whose adapter finds no slot (every slot holds another adapter with running
+        rows) waits in `deferred`, keeping its place, while later ones may pass it (vLLM's scheduler)."""
         room = self.max_num_seqs - sum(s is not None for s in self.groups[self.cur].seqs)
-        out = []
+        bank = getattr(self.model, "adapter_bank", None)
+        busy = {s.slot for g in self.groups for s in g.seqs if s is not None}
+        out, pending, self.deferred = [], self.deferred, []
         while len(out) < room:
-            try:
-                req = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
-            except queue.Empty:
-                break
-            block = False
+            if pending:
+                req = pending.pop(0)
+            else:
+                try:
+                    req = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                block = False
             if req.seq.cancelled:
                 req.seq.finish("cancelled")
-            else:
-                out.append(req)
+                continue
+            if req.adapter is not None:
+                slot = bank.slot_for(req.adapter, busy)
+                if slot is None:
+                    self.deferred.append(req)
+                    self.slot_waits += 1
+                    continue
+                req.seq.slot = slot
+                busy.add(slot)
+            out.append(req)
+        self.deferred += pending
         return out
+
+    def queued(self) -> int:
+        """Requests waiting for a row or an adapter slot."""
+        return self.waiting.qsize() + len(self.deferred)
 
     def _admit(self, block: bool):
         """Move waiting requests into free rows of the smallest group that holds them and the busy rows (the busy
@@ -272,7 +302,8 @@ class Engine:
         g = self.groups[self.cur]
         busy = [r for r, s in enumerate(g.seqs) if s is not None]
         fit = self._fit(len(busy))
-        if fit < self.cur and self.waiting.empty():   # fewer rows busy: continue in the smallest group holding them
+        # fewer rows busy and nothing waits: continue in the smallest group holding them
+        if fit < self.cur and self.waiting.empty() and not self.deferred:
             if busy:
                 small = self.groups[fit]
                 g.move(busy, small, self._spare(small, small.free_rows())[:len(busy)])
@@ -299,6 +330,9 @@ class Engine:
                     seq._tell("error", self.error)
             raise
         finally:
+            for req in self.deferred:
+                req.seq.finish("cancelled")
+            self.deferred = []
             while True:   # stopped: nobody will serve what still waits
                 try:
                     req = self.waiting.get_nowait()

@@ -1,25 +1,39 @@
-"""Several LoRA adapters on one model at once, each row of a batch with its own (vLLM's --lora-modules): the
-server decodes requests for different adapters, and for the base, in the same step.
+"""Several LoRA adapters on one model at once, each row of a batch with its own (vLLM's --enable-lora,
+--lora-modules, --max-loras, --max-lora-rank and runtime loading): the server decodes requests for different
+adapters, and for the base, in the same step, and loads adapters while it serves without compiling anything.
 
-Each adapter is read by the PEFT reader (finetune/adapter.py: loaded onto the model, its cells read, removed
-again), so what it accepts and refuses, and the row orders of fused linears, are the library's. Per linear that
-any adapter targets, the adapters' deltas are stacked: A (K+1, R, in), B (K+1, out, R), scaling (K+1,), index 0
-an all-zero adapter (the base, and any adapter that leaves this linear alone). A fused linear's trained parts
-become one low-rank product (A's rows stacked, B block-diagonal) and ranks are zero-padded to the largest R: the
-added terms are exact zeros, so a row's delta is its adapter's, (B_k (A_k x)) * s_k.
+The bank is allocated once, at its full size, on every linear LoRA can take here (lora.sites with the projector:
+the text linears and visual.merger's, as vLLM wraps every supported module): per linear A (K+1, R, in),
+B (K+1, out, R) and scaling (K+1,), K = max_loras slots after slot 0, an all-zero adapter (the base), and
+R = max_lora_rank times the linear's fused parts. A fused linear's trained parts become one low-rank product (A's
+rows stacked, B block-diagonal), zero-padded to R: the added terms are exact zeros, so a row's delta is its
+adapter's, (B_k (A_k x)) * s_k. Loading an adapter writes its slot (one scatter per tensor); a linear it leaves
+alone gets scaling 0 there. The shapes never change, so neither do the compiled graphs.
 
-Which adapter each row takes comes from a small int32 Parameter (`rows`, one entry per cache row) written on the
-host before every device step (`select`) and gathered in the graph: the compiled graphs stay the same whatever
-mix of adapters a batch holds. A Parameter rather than a graph argument, because the `lora` hook of a linear takes
-its input only (layers.Linear), and written with ops.assign, which a compiled graph sees (set_data is not seen
-by a graph compiled before it, MindSpore 2.10). A batch-1 prompt (the engine's prefill) reads row 0; a 2-D input
-(the vision merger's patches, one prompt's) is that one prompt's.
+An adapter is read from its PEFT folder on the host (NumPy, never touching the model the engine is running), by
+the PEFT reader's rules (finetune/adapter.py's config checks, PEFT's target rule, lora.sites' row orders and
+tensor-parallel slices), so what it accepts and refuses is the library's.
+
+Which slot each row takes comes from a small int32 Parameter (`rows`, one entry per cache row) written on the
+host before every device step (`select`) and gathered in the graph. A Parameter rather than a graph argument,
+because the `lora` hook of a linear takes its input only (layers.Linear); written with ops.assign /
+scatter_nd_update, which a compiled graph sees (set_data is not seen by a graph compiled before it, MindSpore
+2.10). A batch-1 prompt (the engine's prefill) reads row 0; a 2-D input (the vision merger's patches, one
+prompt's) is that one prompt's.
+
+Slots (Bank.slot_for, called by the engine thread when it admits a request): an adapter already in a slot takes
+it; else the slot of no running row that was used longest ago (an unloaded adapter's first) is overwritten; when
+every slot holds another adapter with running rows, the request waits (vLLM's scheduler: at most max_loras
+adapters in one batch step). All served adapters stay in host memory (vLLM's --max-cpu-loras is not taken).
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
+from dataclasses import dataclass, field
 
 import mindspore as ms
 import numpy as np
@@ -27,12 +41,20 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from .finetune import adapter as peft_adapter
 from .finetune import lora as L
+from .layers import Linear
+from .safetensors_io import SafetensorsFile, WeightError, to_float32
 
 _bmm_nt = ops.BatchMatMul(transpose_b=True)
+MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # vLLM's --max-lora-rank values (LoRAConfig.MaxLoRARanks)
+_uids = itertools.count(1)
 
 
 class LoraModulesError(ValueError):
-    """A --lora-modules value that cannot be served: one line for the user."""
+    """An adapter that cannot be served: one line for the user (HTTP 400)."""
+
+
+class AdapterNotFound(LoraModulesError):
+    """No adapter at that path (vLLM's LoRAAdapterNotFoundError: HTTP 404)."""
 
 
 def parse_modules(values, base_name: str) -> list:
@@ -63,19 +85,103 @@ def parse_modules(values, base_name: str) -> list:
     return out
 
 
-def check_folders(modules) -> None:
-    """The cheap checks, before the model loads: each path a PEFT LoRA folder this reader takes."""
+def read_config(name: str, path: str, max_rank: int | None = None) -> dict:
+    """The cheap checks, before the model loads: a PEFT LoRA folder this reader takes, of rank <= max_rank
+    (vLLM's refusal, its words). AdapterNotFound where nothing is there (vLLM: no adapter_config.json)."""
+    if not os.path.isfile(os.path.join(path, peft_adapter.CONFIG)):
+        raise AdapterNotFound(f"Loading lora {name} failed: No adapter found for {path} (not a PEFT adapter "
+                              f"folder)")
+    try:
+        cfg = peft_adapter.read_config(path)
+    except peft_adapter.AdapterError as e:
+        raise LoraModulesError(f"{e}") from None
+    if max_rank is not None and int(cfg["r"]) > max_rank:
+        raise LoraModulesError(f"LoRA rank {int(cfg['r'])} is greater than max_lora_rank {max_rank}.")
+    if not os.path.isfile(os.path.join(path, peft_adapter.WEIGHTS)):
+        raise AdapterNotFound(f"Loading lora {name} failed: No adapter found for {path} (no "
+                              f"{peft_adapter.WEIGHTS})")
+    return cfg
+
+
+def check_folders(modules, max_rank: int | None = None) -> None:
     for name, path in modules:
         try:
-            peft_adapter.read_config(path)
-        except peft_adapter.AdapterError as e:
+            read_config(name, path, max_rank)
+        except LoraModulesError as e:
             raise LoraModulesError(f"--lora-modules {name}: {e}") from None
-        if not os.path.isfile(os.path.join(path, peft_adapter.WEIGHTS)):
-            raise LoraModulesError(f"--lora-modules {name}: {path}: no {peft_adapter.WEIGHTS}")
+
+
+@dataclass(eq=False)
+class Adapter:
+    """One served adapter, read on the host: per site (our linear's path) its delta as one low-rank product
+    (A (n r, in), B (out, n r), scaling)."""
+    name: str
+    path: str
+    rank: int
+    deltas: dict
+    uid: int = field(default_factory=lambda: next(_uids))   # never reused: keys prefix reuse (engine rows)
+    unloaded: bool = False
+
+
+def _n_in(linear) -> int:
+    return linear.weight.shape[1] if isinstance(linear, Linear) else linear.k
+
+
+def read(model, name: str, path: str, max_rank: int | None = None, sites=None) -> Adapter:
+    """A PEFT folder -> Adapter for this model (this rank's slices under tensor parallel), without touching the
+    model: LoraModulesError (AdapterNotFound) with one line where it does not fit."""
+    cfg = read_config(name, path, max_rank)
+    wpath = os.path.join(path, peft_adapter.WEIGHTS)
+    try:
+        st = SafetensorsFile(wpath)
+        keys = list(st.keys())
+    except (WeightError, OSError) as e:
+        raise LoraModulesError(f"{wpath}: {e}") from None
+    tensors = {}
+    for key in keys:
+        m = re.fullmatch(re.escape(peft_adapter.PREFIX) + r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            raise LoraModulesError(f"{wpath}: tensor {key} is not a LoRA weight")
+        tensors.setdefault(m.group(1), {})[m.group(2)] = key
+    sites = L.sites(model, projector=True) if sites is None else sites
+    parts = {p.module: (s, p) for s in sites for p in s.parts}
+    for mod, ab in tensors.items():
+        if mod not in parts:
+            if L.ROUTED.search(mod):
+                raise LoraModulesError(f"{wpath}: {mod}: LoRA on GLM-4.5V's routed experts is not supported")
+            raise LoraModulesError(f"{wpath}: {mod} is not a linear of this model that takes LoRA here (an adapter "
+                                   f"for another base?)")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise LoraModulesError(f"{wpath}: {mod} has {sorted(ab)} only")
+        if not peft_adapter.targeted(mod, cfg.get("target_modules")):
+            raise LoraModulesError(f"{wpath}: {mod} has weights but target_modules does not name it")
+    r = int(cfg["r"])
+    s = L.scaling(r, float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False)))
+    deltas = {}
+    for site in sites:
+        mine = [p for p in site.parts if p.module in tensors]
+        if not mine:
+            continue
+        a_rows, b = [], np.zeros((sum(p.size for p in site.parts), len(mine) * r), np.float32)
+        for j, p in enumerate(mine):
+            a = to_float32(*st.read(tensors[p.module]["lora_A"]))
+            bb = to_float32(*st.read(tensors[p.module]["lora_B"]))
+            if site.cols is not None and a.ndim == 2:   # tensor parallel: sliced like the weight (lora.set_peft)
+                a = a[:, site.cols]
+            if p.rows is not None and bb.ndim == 2:
+                bb = bb[p.rows]
+            for what, got, want in (("lora_A", a.shape, (r, _n_in(site.linear))), ("lora_B", bb.shape, (p.size, r))):
+                if tuple(got) != tuple(want):
+                    raise LoraModulesError(f"{wpath}: {p.module}.{what}: shape {list(got)}, this model needs "
+                                           f"{list(want)} (an adapter for another base?)")
+            a_rows.append(a)
+            b[p.start:p.start + p.size, j * r:(j + 1) * r] = bb[p.perm]
+        deltas[site.ours] = (np.concatenate(a_rows, 0), b, np.float32(s))
+    return Adapter(name, path, r, deltas)
 
 
 class MultiLora(nn.Cell):
-    """A linear's `lora` hook over stacked adapters: row b's delta is adapter rows[b]'s."""
+    """A linear's `lora` hook over stacked adapters: row b's delta is slot rows[b]'s."""
 
     def __init__(self, ours: str, a: np.ndarray, b: np.ndarray, s: np.ndarray, rows: Parameter):
         super().__init__()
@@ -93,85 +199,106 @@ class MultiLora(nn.Cell):
         return y[0] if flat else y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
-def _effective(lo: L.Lora):
-    """One Lora cell's delta as a single low-rank product: A (n r, in), B (out, n r) block-diagonal."""
-    r, sizes = lo.r, [size for size, _ in lo.segments]
-    a = np.concatenate([p.asnumpy() for p in lo.A], 0)
-    b = np.zeros((sum(sizes), len(lo.targets) * r), np.float32)
-    start, j = 0, 0
-    for (size, on) in lo.segments:
-        if on:
-            b[start:start + size, j * r:(j + 1) * r] = lo.B[j].asnumpy()
-            j += 1
-        start += size
-    return a, b, lo.scaling
-
-
 class Bank:
-    """The adapters served beside the base: names in order (index k + 1 in `rows`), their folders."""
+    """The slots on the model's linears and the adapters served (`adapters`: name -> Adapter, in load order)."""
 
-    def __init__(self, names, paths, rows: Parameter, cells: dict, digest):
-        self.names, self.paths, self.rows = list(names), list(paths), rows
-        self.cells = cells     # our linear's path -> (the linear, its MultiLora)
-        self.digest = digest   # the model's config_digest before the bank
-        self.max_rows = int(rows.shape[0])
+    def __init__(self, model, max_loras: int, max_rank: int, max_rows: int):
+        self.model, self.max_loras, self.max_rank = model, int(max_loras), int(max_rank)
+        self.sites = L.sites(model, projector=True)
+        self.rows = Parameter(Tensor(np.zeros(max_rows, np.int32)), name="lora_rows", requires_grad=False)
+        self.max_rows = int(max_rows)
+        self.cells = {}   # our linear's path -> (the linear, its MultiLora)
+        K = self.max_loras
+        for site in self.sites:
+            R, n_out = len(site.parts) * self.max_rank, sum(p.size for p in site.parts)
+            cell = MultiLora(site.ours, np.zeros((K + 1, R, _n_in(site.linear)), np.float32),
+                             np.zeros((K + 1, n_out, R), np.float32), np.zeros(K + 1, np.float32), self.rows)
+            site.linear.lora = cell
+            self.cells[site.ours] = (site.linear, cell)
+        self.adapters = {}
+        self.resident = [None] * (K + 1)   # slot -> the Adapter it holds (slot 0: the base, always None)
+        self.used = [0] * (K + 1)          # slot -> when a request last took it (a count of takes: no ties)
+        self.takes = 0
+        self.loads = 0                     # slot writes (an adapter into a slot)
 
-    def select(self, adapters) -> None:
-        """Before a device step: row b of the next graph takes adapter adapters[b] (0: the base)."""
+    def select(self, slots) -> None:
+        """Before a device step: row b of the next graph takes slot slots[b] (0: the base)."""
         v = np.zeros(self.max_rows, np.int32)
-        a = np.asarray(adapters, np.int32).reshape(-1)
+        a = np.asarray(slots, np.int32).reshape(-1)
         v[:len(a)] = a
         ops.assign(self.rows, Tensor(v))
 
-    def index(self, name: str | None) -> int:
-        """0 for the base (None), k + 1 for the k-th adapter."""
-        return 0 if name is None else self.names.index(name) + 1
+    def read(self, name: str, path: str) -> Adapter:
+        return read(self.model, name, path, self.max_rank, self.sites)
+
+    def write(self, slot: int, ad: Adapter) -> None:
+        """Adapter `ad` into slot `slot` (1..max_loras): between device steps only (the engine thread)."""
+        assert 1 <= slot <= self.max_loras and ad.rank <= self.max_rank
+        idx = Tensor(np.array([[slot]], np.int32))
+        for ours, (_, cell) in self.cells.items():
+            got = ad.deltas.get(ours)
+            if got is None:   # a linear this adapter leaves alone: no delta in this slot
+                ops.scatter_nd_update(cell.S, idx, Tensor(np.zeros(1, np.float32)))
+                continue
+            a, b, s = got
+            A = np.zeros((1,) + tuple(cell.A.shape[1:]), np.float32)
+            B = np.zeros((1,) + tuple(cell.B.shape[1:]), np.float32)
+            A[0, :a.shape[0]], B[0, :, :b.shape[1]] = a, b
+            ops.scatter_nd_update(cell.A, idx, Tensor(A))
+            ops.scatter_nd_update(cell.B, idx, Tensor(B))
+            ops.scatter_nd_update(cell.S, idx, Tensor(np.array([s], np.float32)))
+        self.resident[slot] = ad
+        self.loads += 1
+
+    def slot_for(self, ad: Adapter, busy) -> int | None:
+        """The slot a request for `ad` decodes with: the one holding it, else an idle one (not in `busy`: no
+        running row uses it) overwritten, the one holding an unloaded adapter or used longest ago first; None when
+        every slot holds another adapter in use (the request waits)."""
+        self.takes += 1
+        now = self.takes
+        for k in range(1, self.max_loras + 1):
+            if self.resident[k] is ad:
+                self.used[k] = now
+                return k
+        idle = [k for k in range(1, self.max_loras + 1) if k not in busy]
+        if not idle:
+            return None
+        k = min(idle, key=lambda k: (self.resident[k] is not None and not self.resident[k].unloaded, self.used[k]))
+        self.write(k, ad)
+        self.used[k] = now
+        return k
+
+    def resident_names(self) -> list:
+        return [None if a is None else a.name for a in self.resident[1:]]
 
 
-def install(model, modules, max_rows: int) -> Bank:
-    """Load every (name, folder) adapter and put the stacked deltas on the model's linears; the model's own
-    adapter, if any, is removed. Raises LoraModulesError (one line) for an adapter that does not fit the model.
-    Under tensor parallel each rank stacks its slices (the reader slices A and B like the linear they sit on)."""
+def install(model, modules, max_rows: int, max_loras: int | None = None, max_rank: int | None = None) -> Bank:
+    """The bank on the model's linears (the model's own adapter, if any, removed), with every (name, folder)
+    adapter read and served, the first max_loras of them in slots. Defaults: a slot per adapter (at least one),
+    the largest rank among them. Raises LoraModulesError (one line) for an adapter that does not fit the model.
+    Under tensor parallel each rank holds its slices of every adapter (sliced like the linear they sit on)."""
     uninstall(model)
-    digest = model.config_digest
-    per_site, order = {}, []
-    for k, (name, path) in enumerate(modules):
-        try:
-            loras = peft_adapter.load(model, path)
-        except (peft_adapter.AdapterError, L.LoraError) as e:
-            L.remove(model)
-            raise LoraModulesError(f"--lora-modules {name}: {e} (an adapter for another base?)"
-                                   if "shape" in str(e) else f"--lora-modules {name}: {e}") from None
-        for lo in loras:
-            if lo.site.ours not in per_site:
-                per_site[lo.site.ours] = (lo.site.linear, {})
-                order.append(lo.site.ours)
-            per_site[lo.site.ours][1][k] = _effective(lo)
-        L.remove(model)
-    K = len(modules)
-    rows = Parameter(Tensor(np.zeros(max_rows, np.int32)), name="lora_rows", requires_grad=False)
-    cells = {}
-    for ours in order:
-        linear, got = per_site[ours]
-        n_in = next(iter(got.values()))[0].shape[1]
-        n_out = next(iter(got.values()))[1].shape[0]
-        R = max(a.shape[0] for a, _, _ in got.values())
-        A = np.zeros((K + 1, R, n_in), np.float32)
-        B = np.zeros((K + 1, n_out, R), np.float32)
-        S = np.zeros(K + 1, np.float32)
-        for k, (a, b, s) in got.items():
-            A[k + 1, :a.shape[0]], B[k + 1, :, :b.shape[1]], S[k + 1] = a, b, s
-        linear.lora = MultiLora(ours, A, B, S, rows)
-        cells[ours] = (linear, linear.lora)
-    model._decoders.clear()   # the compiled graphs hold the linears as they were
-    # the compile cache's key: the graphs now hold these adapters' stacks (and a selector of max_rows)
-    h = hashlib.sha256((model.config_digest or "").encode() + f"multi_lora:{max_rows}".encode())
+    L.remove(model)
+    sites = L.sites(model, projector=True)
+    ads = []
     for name, path in modules:
-        for f in (peft_adapter.CONFIG, peft_adapter.WEIGHTS):
-            with open(os.path.join(path, f), "rb") as fh:
-                h.update(name.encode() + b"\0" + fh.read())
-    model.config_digest = h.hexdigest()
-    bank = Bank([n for n, _ in modules], [p for _, p in modules], rows, cells, digest)
+        try:
+            ads.append(read(model, name, path, max_rank, sites))
+        except LoraModulesError as e:
+            raise type(e)(f"--lora-modules {name}: {e}") from None
+    max_loras = max(1, len(ads)) if max_loras is None else max_loras
+    max_rank = max([a.rank for a in ads] or [8]) if max_rank is None else max_rank
+    digest = model.config_digest
+    bank = Bank(model, max_loras, max_rank, max_rows)
+    bank.digest = digest   # the model's config_digest before the bank
+    for k, ad in enumerate(ads):
+        bank.adapters[ad.name] = ad
+        if k < max_loras:
+            bank.write(k + 1, ad)
+    model._decoders.clear()   # the compiled graphs hold the linears as they were
+    # the compile cache's key: the graphs hold a bank of these shapes (its contents are Parameters, not constants)
+    model.config_digest = hashlib.sha256((digest or "").encode() +
+                                         f"multi_lora:{max_rows}:{max_loras}:{max_rank}".encode()).hexdigest()
     model.adapter_bank = bank
     return bank
 
@@ -187,4 +314,3 @@ def uninstall(model) -> None:
     model.config_digest = bank.digest
     model._decoders.clear()
     del model.adapter_bank
-

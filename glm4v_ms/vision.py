@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .attention import layer_norm, rms_norm, rope, vision_attention
+from .attention import layer_norm, rms_norm, rope, vision_attention, vision_attention_masked, vision_segment_mask
 from .config import VisionConfig
 from .layers import MLP, Linear, Norm, _param
 from .rope import vision_cos_sin, vision_patch_hw
@@ -66,7 +66,7 @@ class VisionAttention(nn.Cell):
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype)
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, dtype)
 
-    def construct(self, x, cos, sin, seg_lens, between=None):
+    def construct(self, x, cos, sin, seg_lens, between=None, mask=None):
         N = x.shape[0]
         # ops.split, not slicing: in eager mode each Tensor slice costs milliseconds of Python index work
         shape = (1, N, self.heads, self.head_dim)   # BSND for the rotary kernel
@@ -75,6 +75,8 @@ class VisionAttention(nn.Cell):
         q = rope(q.astype(ms.float32), cos, sin).astype(x.dtype).reshape(shape[1:])
         k = rope(k.astype(ms.float32), cos, sin).astype(x.dtype).reshape(shape[1:])
         v = v.reshape(shape[1:])
+        if mask is not None:   # segments as a runtime mask (features_padded)
+            return self.proj(vision_attention_masked(q, k, v, mask, self.head_dim ** -0.5))
         return self.proj(vision_attention(q, k, v, seg_lens, self.head_dim ** -0.5, between))
 
 
@@ -87,8 +89,8 @@ class VisionBlock(nn.Cell):
         self.norm2 = Norm(cfg.hidden_size, dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.out_hidden_size, dtype)   # its width is out_hidden_size, not intermediate_size
 
-    def construct(self, x, cos, sin, seg_lens, between=None):
-        x = x + self.attn(rms_norm(x, self.norm1.weight, self.eps), cos, sin, seg_lens, between)
+    def construct(self, x, cos, sin, seg_lens, between=None, mask=None):
+        x = x + self.attn(rms_norm(x, self.norm1.weight, self.eps), cos, sin, seg_lens, between, mask)
         return x + self.mlp(rms_norm(x, self.norm2.weight, self.eps))
 
 
@@ -144,12 +146,52 @@ class VisionModel(nn.Cell):
         index = Tensor(np.concatenate(index).astype(np.int32)) if index else None
         return cos, sin, seg_lens, tuple(mats), index, int(patch_hw.shape[0])
 
-    def features(self, pixels, cos, sin, seg_lens, mats, index, states=None, between=None):
-        """The tower over host-prepared inputs (tower_inputs): graph-friendly, so the training graph runs it with
-        gradients; construct runs it eagerly."""
+    def padded_inputs(self, grid_rows, total: int):
+        """The host side of the tower with the image layout as data (features_padded), for `total` patch rows, the
+        real patches first and `total - n` padding rows after them: rotary tables (1, total, 1, D) (padding: cos 1,
+        sin 0), each patch's segment id (total,) int32 (one per image / temporal patch, the padding rows one segment
+        of their own), and each patch's rows of the position table's two cubic matrices, (total, G) each (padding:
+        0), whose outer product weights the G x G table rows (resample's two matmuls, one patch at a time). Only
+        `total` shapes them, so one graph takes every layout of that many rows."""
         c = self.cfg
+        G = c.pos_grid
+        grid_rows = np.asarray(grid_rows, np.int64).reshape(-1, 3)
+        patch_hw = vision_patch_hw(grid_rows, c.spatial_merge_size)
+        n = int(patch_hw.shape[0])
+        if n > total:
+            raise ValueError(f"{n} patches do not fit {total} rows")
+        cos, sin = np.ones((total, c.head_dim), np.float32), np.zeros((total, c.head_dim), np.float32)
+        cos[:n], sin[:n] = vision_cos_sin(patch_hw, c.head_dim, c.rope_theta)
+        lens = [int(h * w) for t, h, w in grid_rows for _ in range(t)]
+        seg = np.full(total, len(lens), np.int32)
+        seg[:n] = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
+        ph, pw = np.zeros((total, G), np.float32), np.zeros((total, G), np.float32)
+        start, cubic = 0, {}
+        for t, h, w in grid_rows:
+            for k in (h, w):
+                if k not in cubic:
+                    cubic[k] = cubic_matrix(int(k), G)
+            hw = patch_hw[start:start + t * h * w]
+            ph[start:start + len(hw)], pw[start:start + len(hw)] = cubic[h][hw[:, 0]], cubic[w][hw[:, 1]]
+            start += len(hw)
+        return (Tensor(cos)[None, :, None, :], Tensor(sin)[None, :, None, :], Tensor(seg), Tensor(ph), Tensor(pw))
+
+    def _embed(self, pixels):
         x = self.patch_embed(pixels.astype(self.pos_embed.dtype))
-        x = rms_norm(x, self.post_conv_norm.weight, c.rms_norm_eps)
+        return rms_norm(x, self.post_conv_norm.weight, self.cfg.rms_norm_eps)
+
+    def _merge(self, x, states=None):
+        c = self.cfg
+        x = rms_norm(x, self.post_norm.weight, c.rms_norm_eps)
+        x = self.downsample(x.reshape(-1, x.shape[-1] * c.spatial_merge_size ** 2))
+        x = self.merger(x)
+        if states is not None:
+            states.append(("visual.merger", x))
+        return x
+
+    def features(self, pixels, cos, sin, seg_lens, mats, index, states=None, between=None):
+        """The tower over host-prepared inputs (tower_inputs); construct runs it eagerly."""
+        x = self._embed(pixels)
         tables = [resample(self.pos_embed, mats[2 * k], mats[2 * k + 1]) for k in range(len(mats) // 2)]
         table = tables[0] if len(tables) == 1 else ops.cat(tables, 0)
         x = x + ops.gather(table, index, 0).astype(x.dtype)
@@ -159,12 +201,22 @@ class VisionModel(nn.Cell):
             x = blk(x, cos, sin, seg_lens, between)
             if states is not None:
                 states.append((f"visual.blocks.{i}", x))
-        x = rms_norm(x, self.post_norm.weight, c.rms_norm_eps)
-        x = self.downsample(x.reshape(-1, x.shape[-1] * c.spatial_merge_size ** 2))
-        x = self.merger(x)
-        if states is not None:
-            states.append(("visual.merger", x))
-        return x
+        return self._merge(x, states)
+
+    def features_padded(self, pixels, cos, sin, seg, ph, pw):
+        """The tower over padded_inputs, the layout as runtime tensors (the training graph: its shapes are the row
+        count alone). Patches attend within their segment (vision_segment_mask, built once for every block), so
+        the padding rows change no real row; their merged rows, after the real ones, are for the caller to drop.
+        The same maths as features: the position table's bicubic resampling as one matmul by the per-patch
+        outer products of the cubic rows."""
+        x = self._embed(pixels)
+        G = ph.shape[1]
+        weights = (ph[:, :, None] * pw[:, None, :]).reshape(ph.shape[0], G * G)
+        x = x + ops.matmul(weights, self.pos_embed.astype(ms.float32)).astype(x.dtype)
+        mask = vision_segment_mask(seg)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, None, None, mask)
+        return self._merge(x)
 
     def construct(self, pixels, grid_rows: np.ndarray, states=None, between=None):
         """pixels (N, C*T*P*P); grid_rows (n, 3) of (t, h, w) in patches, one row per image or video frame pair.

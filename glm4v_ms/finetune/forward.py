@@ -16,10 +16,14 @@ the merger over them (row by row, so the order of images and videos does not mat
 
 Full and freeze fine-tuning (full.py: model.trained_names) take the token ids instead: the embedding lookup runs in
 the graph (the embedding may train). When a tensor of the tower trains, the whole tower runs in the graph too
-(vision.VisionModel.features over the host's tower_inputs: images, then video frames, in one call, their features
-written at the image tokens, then the video tokens), so its gradients and the ones flowing back through frozen
+(vision.VisionModel.features_padded: images, then video frames, in one call, their features taken by the image
+tokens, then the video tokens), so its gradients and the ones flowing back through frozen
 blocks to a trained position table are the reference's; otherwise its features come from the host, without
-gradient. The tower's segment lengths are constants of its graph: one graph per image layout of a batch.
+gradient. Its graph takes the image layout as data (vision.VisionModel.padded_inputs: per-patch segment ids,
+rotary tables, rows of the position table's cubic matrices) over a patch count padded to patch_bucket, the padding
+rows a segment of their own whose features no token reads: one graph per bucket, not per layout. The media
+features reach their tokens by a per-token row index (`src`) over feature rows padded likewise, so the media token
+count is no graph shape either.
 """
 from __future__ import annotations
 
@@ -40,6 +44,21 @@ def bucket(n: int, step: int = 64) -> int:
     return max(step, -(-int(n) // step) * step)
 
 
+def patch_bucket(n: int, merge: int = 4) -> int:
+    """The vision tower's patch count in the training graph, padded up. The text length's rule (a multiple of 64)
+    up to 1023 patches; past that 8 sizes per doubling (the step is the power of two at or below n, over 8). Why:
+    the text length is capped by cutoff_len, so a fixed step gives a bounded number of graphs (2048 / 64 = 32),
+    but a batch's patch count spans orders of magnitude (a few hundred for a small picture, tens of thousands for
+    several large ones at 9B), and the padded tower attends over every pair of its rows (attention.
+    vision_attention_masked): a fixed step would compile hundreds of graphs, a relative one keeps the padding
+    under 1/8 of the count (under ~27% more attention work) with 8 graphs per doubling. A multiple of `merge` (the
+    spatial merge block, 4 patches), so the padding rows merge among themselves."""
+    n = int(n)
+    step = max(64, 1 << max(0, n.bit_length() - 4))
+    step = step * merge // np.gcd(step, merge)
+    return max(step, -(-n // step) * step)
+
+
 @dataclass
 class Step:
     h: Tensor          # (B, L, D) input embeddings (vision features written in)
@@ -51,10 +70,11 @@ class Step:
     weight: Tensor     # (n,) float32: 1, or 0 for bucket padding
     tokens: int        # trained tokens (the real rows)
     length: int        # real (unbucketed) length
-    vis: Tensor = None  # (m,) int32: flat positions of the media tokens, whose rows hold the merger's input
+    vis: Tensor = None  # LoRA, merger trained: (m,) int32 flat positions of the media tokens (the merger's input)
     ids: Tensor = None  # full / freeze: (B, L) int32 token ids (h is None): the embedding runs in the graph
-    feats: Tensor = None  # full / freeze, tower untrained: the media features from the host, for the rows `vis`
-    tower: tuple = None   # full / freeze, tower trained: (pixels, cos, sin, seg_lens, mats, index) (tower_inputs)
+    src: Tensor = None  # full / freeze with media: (B * L,) int32, each token's media feature row, -1 for none
+    feats: Tensor = None  # full / freeze, tower untrained: the media features from the host (rows padded)
+    tower: tuple = None   # full / freeze, tower trained: (pixels, cos, sin, seg, ph, pw) (padded_inputs)
 
 
 def prepare(model, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None,
@@ -140,21 +160,29 @@ def _prepare_full(model, ids, mask, lab, pixel_values, image_grid_thw, pixel_val
     if px.shape[0] != merge * len(vis):
         raise ValueError(f"media features and media tokens do not match: {px.shape[0] // merge} features, "
                          f"{len(vis)} tokens")
-    st.vis = Tensor(vis.astype(np.int32))
+    total = patch_bucket(px.shape[0], merge) if pad_to_bucket else px.shape[0]
+    src = np.full(B * Lb, -1, np.int32)
+    src[vis] = np.arange(len(vis), dtype=np.int32)   # feature row k (images, then video frames) -> token vis[k]
+    st.src = Tensor(src)
     if trains_tower(model):
-        vcos, vsin, seg_lens, mats, index, _ = model.visual.tower_inputs(grid)
-        st.tower = (Tensor(px), vcos, vsin, seg_lens, mats, index)
+        padded = np.zeros((total, px.shape[1]), np.float32)
+        padded[:len(px)] = px
+        st.tower = (Tensor(padded),) + model.visual.padded_inputs(grid, total)
     else:
-        st.feats = model.visual(Tensor(px), grid)
+        feats = model.visual(Tensor(px), grid)
+        st.feats = ops.cat([feats, ops.zeros((total // merge - len(vis), feats.shape[1]), feats.dtype)], 0) \
+            if total > px.shape[0] else feats
     return st
 
 
-def embed_ids(model, ids, vis=None, feats=None):
-    """The embedding lookup in the graph, the media features written over their tokens (no gradient reaches the
-    media token's embedding row from those positions, as in the reference's masked_scatter)."""
+def embed_ids(model, ids, src=None, feats=None):
+    """The embedding lookup in the graph, the media features put in place of their tokens' embeddings: token t
+    takes feature row src[t] where src[t] >= 0 (no gradient reaches the media token's embedding row from those
+    positions, as in the reference's masked_scatter; feature rows no token names, the bucket's padding, get none)."""
     h = ops.gather(model.text.embed.weight, ids.reshape(-1), 0)
-    if vis is not None:
-        h = ops.tensor_scatter_update(h, vis.reshape(-1, 1), feats.astype(h.dtype))
+    if src is not None:
+        media = (src >= 0).reshape(-1, 1)
+        h = ops.where(media, ops.gather(feats, ops.maximum(src, 0), 0).astype(h.dtype), h)
     return h.reshape(ids.shape[0], ids.shape[1], -1)
 
 
@@ -252,8 +280,8 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
                  video_grid_thw, pad_to_bucket=False)
     h = st.h
     if h is None:   # full / freeze: the ids and media as the training graph takes them
-        feats = st.feats if st.tower is None else model.visual.features(*st.tower)
-        h = embed_ids(model, st.ids, st.vis, feats)
+        feats = st.feats if st.tower is None else model.visual.features_padded(*st.tower)
+        h = embed_ids(model, st.ids, st.src, feats)
     x = hidden(model, h, st.cos, st.sin, st.seen)
     logits = _mm_nt(x.reshape(-1, x.shape[-1]), model.lm_head.weight).reshape(x.shape[:2] + (-1,))
     logits = model.text.gather_logits(logits)   # tensor parallel: each rank's vocab slice -> the whole vocabulary
@@ -263,14 +291,6 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
     _, deltas = model.positions(ids, None if attention_mask is None else np.asarray(attention_mask), image_grid_thw,
                                 video_grid_thw)
     return Output(logits=logits, rope_deltas=deltas, loss=loss)
-
-
-def _plain_vision_attention():
-    """The tower inside a training graph attends segment by segment (attention.vision_attention's plain path):
-    the fused varlen kernel is a compiled cell built per image layout at call time, which a graph being traced
-    cannot build (MindSpore 2.10: "The pointer[cond_value] is null", emulated Ascend path)."""
-    from .. import attention
-    return attention.unfused("vision_attention")
 
 
 class Grad:
@@ -305,33 +325,33 @@ class Grad:
         if media not in self._full:
             model = self.model
 
-            def fn(ids, cos, sin, seen, rows, targets, weight, vis=None, feats=None):
-                return loss_sum(model, embed_ids(model, ids, vis, feats), cos, sin, seen, rows, targets, weight)
+            def fn(ids, cos, sin, seen, rows, targets, weight, src=None, feats=None):
+                return loss_sum(model, embed_ids(model, ids, src, feats), cos, sin, seen, rows, targets, weight)
             self._full[media] = self._compiled(fn)
         return self._full[media]
 
-    def _tower_fn(self, seg_lens: tuple):
-        """full / freeze with the tower trained: the tower in the graph too; its segment lengths are constants."""
-        if seg_lens not in self._towers:
-            if len(self._towers) >= 16:   # a graph per image layout: keep the recent ones
+    def _tower_fn(self, shapes: tuple):
+        """full / freeze with the tower trained: the tower in the graph too, the image layout in its inputs, so a
+        graph is keyed by the inputs' (bucketed) shapes alone: one compiled graph per key."""
+        if shapes not in self._towers:
+            if len(self._towers) >= 16:   # keep the recent buckets
                 self._towers.pop(next(iter(self._towers)))
             model, visual = self.model, self.model.visual
 
-            def fn(ids, cos, sin, seen, rows, targets, weight, vis, pixels, vcos, vsin, mats, index):
-                feats = visual.features(pixels, vcos, vsin, seg_lens, mats, index)
-                return loss_sum(model, embed_ids(model, ids, vis, feats), cos, sin, seen, rows, targets, weight)
-            self._towers[seg_lens] = self._compiled(fn)
-        return self._towers[seg_lens]
+            def fn(ids, cos, sin, seen, rows, targets, weight, src, pixels, vcos, vsin, seg, ph, pw):
+                feats = visual.features_padded(pixels, vcos, vsin, seg, ph, pw)
+                return loss_sum(model, embed_ids(model, ids, src, feats), cos, sin, seen, rows, targets, weight)
+            self._towers[shapes] = self._compiled(fn)
+        return self._towers[shapes]
 
     def __call__(self, st: Step):
         if st.ids is not None:
             args = (st.ids, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
             if st.tower is not None:
-                pixels, vcos, vsin, seg_lens, mats, index = st.tower
-                with _plain_vision_attention():
-                    loss, grads = self._tower_fn(seg_lens)(*args, st.vis, pixels, vcos, vsin, mats, index)
-            elif st.vis is not None:
-                loss, grads = self._full_fn(True)(*args, st.vis, st.feats)
+                args += (st.src,) + st.tower
+                loss, grads = self._tower_fn(tuple(tuple(a.shape) for a in args))(*args)
+            elif st.src is not None:
+                loss, grads = self._full_fn(True)(*args, st.src, st.feats)
             else:
                 loss, grads = self._full_fn(False)(*args)
             return loss, list(grads)

@@ -1,9 +1,12 @@
 """python -m glm4v_ms.serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-num-seqs 4] [--max-model-len N]
-[--served-model-name NAME] [--allowed-local-media-path DIR] [--api-key KEY] [--lora-modules NAME=DIR ...]
+[--served-model-name NAME] [--allowed-local-media-path DIR] [--api-key KEY] [--enable-lora]
+[--lora-modules NAME=DIR ...] [--max-loras 1] [--max-lora-rank 16]
 
 --lora-modules (vLLM's flag; also its JSON form '{"name": N, "path": DIR, "base_model_name": BASE}'): PEFT LoRA
 adapters served beside the base, a request's `model` picking one; rows for different adapters decode in the same
-step (glm4v_ms.multi_lora). A bad adapter is one line and exit 2 before the port opens.
+step, at most --max-loras adapters in one step, of rank <= --max-lora-rank (glm4v_ms.multi_lora). A bad adapter is
+one line and exit 2 before the port opens. With VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in the environment (vLLM's
+switch), POST /v1/load_lora_adapter and /v1/unload_lora_adapter load and unload adapters while serving.
 
 On several cards, one process per card under msrun (a script path: serve.py at the repository root); rank 0 serves
 HTTP, the other ranks follow its engine (glm4v_ms.serve.ranks):
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..multi_lora import MAX_RANKS
 from ..faces import MODEL_HELP, MODELS, Parser, add_runtime_args, check_runtime_args, error_line, load_model, \
     resolve_model, setup_process, silence_other_ranks
 
@@ -45,17 +49,32 @@ def parse(argv):
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR",
                    help="PEFT LoRA adapters served beside the base, each under its name (a request's `model`); "
                         "vLLM's JSON form '{\"name\": ..., \"path\": ...}' too")
-    p.add_argument("--enable-lora", action="store_true", help="vLLM's switch; implied by --lora-modules")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters (vLLM's switch; implied by --lora-modules)")
+    p.add_argument("--max-loras", type=int, default=1,
+                   help="adapters in one batch step: the bank's slots (vLLM's default 1); a request for another "
+                        "adapter waits for a slot")
+    p.add_argument("--max-lora-rank", type=int, default=16, choices=MAX_RANKS, metavar="{" + ",".join(
+        map(str, MAX_RANKS)) + "}", help="the largest adapter rank served (vLLM's values and default 16)")
     p.add_argument("--log-level", default="warning")
     add_runtime_args(p, dashed=True, ranks_help="; rank 0 serves HTTP")
     a = p.parse_args(argv)
     check_runtime_args(p, a)
     if a.max_num_seqs < 1 or a.max_queue < 0 or (a.max_model_len is not None and a.max_model_len < 64):
         p.error("--max-num-seqs must be >= 1, --max-queue >= 0, --max-model-len >= 64")
+    if a.max_loras < 1:
+        p.error(f"--max-loras must be >= 1, got {a.max_loras}")
     if a.allowed_local_media_path and not os.path.isdir(a.allowed_local_media_path):
         p.error(f"--allowed-local-media-path: not a folder: {a.allowed_local_media_path}")
     a.name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    a.enable_lora = a.enable_lora or bool(a.lora_modules)
+    a.runtime_lora = runtime_lora_updating()
     return a
+
+
+def runtime_lora_updating() -> bool:
+    """vLLM's switch for /v1/load_lora_adapter and /v1/unload_lora_adapter (its envs.py reading)."""
+    return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
 
 
 def build(a):
@@ -65,15 +84,18 @@ def build(a):
     from glm4v_ms.engine import Engine
     from .app import Server, create_app
     from .ranks import LeaderEngine
-    from glm4v_ms.multi_lora import check_folders, install, parse_modules
+    from glm4v_ms.multi_lora import LoraModulesError, check_folders, install, parse_modules
     # the adapters' cheap checks first (names, PEFT folders), whether each fits the base once it has loaded
     adapters = parse_modules(a.lora_modules, a.name)
-    check_folders(adapters)
+    check_folders(adapters, a.max_lora_rank)
+    if a.tensor_parallel_size > 1 and a.max_loras < len(adapters):
+        # every rank must hold the same adapters in the same slots; slot swaps are not sent to the other ranks
+        raise LoraModulesError(f"--max-loras {a.max_loras}: under tensor parallel every --lora-modules adapter "
+                               f"needs a slot of its own ({len(adapters)})")
     folder = resolve_model(a.model)
     processor = Glm4vProcessor.from_pretrained(folder)
     model = load_model(folder, a)
-    if adapters:
-        install(model, adapters, a.max_num_seqs)
+    bank = install(model, adapters, a.max_num_seqs, a.max_loras, a.max_lora_rank) if a.enable_lora else None
     # rank 0 under msrun tells the other ranks what its engine does; theirs only replay it (ranks.follow)
     kind = LeaderEngine if model.layout.world > 1 and model.layout.rank == 0 else Engine
     engine = kind(model, a.max_num_seqs, a.max_model_len, a.max_queue, prefix_reuse=not a.no_prefix_reuse,
@@ -81,8 +103,8 @@ def build(a):
     if model.layout.rank != 0:
         return None, engine
     engine.start()
-    server = Server(engine, processor, a.name, a.api_key, a.allowed_local_media_path, a.max_images,
-                    adapters=adapters)
+    server = Server(engine, processor, a.name, a.api_key, a.allowed_local_media_path, a.max_images, bank=bank,
+                    runtime_lora=a.runtime_lora)
     return create_app(server), engine
 
 
@@ -108,6 +130,9 @@ def main(argv=None):
     if app is None:   # a rank other than 0: follow rank 0's engine until it stops
         from .ranks import follow
         return follow(engine)
+    if a.runtime_lora:   # vLLM's warning, in its words
+        print("[glm4v_ms.serve: LoRA dynamic loading & unloading is enabled in the API server. This should ONLY be "
+              "used for local development!]", file=sys.stderr)
     names = list(app.state.server.adapters)
     served = f"; adapters {', '.join(names)} beside {a.name}" if names else ""
     print(f"[glm4v_ms.serve: http://{a.host}:{a.port}  {engine.plan()}{served}]", file=sys.stderr)

@@ -43,29 +43,30 @@ _KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperatu
 
 
 class ApiError(Exception):
-    def __init__(self, status, message, param=None):
+    def __init__(self, status, message, param=None, kind=None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
-def error_body(status, message, param=None):
-    return {"error": {"message": message, "type": _TYPES.get(status, "BadRequestError"), "param": param,
+def error_body(status, message, param=None, kind=None):
+    return {"error": {"message": message, "type": kind or _TYPES.get(status, "BadRequestError"), "param": param,
                       "code": status}}
 
 
-def _error(status, message, param=None):
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def _error(status, message, param=None, kind=None):
+    return JSONResponse(error_body(status, message, param, kind), status_code=status)
 
 
 class Server:
     """What the app serves: the model's processor and defaults, the engine, and the limits."""
 
     def __init__(self, engine, processor, name, api_key=None, allowed_local_media_path=None, max_images=8,
-                 max_media_bytes=32 << 20, max_request_bytes=64 << 20, adapters=()):
-        """adapters: [(name, folder)] installed on the engine's model in this order (multi_lora.install): a
-        request's `model` names the base or one of them."""
+                 max_media_bytes=32 << 20, max_request_bytes=64 << 20, bank=None, runtime_lora=False):
+        """bank: the multi_lora.Bank on the engine's model (None: no LoRA), whose adapters a request's `model`
+        may name; runtime_lora: /v1/load_lora_adapter and /v1/unload_lora_adapter change them."""
         self.engine, self.processor, self.name, self.api_key = engine, processor, name, api_key
-        self.adapters = {n: (k + 1, path) for k, (n, path) in enumerate(adapters)}   # name -> (index, folder)
+        self.bank, self.runtime_lora = bank, runtime_lora
+        self.adapters = bank.adapters if bank is not None else {}   # name -> multi_lora.Adapter, in load order
         self.media = MediaLoader(allowed_local_media_path, max_media_bytes)
         self.max_images, self.max_request_bytes = max_images, max_request_bytes
         self.defaults = engine.model.generation_config
@@ -235,7 +236,10 @@ class ChatCompletion:
         self.server, self.request = server, request
         # the base, or an adapter (read_body checked the name): replies name what the request named
         self.model = body.get("model") or server.name
-        self.adapter = server.adapters[self.model][0] if self.model in server.adapters else 0
+        # held by the request from here: an unload meanwhile does not disturb it (vLLM's requests keep theirs too)
+        self.adapter = server.adapters.get(self.model) if self.model != server.name else None
+        if self.model != server.name and self.adapter is None:   # unloaded since read_body
+            raise ApiError(404, f"The model `{self.model}` does not exist.", "model")
         self.stream = _typed(body, "stream", (bool,), "a boolean") or False
         opts = _typed(body, "stream_options", (dict,), "an object") or {}
         self.include_usage = bool(opts.get("include_usage"))
@@ -365,6 +369,62 @@ class ChatCompletion:
                 self.cancel()
 
 
+# ---------------------------------------------------------------------------------------------- runtime adapters
+
+def _lora_body(server: Server, raw: bytes, fields) -> dict:
+    if server.engine.model.layout.world > 1:
+        raise ApiError(501, "loading or unloading adapters while serving is not supported under tensor parallel "
+                            "(msrun): pass them all in --lora-modules")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict) or any(not isinstance(body.get(f, ""), str) for f in fields):
+        raise ApiError(400, f"the request body must be a JSON object with string {' and '.join(fields)}")
+    return body
+
+
+def add_lora_routes(app: FastAPI, server: Server, auth):
+    """vLLM's runtime adapter endpoints, with its status codes, error types and replies (text/plain on success)."""
+    from fastapi.responses import PlainTextResponse
+    from ..multi_lora import AdapterNotFound, LoraModulesError
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        auth(request)
+        body = _lora_body(server, await request.body(), ("lora_name", "lora_path"))
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.", kind="InvalidUserInput")
+        if name in server.adapters or name == server.name:
+            raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", kind="InvalidUserInput")
+        if server.bank is None:
+            raise ApiError(400, "LoRA is not enabled: start the server with --enable-lora (or --lora-modules)")
+        try:   # read and checked off the event loop; the engine writes it into a slot when a request needs it
+            ad = await asyncio.to_thread(server.bank.read, name, path)
+        except AdapterNotFound as e:
+            raise ApiError(404, str(e), kind="NotFoundError") from None
+        except LoraModulesError as e:
+            raise ApiError(400, str(e)) from None
+        if name in server.adapters:   # the same name loaded meanwhile
+            raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", kind="InvalidUserInput")
+        server.adapters[name] = ad
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        auth(request)
+        name = _lora_body(server, await request.body(), ("lora_name",)).get("lora_name")
+        if not name:
+            raise ApiError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", kind="InvalidUserInput")
+        ad = server.adapters.pop(name, None)
+        if ad is None:
+            raise ApiError(404, f"The lora adapter '{name}' cannot be found.")
+        # requests that hold it (running or waiting) finish with it; its slot goes first to the next adapter
+        ad.unloaded = True
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
 def _delta(reasoning, content) -> dict:
     d = {}
     if reasoning:
@@ -386,7 +446,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc):
-        return _error(exc.status, exc.message, exc.param)
+        return _error(exc.status, exc.message, exc.param, exc.kind)
 
     def auth(request: Request):
         if server.api_key and request.headers.get("authorization") != f"Bearer {server.api_key}":
@@ -397,7 +457,10 @@ def create_app(server: Server) -> FastAPI:
         e = server.engine
         if e.error is not None:
             return _error(500, f"the engine stopped: {e.error}")
-        return {"status": "ok", "busy_rows": e.busy_rows(), "rows": e.max_num_seqs, "waiting": e.waiting.qsize()}
+        out = {"status": "ok", "busy_rows": e.busy_rows(), "rows": e.max_num_seqs, "waiting": e.queued()}
+        if server.bank is not None:   # which adapter each slot holds (None: empty), and how many slot writes
+            out["lora_slots"], out["lora_loads"] = server.bank.resident_names(), server.bank.loads
+        return out
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -411,7 +474,10 @@ def create_app(server: Server) -> FastAPI:
             "id": name, "object": "model", "created": server.created, "owned_by": "glm4v-ms", "root": root,
             "parent": parent, "max_model_len": server.engine.max_model_len}
         return {"object": "list", "data": [card(server.name, server.name, None)] + [
-            card(n, path, server.name) for n, (_, path) in server.adapters.items()]}
+            card(n, ad.path, server.name) for n, ad in list(server.adapters.items())]}
+
+    if server.runtime_lora:   # vLLM registers these only with VLLM_ALLOW_RUNTIME_LORA_UPDATING (else: 404)
+        add_lora_routes(app, server, auth)
 
     @app.post("/v1/pdf/pages")
     async def pdf(request: Request):

@@ -88,7 +88,8 @@ class _Told:
         prompt = seq.history[0, :seq.n_prompt]
         where = None if origin is None else (origin[0]._name, origin[1])   # prefix reuse from another row
         # the record is host arrays (NumPy): it pickles as it is
-        self._chan.send(("admit", self._name, row, p, prompt, cfg, seq.max_new, seq.force, where, seq.adapter))
+        self._chan.send(("admit", self._name, row, p, prompt, cfg, seq.max_new, seq.force, where, seq.adapter,
+                         seq.slot))
         return self._batch.admit(row, p, seq, None if origin is None else (origin[0]._batch, origin[1]),
                                  between)
 
@@ -170,10 +171,12 @@ def follow(engine: Engine) -> int:
         if op == "idle":
             return None
         if op == "admit":
-            _, name, row, p, prompt, cfg, max_new, force, where, adapter = msg
+            _, name, row, p, prompt, cfg, max_new, force, where, adapter, slot = msg
             origin = None if where is None else (batches[where[0]], where[1])
             seq = Sequence(prompt, cfg, max_new, force)
-            seq.adapter = adapter   # the row's adapter (multi_lora): each rank holds its slices of them all
+            # the row's adapter and its slot (multi_lora): every rank holds its slices of the same adapters in the
+            # same slots (all of them, from the start: the server refuses slot swaps and runtime loads under msrun)
+            seq.adapter, seq.slot = adapter, slot
             try:
                 batches[name].admit(row, p, seq, origin, between)
             except Exception:   # a bad prompt (or a cancel) ends on rank 0 too, at the same point; the row stays free
