@@ -243,26 +243,29 @@ def test_reduce_bucket_size(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["full_z3", "freeze_z3"])
-def test_zero3_ranks_hold_slices(launched, name):
-    """Under ZeRO-3 each rank holds half (rounded up) of every decoder linear weight, trained or frozen, and the
-    rest whole; the weights it trains are those slices."""
+def test_zero3_ranks_hold_slices(launched, setup, name):
+    """Under ZeRO-3 each rank holds half (rounded up) of every decoder linear weight above the threshold, trained
+    or frozen, and every other tensor whole (the sizes each rank's Parameters have, against the checkpoint's)."""
+    from glm4v_ms.config import Glm4vConfig
     from glm4v_ms.finetune.distributed import sharded_name
+    from glm4v_ms.weights import hf_table
+    base, _ = setup
+    cfg = Glm4vConfig.from_pretrained(str(base / "model"))
+    size = {e.ours: int(np.prod(e.shape(cfg))) for e in hf_table(cfg)}
     infos = [json.load(open(launched / f"{name}.rank{r}.json")) for r in (0, 1)]
-    whole = {k: v.size for k, v in np.load(launched / f"{name}.rank0.npz").items()}
     sliced = infos[0]["sliced"]
     assert infos[0]["stage"] == 3 and sliced == infos[1]["sliced"]
     assert len(sliced) == 8 and all(".layers." in k and k.endswith(".weight") for k in sliced)   # 2 layers x 4
-    hidden = 128   # the tiny text model's: the threshold "auto" is 10 x 128 elements
-    for k, n in infos[0]["held"].items():
-        assert (k in sliced) == sharded_name(k, n if k not in sliced else 2 * n, 10 * hidden), k
+    threshold = 10 * cfg.text.hidden_size   # ds_z3_config's "auto"
+    assert sorted(sliced) == sorted(k for k in size if sharded_name(k, size[k], threshold))
     for info in infos:
-        for k in sliced:
-            n = 2 * infos[0]["held"][k]   # the whole, from the slice (the tiny sizes are even)
-            assert info["held"][k] == n // 2 and n >= 10 * hidden, k
-            if k in whole:   # a trained one: the gathered weight has the whole size
-                assert whole[k] == n, k
+        assert set(info["held"]) == set(size)
+        for k, n in size.items():
+            assert info["held"][k] == (-(-n // 2) if k in sliced else n), k
     held = sum(infos[0]["held"][k] for k in sliced)
-    assert held == sum(2 * infos[0]["held"][k] for k in sliced) // 2
+    assert held == sum(size[k] for k in sliced) // 2 > 0
+    whole = {k: v.size for k, v in np.load(launched / f"{name}.rank0.npz").items()}
+    assert all(whole[k] == size[k] for k in whole)   # gathered whole
     if name == "freeze_z3":   # only the last layer's MLP trains: every trained tensor is a slice
         assert sorted(whole) == sorted(k for k in sliced if ".layers.1.mlp." in k)
 
