@@ -52,10 +52,14 @@ class Linear(nn.Cell):
         self.bias = _param((n_out,), dtype) if bias else None
         self.reduce = reduce
         self.lora = None   # finetune/lora.py: a LoRA delta added to the output (one per fused source linear)
+        self.gathered = None   # ZeRO-3 (finetune/distributed.py): weight is this rank's slice, gathered here
 
     def construct(self, x):
+        w = self.weight
+        if self.gathered is not None:   # gathered after x exists: just before its use, not all at the start
+            w = self.gathered(ops.depend(w, x))
         # MatMul(transpose_b), not ops.dense: eager (PyNative) dense runs ~2.5x slower on CPU; same kernel in a graph
-        y = _mm_nt(x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[:-1] + (self.weight.shape[0],))
+        y = _mm_nt(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[0],))
         if self.bias is not None:
             y = y + self.bias
         if self.lora is not None:

@@ -64,7 +64,7 @@ def plan_parts(tr):
     a = tr.args
     return plan.parts(tr.model.config, 4, weight_bytes(tr.model)[0], a.per_device_train_batch_size, a.cutoff_len,
                       sum(int(np.prod(p.shape)) for p in tr.params), a.optim, ranks=tr.world.size,
-                      stage=tr.world.stage)
+                      stage=tr.world.stage, bucket=tr.world.bucket)
 
 
 def main(out, base, specs):
@@ -77,12 +77,18 @@ def main(out, base, specs):
             spec["resume_from_checkpoint"] = os.path.join(out, spec["resume_from_checkpoint"][1:])
         tr, losses = run(args(os.path.join(out, name), base, **spec), n)
         r = tr.world.rank
-        np.savez(os.path.join(out, f"{name}.rank{r}.npz"), **{p.name: p.asnumpy() for p in tr.params})
-        info = {"losses": losses, "world": tr.world.size, "stage": tr.world.stage,
-                "state_numel": int(sum(int(np.prod(p.shape)) for p in tr.opt.update.get_parameters()
-                                       if not p.requires_grad)),
-                "parts": plan_parts(tr),
-                "plan": training_plan(tr.model, tr.args, sum(int(np.prod(p.shape)) for p in tr.params), tr.world)}
+        # what this rank holds of each parameter (ZeRO-3: slices), then the whole weights (gathered)
+        held = {k: int(np.prod(p.shape)) for k, p in tr.model.parameters_and_names()}
+        whole = tr.zero3.values() if tr.zero3 else {}
+        weights = {p.name: whole[p.name] if p.name in whole else p.asnumpy() for p in tr.params}
+        np.savez(os.path.join(out, f"{name}.rank{r}.npz"), **weights)
+        info = {"losses": losses, "world": tr.world.size, "stage": tr.world.stage, "held": held,
+                "sliced": sorted(shard.name for _, shard, _, _ in tr.zero3.items) if tr.zero3 else [],
+                "state_numel": 0 if tr.zero3 else int(sum(int(np.prod(p.shape)) for p in tr.opt.update.get_parameters()
+                                                          if not p.requires_grad)),
+                "parts": plan_parts(tr) if not tr.zero3 else {},
+                "buckets": [b[0] for b in tr.opt.sharding.reducer.buckets] if getattr(tr.opt, "sharding", None) else [],
+                "plan": training_plan(tr.model, tr.args, tr.n_trained, tr.world)}
         with open(os.path.join(out, f"{name}.rank{r}.json"), "w") as f:
             json.dump(info, f)
     print(f"rank {rank()}: done", flush=True)

@@ -1,7 +1,8 @@
 """Fine-tuning on several ranks (msrun, 2 processes, MCCL on CPU) equals one process with the same global batch:
 SGD and AdamW, two steps, with and without sharded optimizer state (ZeRO 1/2 from a DeepSpeed JSON), a short
-last batch split unevenly, full fine-tuning under ZeRO-2; the 2-rank ZeRO-2 checkpoint resumes on the 2 ranks under ZeRO-1 and on one process,
-each to the straight run's weights; the
+last batch split unevenly, ZeRO-2 reducing in many buckets, full fine-tuning under ZeRO-2 and ZeRO-3 (sharded
+parameters: full SGD, freeze AdamW); the 2-rank ZeRO-2 checkpoint resumes on the 2 ranks under ZeRO-1 and on one
+process, and the ZeRO-3 one on one process, each to the straight run's weights; the
 README's command (msrun ... finetune.py demo_tiny_lora.yaml --deepspeed ...) trains with only rank 0 writing and
 speaking. Two msrun launches in all (each ~20 s before any work); the one-process references run in this process.
 
@@ -39,6 +40,8 @@ SPECS = [
     ("adamw", 7, dict(per_device_train_batch_size=2)),       # 7 over batches of 4: the last splits 2 + 1
     ("adamw_z1", 7, dict(per_device_train_batch_size=2, deepspeed="z1")),
     ("adamw_z2", 7, dict(per_device_train_batch_size=2, deepspeed="z2")),
+    # ZeRO-2 reducing 1000 elements at a time: every bucket is a chunk of each rank's slice, cut across tensors
+    ("adamw_z2bucket", 7, dict(per_device_train_batch_size=2, deepspeed="z2bucket")),
     # resumed on the 2 ranks from the ZeRO-2 run's checkpoint-1, with ZeRO-1 (the state is saved whole)
     ("adamw_resumed", 7, dict(per_device_train_batch_size=2, deepspeed="z1",
                               resume_from_checkpoint="@adamw_z2/checkpoint-1")),
@@ -46,6 +49,12 @@ SPECS = [
     # the exactly-zero k-bias gradient into +-lr steps), ZeRO-2; its output a Hugging Face folder
     ("full_z2", 6, dict(finetuning_type="full", optim="sgd", per_device_train_batch_size=1,
                         gradient_accumulation_steps=2, deepspeed="z2")),
+    # ZeRO-3 (LLaMA-Factory's ds_z3_config: the threshold "auto" = 10 x hidden_size): the decoder's linear weights
+    # held as slices; full SGD as above, and freeze AdamW (the last layer's MLP trained, both layers sliced)
+    ("full_z3", 6, dict(finetuning_type="full", optim="sgd", per_device_train_batch_size=1,
+                        gradient_accumulation_steps=2, deepspeed="z3")),
+    ("freeze_z3", 7, dict(finetuning_type="freeze", freeze_trainable_layers=1, freeze_trainable_modules=["mlp"],
+                          per_device_train_batch_size=2, deepspeed="z3")),
 ]
 
 
@@ -64,12 +73,13 @@ def logs_of(folder):
     return {f: open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder))}
 
 
-def ds_config(folder, stage):
-    path = os.path.join(folder, f"ds_z{stage}_config.json")
+def ds_config(folder, stage, tag="", **zero):
+    path = os.path.join(folder, f"ds_z{stage}{tag}_config.json")
     with open(path, "w") as f:   # LLaMA-Factory's examples/deepspeed/ds_z2_config.json, shortened
         json.dump({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-                   "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}}, f)
+                   "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
+                                         **zero}}, f)
     return path
 
 
@@ -84,7 +94,9 @@ def keys(spec, cfgs):
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("dp")
     tinyref.build(str(base / "model"), seed=1)
-    cfgs = {"z1": ds_config(str(base), 1), "z2": ds_config(str(base), 2)}
+    cfgs = {"z1": ds_config(str(base), 1), "z2": ds_config(str(base), 2),
+            "z2bucket": ds_config(str(base), 2, "bucket", reduce_bucket_size=1000),
+            "z3": os.path.join(ROOT, "examples", "deepspeed", "ds_z3_config.json")}
     return base, cfgs
 
 
@@ -117,12 +129,15 @@ def single(setup):
             continue
         kw = {k: v for k, v in spec.items() if k != "deepspeed"}
         kw["per_device_train_batch_size"] = 2 * spec["per_device_train_batch_size"]
-        tr, losses = worker.run(worker.args(str(base / "one" / name), str(base / "model"), **kw), n)
+        tr, losses = worker.run(worker.args(str(base / "one" / reference_of(name)), str(base / "model"), **kw), n)
         got[reference_of(name)] = ({p.name: p.asnumpy() for p in tr.params}, losses)
     return got
 
 
-OPTIM = {n: "sgd" if s.get("optim") == "sgd" else "adamw" for n, _, s in SPECS}
+# AdamW on whole weights (freeze_z3): Adam turns the summation-order noise of a near-zero gradient into a step of
+# up to lr, on a few elements (measured: 16 of 74k, up to 6.7e-4 at lr 1e-2); the rest as LoRA's AdamW
+OPTIM = {n: "sgd" if s.get("optim") == "sgd" else "adamw_full" if n.startswith("freeze") else "adamw"
+         for n, _, s in SPECS}
 
 
 def reference_of(name):
@@ -134,6 +149,9 @@ def assert_close(kind, got, want, what):
         d = np.abs(got[k] - want[k]).max()
         if kind == "sgd":
             assert d <= 1e-5 * np.abs(want[k]).max() + 1e-12, f"{what} {k}: {d:.3g}"
+        elif kind == "adamw_full":
+            off = np.abs(got[k] - want[k]) > 1e-3 * LR
+            assert off.mean() <= 1e-3 and d <= 2 * LR, f"{what} {k}: {off.sum()} of {off.size} off, {d:.3g}"
         else:
             assert d <= 1e-3 * LR, f"{what} {k}: {d:.3g}"
 
@@ -149,11 +167,11 @@ def test_two_ranks_equal_one_process(launched, single, name):
     resumed = name.endswith("resumed")
     assert info["world"] == 2 and len(info["losses"]) == (1 if resumed else 2)
     np.testing.assert_allclose(info["losses"], want_loss[1:] if resumed else want_loss, rtol=1e-6)
-    if name.startswith("full"):   # rank 0 alone wrote a Hugging Face folder holding what the ranks hold
+    if name.startswith(("full", "freeze")):   # rank 0 alone wrote a Hugging Face folder holding the ranks' weights
         from glm4v_ms import AutoModelForImageTextToText
         files = set(os.listdir(launched / name))
         assert {"config.json", "model.safetensors", "checkpoint-1", "checkpoint-2", "trainer_log.jsonl"} <= files
-        assert WEIGHTS not in files and len(r0) > 20
+        assert WEIGHTS not in files and (len(r0) > 20 if name.startswith("full") else len(r0) == 2)
         params = dict(AutoModelForImageTextToText.from_pretrained(str(launched / name)).parameters_and_names())
         for k, v in r0.items():
             np.testing.assert_array_equal(params[k].asnumpy(), v)
@@ -188,6 +206,120 @@ def test_sharded_state_equals_unsharded(launched, name, unsharded):
     saved = sum(j["parts"].values()) - sum(i["parts"].values())
     assert saved > 0   # the plan line each rank prints says so
     assert f"; ZeRO-{name[-1]} saves {saved / 1e6:,.3f} MB per rank against unsharded state" in i["plan"]
+
+
+def test_bucketed_reduction_equals_whole(launched):
+    """ZeRO-2 reducing 1000 elements at a time ends bit for bit where one whole-vector reduction does (each element
+    is the same sum of the two ranks' values), across many buckets, the last one shorter."""
+    a, b = (dict(np.load(launched / f"{n}.rank{r}.npz")) for n, r in (("adamw_z2bucket", 0), ("adamw_z2", 0)))
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k])
+    i, j = (json.load(open(launched / f"{n}.rank0.json")) for n in ("adamw_z2bucket", "adamw_z2"))
+    k = -(-sum(v.size for v in b.values()) // 2)   # a rank's slice
+    assert len(j["buckets"]) == 1 and j["buckets"] == [k]   # 5e8 by default: the whole vector
+    assert len(i["buckets"]) == -(-k // 500) > 10 and set(i["buckets"][:-1]) == {500} and sum(i["buckets"]) == k
+    assert 0 < i["buckets"][-1] < 500   # the last bucket is shorter
+    assert j["parts"]["grads"] - i["parts"]["grads"] == 4 * 2 * (k - 500)   # the plan counts one bucket
+
+
+def test_reduce_bucket_size(tmp_path):
+    """reduce_bucket_size: DeepSpeed's 5e8 when absent, "auto" as transformers fills it (hidden_size ** 2), a
+    number as given; anything else refused by name."""
+    from glm4v_ms.finetune.args import reduce_bucket_size
+    assert reduce_bucket_size(None, 64) == reduce_bucket_size(ds_config(str(tmp_path), 2), 64) == 500_000_000
+    assert reduce_bucket_size(ds_config(str(tmp_path), 2, "a", reduce_bucket_size="auto"), 4096) == 4096 ** 2
+    assert reduce_bucket_size(ds_config(str(tmp_path), 2, "n", reduce_bucket_size=2e5), 64) == 200_000
+    with pytest.raises(FinetuneError, match=r"reduce_bucket_size must be a positive whole number of elements or "
+                                            r"\"auto\", got 'big'"):
+        reduce_bucket_size(ds_config(str(tmp_path), 2, "b", reduce_bucket_size="big"), 64)
+    # the buckets (distributed.Flat): chunk j of every rank's slice, in rank order, pieces cut across tensors
+    flat = distributed.Flat([np.zeros((3, 5)), np.zeros(7)], distributed.World(1, 2, 2))
+    assert (flat.n, flat.k) == (22, 11)
+    assert flat.buckets(8) == ((4, ((0, 0, 4),), ((0, 11, 15),)), (4, ((0, 4, 8),), ((1, 0, 4),)),
+                               (3, ((0, 8, 11),), ((1, 4, 7),)))
+    assert flat.buckets(0) == flat.buckets(10 ** 9) == ((11, ((0, 0, 11),), ((0, 11, 15), (1, 0, 7))),)
+    odd = distributed.Flat([np.zeros(5)], distributed.World(0, 2, 2))   # padded to 6: one padding element
+    assert odd.buckets(0) == ((3, ((0, 0, 3),), ((0, 3, 5), (-1, 0, 1))),)
+
+
+@pytest.mark.parametrize("name", ["full_z3", "freeze_z3"])
+def test_zero3_ranks_hold_slices(launched, setup, name):
+    """Under ZeRO-3 each rank holds half (rounded up) of every decoder linear weight above the threshold, trained
+    or frozen, and every other tensor whole (the sizes each rank's Parameters have, against the checkpoint's)."""
+    from glm4v_ms.config import Glm4vConfig
+    from glm4v_ms.finetune.distributed import sharded_name
+    from glm4v_ms.weights import hf_table
+    base, _ = setup
+    cfg = Glm4vConfig.from_pretrained(str(base / "model"))
+    size = {e.ours: int(np.prod(e.shape(cfg))) for e in hf_table(cfg)}
+    infos = [json.load(open(launched / f"{name}.rank{r}.json")) for r in (0, 1)]
+    sliced = infos[0]["sliced"]
+    assert infos[0]["stage"] == 3 and sliced == infos[1]["sliced"]
+    assert len(sliced) == 8 and all(".layers." in k and k.endswith(".weight") for k in sliced)   # 2 layers x 4
+    threshold = 10 * cfg.text.hidden_size   # ds_z3_config's "auto"
+    assert sorted(sliced) == sorted(k for k in size if sharded_name(k, size[k], threshold))
+    for info in infos:
+        assert set(info["held"]) == set(size)
+        for k, n in size.items():
+            assert info["held"][k] == (-(-n // 2) if k in sliced else n), k
+    held = sum(infos[0]["held"][k] for k in sliced)
+    assert held == sum(size[k] for k in sliced) // 2 > 0
+    whole = {k: v.size for k, v in np.load(launched / f"{name}.rank0.npz").items()}
+    assert all(whole[k] == size[k] for k in whole)   # gathered whole
+    if name == "freeze_z3":   # only the last layer's MLP trains: every trained tensor is a slice
+        assert sorted(whole) == sorted(k for k in sliced if ".layers.1.mlp." in k)
+
+
+def test_zero3_output_loads_in_transformers(launched, setup):
+    """Rank 0's Hugging Face folder of the ZeRO-3 run (the slices gathered) loads in transformers with the logits
+    of the one-process run's model."""
+    import torch
+    from transformers import Glm4vForConditionalGeneration
+
+    from glm4v_ms import AutoModelForImageTextToText
+    base, _ = setup
+    ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12]], np.int64)
+    ref = Glm4vForConditionalGeneration.from_pretrained(str(launched / "full_z3")).eval()
+    with torch.no_grad():
+        got = ref(input_ids=torch.from_numpy(ids)).logits.numpy()
+    want = AutoModelForImageTextToText.from_pretrained(str(base / "one" / "full"))(input_ids=ids).logits.asnumpy()
+    assert float(np.abs(got - want).max()) <= 1e-4 * float(np.abs(want).max())
+    untrained = AutoModelForImageTextToText.from_pretrained(str(base / "model"))(input_ids=ids).logits.asnumpy()
+    assert float(np.abs(untrained - want).max()) > 1e-3 * float(np.abs(want).max())   # the steps moved them
+
+
+def test_zero3_checkpoint_resumes_on_one_process(launched, single, setup, tmp_path):
+    """checkpoint-1 of the 2-rank ZeRO-3 AdamW run (weights and moments gathered whole) goes on in one process at
+    the same global batch to the straight one-process run's weights."""
+    base, _ = setup
+    ck = launched / "freeze_z3" / "checkpoint-1"
+    st = json.load(open(ck / "trainer_state.json"))
+    assert st["ranks"] == 2 and st["zero_stage"] == 3
+    spec = next(s for n, _, s in SPECS if n == "freeze_z3")
+    kw = {k: v for k, v in spec.items() if k != "deepspeed"}
+    kw.update(per_device_train_batch_size=4, resume_from_checkpoint=str(ck))
+    with np.load(ck / "optimizer.npz") as d, np.load(base / "one" / "freeze" / "checkpoint-1" / "optimizer.npz") as w:
+        assert sorted(d) == sorted(w) and len(d) == 5   # step, and the two trained tensors' moments, whole
+        for k in w:   # the moments are linear in the gradients: no Adam amplification of noise
+            np.testing.assert_allclose(d[k], w[k], rtol=0, atol=1e-5 * np.abs(w[k]).max(), err_msg=k)
+    tr, losses = worker.run(worker.args(str(tmp_path / "resumed"), str(base / "model"), **kw), 7)
+    assert tr._start_step == 1 and len(losses) == 1
+    assert_close("adamw_full", {p.name: p.asnumpy() for p in tr.params}, single["freeze"][0], "resumed")
+    np.testing.assert_allclose(losses[0], single["freeze"][1][1], rtol=1e-6)
+
+
+def test_zero3_unsupported_is_refused(setup, tmp_path, capsys):
+    """ZeRO-3 with LoRA (not implemented): one line, exit 2, nothing written, before any process group or model
+    (args.check, which every rank runs alike)."""
+    from glm4v_ms.finetune.__main__ import main
+    _, cfgs = setup
+    out = tmp_path / "out"
+    assert main([YAML, "--output_dir", str(out), "--deepspeed", cfgs["z3"]]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == [f"error: deepspeed: {cfgs['z3']} asks for ZeRO stage 3 (sharded parameters) with finetuning_type "
+                     "lora: not implemented (stage 3 is for full and freeze; with LoRA use stage 2)"], err
+    assert not out.exists()
 
 
 def test_checkpoint_of_two_ranks_resumes_on_one_process(launched, single, setup, tmp_path):
@@ -249,8 +381,9 @@ def test_bad_global_batch_every_rank_exits(tmp_path):
     assert "Traceback" not in p.stderr and not out.exists()
 
 
-@pytest.mark.parametrize("bad,msg", [({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 (sharded parameters): not "
-                                                                          "implemented"),
+@pytest.mark.parametrize("bad,msg", [({"zero_optimization": {"stage": 3}}, "asks for ZeRO stage 3 (sharded "
+                                                                          "parameters) with finetuning_type lora: "
+                                                                          "not implemented"),
                                      ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
                                       "offload_optimizer to cpu: offloading is not implemented")])
 def test_deepspeed_config_refused(tmp_path, bad, msg):

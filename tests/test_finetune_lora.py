@@ -15,7 +15,12 @@ import tinyref
 import torch
 from glm4v_ms import AutoModelForImageTextToText
 from glm4v_ms.finetune import adapter, forward, lora, optim
+try:   # MindSpore's set of compiled graphs (phases): mindspore.graph.api from 2.9, mindspore.common.api before
+    from mindspore.graph.api import ms_compile_cache
+except ImportError:
+    from mindspore.common.api import ms_compile_cache
 from peft import PeftModel
+from test_finetune_full import LAYOUTS, layout_batch
 
 TOL = 1e-4
 
@@ -219,9 +224,12 @@ MERGER = {"v": ["proj", "gate_proj", "up_proj", "down_proj"], "moe": ["proj", "g
 
 def test_merger_lora_grads_sgd_and_keys(base, tmp_path):
     """freeze_multi_modal_projector false: LoRA on visual.merger's linears (proj, and gate/up fused in ours) next to
-    the text linears, from a PEFT adapter with nonzero B on transformers' model: the loss and every LoRA gradient of
-    a padded batch of two image samples, the merger's included, compiled, and one SGD step; our saved adapter has
-    PEFT's keys and tensors; `all` with the projector trained is LLaMA-Factory's own choice of modules."""
+    the text linears, from a PEFT adapter with nonzero B on transformers' model. Two batches of other image layouts
+    (grids, image counts: 10 and 12 media tokens) in one bucket run on ONE compiled graph (the merger's input rows
+    padded to patch_bucket; before, a graph per media token count), and each step, the padding rows present,
+    equals PEFT: the loss (model(labels=) too) and every LoRA gradient, the merger's included. Then one SGD step;
+    our saved adapter has PEFT's keys and tensors; `all` with the projector trained is LLaMA-Factory's own choice
+    of modules. Without LoRA on the merger, the graph's inputs have the same shapes for both layouts too."""
     kind, d, ours = base
     merger = [f"model.visual.merger.{m}" for m in MERGER[kind]]
     tm = tinylora.text_regex(kind)[:-2] + "|" + "|".join(m.replace(".", r"\.") for m in merger) + ")$"
@@ -230,24 +238,31 @@ def test_merger_lora_grads_sgd_and_keys(base, tmp_path):
     lora.remove(ours)
     adapter.load(ours, str(tmp_path / "peft"), projector=True)
     assert forward.trains_merger(ours)
-    x, y = tinylora.padded_batch()
-    ref_loss, ref_grads = tinylora.peft_loss_and_grads(pm, x, y)
-    st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
     params = lora.trainable(ours)
-    total, grads = forward.Grad(ours, params, jit=True)(st)
-    assert abs(float(total.asnumpy()) / st.tokens - ref_loss) <= TOL * abs(ref_loss)
-    grads = [g / st.tokens for g in grads]
-    n, seen = 0, set()
-    for lo in ours.loras:
-        for mod in lo.targets:
-            ga, gb = lo.peft(mod, grads[2 * n].asnumpy(), grads[2 * n + 1].asnumpy())
-            for name, got in (("lora_A", ga), ("lora_B", gb)):
-                want = ref_grads[f"base_model.model.{mod}.{name}.weight"]
-                assert np.abs(want).max() > 0, f"{mod}.{name}: no gradient in the reference"
-                assert rel(got, want) <= TOL, f"{mod}.{name}: relative error {rel(got, want):.2e}"
-            seen.add(mod)
-            n += 1
-    assert set(merger) <= seen and 2 * n == len(ref_grads) == len(params)
+    grad = forward.Grad(ours, params, jit=True)
+    compiled = len(ms_compile_cache)
+    for layout in LAYOUTS.values():
+        x, y = layout_batch(layout)
+        ref_loss, ref_grads = tinylora.peft_loss_and_grads(pm, x, y)
+        assert abs(float(ours(**x, labels=y).loss.asnumpy()) - ref_loss) <= TOL * abs(ref_loss)
+        st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
+        media = int((st.src.asnumpy() >= 0).sum())
+        assert st.feats.shape[0] == forward.patch_bucket(4 * media) // 4 == 16 > media   # padding rows
+        total, grads = grad(st)
+        assert abs(float(total.asnumpy()) / st.tokens - ref_loss) <= TOL * abs(ref_loss), layout
+        grads = [g / st.tokens for g in grads]
+        n, seen = 0, set()
+        for lo in ours.loras:
+            for mod in lo.targets:
+                ga, gb = lo.peft(mod, grads[2 * n].asnumpy(), grads[2 * n + 1].asnumpy())
+                for name, got in (("lora_A", ga), ("lora_B", gb)):
+                    want = ref_grads[f"base_model.model.{mod}.{name}.weight"]
+                    assert np.abs(want).max() > 0, f"{mod}.{name}: no gradient in the reference"
+                    assert rel(got, want) <= TOL, f"{layout} {mod}.{name}: relative error {rel(got, want):.2e}"
+                seen.add(mod)
+                n += 1
+        assert set(merger) <= seen and 2 * n == len(ref_grads) == len(params)
+    assert len(grad._mergers) == 1 and len(ms_compile_cache) - compiled == 1, list(grad._mergers)
 
     opt = optim.Optimizer(params, "sgd")
     opt.step(grads, 0.5)
@@ -267,3 +282,13 @@ def test_merger_lora_grads_sgd_and_keys(base, tmp_path):
         lf = tinylora.llamafactory_lora_targets(ref_model, target, freeze_multi_modal_projector=frozen)
         assert sorted(lora.select(ours, target, projector=not frozen)) == sorted(lf), (target, frozen)
         assert any(m.startswith("model.visual.merger.") for m in lf) == (not frozen)
+
+    # LoRA without the merger: the host's features written into the embeddings, no media count among the shapes
+    lora.remove(ours)
+    shapes = set()
+    for layout in LAYOUTS.values():
+        x, y = layout_batch(layout)
+        st = forward.prepare(ours, x["input_ids"], x["attention_mask"], y, x["pixel_values"], x["image_grid_thw"])
+        assert st.src is None
+        shapes.add(tuple(tuple(a.shape) for a in (st.h, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)))
+    assert len(shapes) == 1, shapes

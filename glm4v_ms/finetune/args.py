@@ -161,7 +161,7 @@ class FinetuneArgs:
     gradient_checkpointing: bool = None
     disable_gradient_checkpointing: bool = False
     bf16: bool = False
-    deepspeed: str = None                    # a DeepSpeed JSON: its zero_optimization.stage (0-2) under msrun
+    deepspeed: str = None                    # a DeepSpeed JSON: its zero_optimization.stage (0-3) under msrun
     # taken, no effect here (NO_EFFECT)
     trust_remote_code: bool = False
     use_fast_tokenizer: bool = True
@@ -384,7 +384,13 @@ def check(a: FinetuneArgs):
     need(a.save_total_limit is None or a.save_total_limit >= 1, "save_total_limit", "must be >= 1")
     need(a.report_to in ("none", "", None), "report_to", "only none (no logging integrations here)")
     if a.deepspeed is not None:   # read now: a bad config fails before the data and the model
-        zero_stage(a.deepspeed)
+        stage = zero_stage(a.deepspeed)
+        reduce_bucket_size(a.deepspeed, 1)
+        persistence_threshold(a.deepspeed, 1)
+        if stage == 3 and a.finetuning_type == "lora":
+            raise FinetuneError(f"deepspeed: {a.deepspeed} asks for ZeRO stage 3 (sharded parameters) with "
+                                "finetuning_type lora: not implemented (stage 3 is for full and freeze; with LoRA "
+                                "use stage 2)")
     check_parallel(a)
 
 
@@ -394,6 +400,18 @@ def zero_stage(path) -> int:
     offloading and a numeric batch setting that contradicts ours are refused."""
     if path is None:
         return 0
+    zero = _zero_section(path)
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise FinetuneError(f"deepspeed: {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        dev = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
+        if dev not in ("none", None):
+            raise FinetuneError(f"deepspeed: {path}: zero_optimization.{key} to {dev}: offloading is not implemented")
+    return int(stage)
+
+
+def _zero_section(path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -406,17 +424,41 @@ def zero_stage(path) -> int:
     zero = cfg.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise FinetuneError(f"deepspeed: {path}: zero_optimization must be an object")
-    stage = zero.get("stage", 0)
-    if stage == 3:
-        raise FinetuneError(f"deepspeed: {path} asks for ZeRO stage 3 (sharded parameters): not implemented; "
-                            "stages 0, 1 and 2 are")
-    if stage not in (0, 1, 2):
-        raise FinetuneError(f"deepspeed: {path}: zero_optimization.stage must be 0, 1 or 2, got {stage!r}")
-    for key in ("offload_optimizer", "offload_param"):
-        dev = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
-        if dev not in ("none", None):
-            raise FinetuneError(f"deepspeed: {path}: zero_optimization.{key} to {dev}: offloading is not implemented")
-    return int(stage)
+    return zero
+
+
+REDUCE_BUCKET_DEFAULT = 500_000_000   # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
+
+
+def reduce_bucket_size(path, hidden_size: int) -> int:
+    """Elements per bucket of the gradient reduction: the config's zero_optimization.reduce_bucket_size (DeepSpeed's
+    default 5e8 when absent; "auto" as transformers' integration fills it: hidden_size ** 2, the text model's
+    hidden size for a config that nests it)."""
+    if path is None:
+        return REDUCE_BUCKET_DEFAULT
+    v = _zero_section(path).get("reduce_bucket_size", REDUCE_BUCKET_DEFAULT)
+    return _elements(path, "reduce_bucket_size", v, int(hidden_size) * int(hidden_size), 1)
+
+
+PERSISTENCE_DEFAULT = 100_000   # DeepSpeed's zero_optimization.stage3_param_persistence_threshold default
+
+
+def persistence_threshold(path, hidden_size: int) -> int:
+    """ZeRO-3: a parameter of at most this many elements is held whole on every rank (DeepSpeed's
+    stage3_param_persistence_threshold: 1e5 when absent; "auto" as transformers fills it: 10 x hidden_size)."""
+    v = _zero_section(path).get("stage3_param_persistence_threshold", PERSISTENCE_DEFAULT) if path else \
+        PERSISTENCE_DEFAULT
+    return _elements(path, "stage3_param_persistence_threshold", v, 10 * int(hidden_size), 0)
+
+
+def _elements(path, key, v, auto, least):
+    if v == "auto":
+        return auto
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < least or v != int(v):
+        sign = "positive" if least else "non-negative"
+        raise FinetuneError(f"deepspeed: {path}: zero_optimization.{key} must be a {sign} whole number of elements "
+                            f"or \"auto\", got {v!r}")
+    return int(v)
 
 
 def check_batch_keys(path, per_device: int, accum: int, world: int):

@@ -1,6 +1,8 @@
 """A model's current weights as a Hugging Face checkpoint: what full fine-tuning saves.
 
     save_hf(model, base, dst)   base: the Hugging Face folder the model was loaded from; dst: a new folder
+                                (values: whole tensors by name standing in for parameters the model holds as
+                                ZeRO-3 slices, finetune/distributed.Zero3.values)
     hf_params(model)            our parameter name -> the transformers tensor names it holds
 
 The inverse of the one weight table (weights.hf_table), not a second table: each entry's own transform is run on
@@ -95,7 +97,7 @@ def _first_difference(a, b, path="config") -> str | None:
     return None
 
 
-def _check(model, base: str, dst: str) -> tuple:
+def _check(model, base: str, dst: str, values: dict) -> tuple:
     """Every refusal, before anything is written. Returns (cfg, base Checkpoint, table)."""
     if not os.path.isdir(base):
         raise WeightError(f"{base}: no such folder (give the Hugging Face checkpoint the model was loaded from)")
@@ -131,8 +133,9 @@ def _check(model, base: str, dst: str) -> tuple:
     table = plan(cfg, ckpt)
     params = dict(model.parameters_and_names())
     for e in table:
-        p = params.get(e.ours)
-        if p is None or tuple(p.shape) != e.shape(cfg) or p.dtype not in (ms.float32, ms.float16, ms.bfloat16):
+        p = values.get(e.ours, params.get(e.ours))
+        if p is None or tuple(p.shape) != e.shape(cfg) or (
+                e.ours not in values and p.dtype not in (ms.float32, ms.float16, ms.bfloat16)):
             raise WeightError(f"{e.ours}: the model holds no float parameter of shape {list(e.shape(cfg))} "
                               f"(quantized linears are not saved here)")
     return cfg, ckpt, table
@@ -143,8 +146,8 @@ class _Tensors:
     """The source tensors of base, from the model's values, one table entry at a time (the siblings of a tensor
     wait in `ready` until their own turn in the shard order)."""
 
-    def __init__(self, model, cfg, ckpt: Checkpoint, table: list):
-        self.cfg, self.ckpt = cfg, ckpt
+    def __init__(self, model, cfg, ckpt: Checkpoint, table: list, values: dict):
+        self.cfg, self.ckpt, self.values = cfg, ckpt, values
         self.params = dict(model.parameters_and_names())
         self.owners = {}
         for e in table:
@@ -159,7 +162,8 @@ class _Tensors:
             if e.ours in self.done:
                 continue
             self.done.add(e.ours)
-            for s, arr in zip(e.sources, _sources(self.cfg, e, _value(self.params[e.ours]))):
+            v = self.values[e.ours] if e.ours in self.values else _value(self.params[e.ours])
+            for s, arr in zip(e.sources, _sources(self.cfg, e, v)):
                 raw = _cast(arr, "F32", self.ckpt.info(s)[0], s)
                 if s in self.ready and not np.array_equal(self.ready[s], raw):
                     raise WeightError(f"{s}: tied (tie_word_embeddings) but the model's "
@@ -182,17 +186,18 @@ def _write_shards(tmp: str, tensors: _Tensors, ckpt: Checkpoint) -> None:
         w.close()
 
 
-def save_hf(model, base: str, dst: str) -> None:
+def save_hf(model, base: str, dst: str, values: dict | None = None) -> None:
     """Write the model's current weights into dst as a Hugging Face checkpoint shaped like base (see the module
     docstring). Raises WeightError (one line) with nothing written."""
     base, dst = os.path.abspath(base), os.path.abspath(dst)
-    cfg, ckpt, table = _check(model, base, dst)
+    values = values or {}
+    cfg, ckpt, table = _check(model, base, dst, values)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     _remove_stale(dst)
     tmp = _tmp_name(dst, "tmp", os.getpid())
     os.mkdir(tmp)
     try:
-        _write_shards(tmp, _Tensors(model, cfg, ckpt, table), ckpt)
+        _write_shards(tmp, _Tensors(model, cfg, ckpt, table, values), ckpt)
         aux = _aux_files(base) + ([INDEX] if os.path.isfile(os.path.join(base, INDEX)) else [])
         for fn in aux:
             shutil.copyfile(os.path.join(base, fn), os.path.join(tmp, fn))

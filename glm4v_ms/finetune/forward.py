@@ -11,8 +11,10 @@ Shapes are bucketed (length to a multiple of 64, trained rows likewise) so that 
 reused across batches: padded positions are masked keys with no label, padded rows have weight 0.
 
 With LoRA on visual.merger (freeze_multi_modal_projector false) the tower still runs on the host without gradient,
-up to the merger's input; those rows stand in the embeddings at the image / video tokens, and the device side runs
-the merger over them (row by row, so the order of images and videos does not matter) before the decoder.
+up to the merger's input, one row per media token; the device side runs the merger over those rows, padded to the
+full path's bucket (patch_bucket), and puts its output in place of the media tokens' embeddings by the same
+per-token row index (`src`, below), so the media token count is no graph shape. Without LoRA on the merger the
+host's features are written into the embeddings, whose shape is the bucketed length alone.
 
 Full and freeze fine-tuning (full.py: model.trained_names) take the token ids instead: the embedding lookup runs in
 the graph (the embedding may train). When a tensor of the tower trains, the whole tower runs in the graph too
@@ -70,10 +72,11 @@ class Step:
     weight: Tensor     # (n,) float32: 1, or 0 for bucket padding
     tokens: int        # trained tokens (the real rows)
     length: int        # real (unbucketed) length
-    vis: Tensor = None  # LoRA, merger trained: (m,) int32 flat positions of the media tokens (the merger's input)
     ids: Tensor = None  # full / freeze: (B, L) int32 token ids (h is None): the embedding runs in the graph
-    src: Tensor = None  # full / freeze with media: (B * L,) int32, each token's media feature row, -1 for none
-    feats: Tensor = None  # full / freeze, tower untrained: the media features from the host (rows padded)
+    src: Tensor = None  # full / freeze / LoRA on the merger, with media: (B * L,) int32, each token's row of
+    #                     `feats` (or of the tower's features), -1 for none
+    feats: Tensor = None  # full / freeze, tower untrained: the media features from the host; LoRA on the merger:
+    #                       the merger's input rows (rows padded to the bucket)
     tower: tuple = None   # full / freeze, tower trained: (pixels, cos, sin, seg, ph, pw) (padded_inputs)
 
 
@@ -89,18 +92,23 @@ def prepare(model, input_ids, attention_mask=None, labels=None, pixel_values=Non
     if getattr(model, "trained_names", None):
         return _prepare_full(model, ids, mask, lab, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                              pad_to_bucket)
-    if media and trains_merger(model):
-        h, vis = _embed_before_merger(model, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    else:
-        h, vis = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw), None
+    merger = media and trains_merger(model)
+    embed = _embed_before_merger(model) if merger else model.embed
+    h = embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     pos3, _ = model.positions(ids, mask, image_grid_thw, video_grid_thw)
     Lb = bucket(L) if pad_to_bucket else L
     if Lb > L:   # right padding: masked keys, no labels (_rows pads the rest)
         h = ops.cat([h, ops.zeros((B, Lb - L, h.shape[-1]), h.dtype)], 1)
     cos, sin, seen, rows, targets, weight, n = _rows(model, ids, mask, lab, pos3, Lb, pad_to_bucket)
-    if vis is not None:
-        vis = Tensor((vis[0] * Lb + vis[1]).astype(np.int32))
-    return Step(h, cos, sin, seen, rows, targets, weight, n, L, vis)
+    st = Step(h, cos, sin, seen, rows, targets, weight, n, L)
+    if merger:   # the merger's input rows, read off the media tokens' rows in token order, padded to the bucket
+        c = model.config
+        types = rope.token_types(ids, c.image_token_id, c.video_start_token_id, c.video_end_token_id)
+        b, t = np.nonzero((types == rope.IMAGE) | (types == rope.VIDEO))
+        vis = b * Lb + t
+        st.src, count = _media_rows(vis, B * Lb, c.vision.spatial_merge_size ** 2, pad_to_bucket)
+        st.feats = _pad_rows(ops.gather(h.reshape(B * Lb, -1), Tensor(vis.astype(np.int32)), 0), count)
+    return st
 
 
 def _rows(model, ids, mask, lab, pos3, Lb, pad_to_bucket):
@@ -160,30 +168,43 @@ def _prepare_full(model, ids, mask, lab, pixel_values, image_grid_thw, pixel_val
     if px.shape[0] != merge * len(vis):
         raise ValueError(f"media features and media tokens do not match: {px.shape[0] // merge} features, "
                          f"{len(vis)} tokens")
-    total = patch_bucket(px.shape[0], merge) if pad_to_bucket else px.shape[0]
-    src = np.full(B * Lb, -1, np.int32)
-    src[vis] = np.arange(len(vis), dtype=np.int32)   # feature row k (images, then video frames) -> token vis[k]
-    st.src = Tensor(src)
+    st.src, count = _media_rows(vis, B * Lb, merge, pad_to_bucket)   # feature rows: images, then video frames
     if trains_tower(model):
+        total = merge * count
         padded = np.zeros((total, px.shape[1]), np.float32)
         padded[:len(px)] = px
         st.tower = (Tensor(padded),) + model.visual.padded_inputs(grid, total)
     else:
-        feats = model.visual(Tensor(px), grid)
-        st.feats = ops.cat([feats, ops.zeros((total // merge - len(vis), feats.shape[1]), feats.dtype)], 0) \
-            if total > px.shape[0] else feats
+        st.feats = _pad_rows(model.visual(Tensor(px), grid), count)
     return st
 
 
+def _media_rows(vis, size: int, merge: int, pad_to_bucket: bool):
+    """The per-token row index over the media feature rows (feature row k is token vis[k]'s; -1: no media) and
+    the row count the graph takes: the media tokens' patches padded to patch_bucket, over the merge block, the
+    padding rows read by no token (so their gradient is exactly zero)."""
+    src = np.full(size, -1, np.int32)
+    src[vis] = np.arange(len(vis), dtype=np.int32)
+    return Tensor(src), patch_bucket(merge * len(vis), merge) // merge if pad_to_bucket else len(vis)
+
+
+def _pad_rows(x, count: int):
+    return ops.cat([x, ops.zeros((count - x.shape[0], x.shape[1]), x.dtype)], 0) if count > x.shape[0] else x
+
+
 def embed_ids(model, ids, src=None, feats=None):
-    """The embedding lookup in the graph, the media features put in place of their tokens' embeddings: token t
-    takes feature row src[t] where src[t] >= 0 (no gradient reaches the media token's embedding row from those
-    positions, as in the reference's masked_scatter; feature rows no token names, the bucket's padding, get none)."""
-    h = ops.gather(model.text.embed.weight, ids.reshape(-1), 0)
-    if src is not None:
-        media = (src >= 0).reshape(-1, 1)
-        h = ops.where(media, ops.gather(feats, ops.maximum(src, 0), 0).astype(h.dtype), h)
-    return h.reshape(ids.shape[0], ids.shape[1], -1)
+    """The embedding lookup in the graph, the media features put in place of their tokens' embeddings."""
+    h = ops.gather(model.text.embed.weight, ids.reshape(-1), 0).reshape(ids.shape[0], ids.shape[1], -1)
+    return h if src is None else place_media(h, src, feats)
+
+
+def place_media(h, src, feats):
+    """(B, L, D) embeddings with token t's row replaced by feature row src[t] where src[t] >= 0 (no gradient
+    reaches the replaced rows, as in the reference's masked_scatter; feature rows no token names, the bucket's
+    padding, get none)."""
+    flat = h.reshape(-1, h.shape[-1])
+    media = (src >= 0).reshape(-1, 1)
+    return ops.where(media, ops.gather(feats, ops.maximum(src, 0), 0).astype(h.dtype), flat).reshape(h.shape)
 
 
 def trains_merger(model) -> bool:
@@ -195,18 +216,17 @@ class _MergerInput(ms.nn.Cell):
         return x
 
 
-def _embed_before_merger(model, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
-    """model.embed with the tower stopped before the merger (its input is out_hidden_size wide, as its output),
-    and the (batch, position) indices of the media tokens."""
-    merger = model.visual.merger
-    model.visual.merger = _MergerInput()
-    try:
-        h = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    finally:
-        model.visual.merger = merger
-    c = model.config
-    types = rope.token_types(ids, c.image_token_id, c.video_start_token_id, c.video_end_token_id)
-    return h, np.nonzero((types == rope.IMAGE) | (types == rope.VIDEO))
+def _embed_before_merger(model):
+    """model.embed with the tower stopped before the merger (its input is out_hidden_size wide, as its output):
+    the media tokens' rows hold the merger's input."""
+    def embed(*media):
+        merger = model.visual.merger
+        model.visual.merger = _MergerInput()
+        try:
+            return model.embed(*media)
+        finally:
+            model.visual.merger = merger
+    return embed
 
 
 def hidden(model, h, cos, sin, seen):
@@ -220,19 +240,15 @@ def hidden(model, h, cos, sin, seen):
     return rms_norm(h, text.norm.weight, text.cfg.rms_norm_eps)
 
 
-def merge_media(merger, h, vis):
-    """The media rows (the merger's input) through visual.merger, in place in the embeddings. `merger` is passed
-    as itself: a graph that reaches it through model.visual parses the whole tower's construct."""
-    flat = h.reshape(-1, h.shape[-1])
-    feats = merger(ops.gather(flat, vis, 0))
-    return ops.tensor_scatter_update(flat, vis.reshape(-1, 1), feats.astype(flat.dtype)).reshape(h.shape)
+def merge_media(merger, h, src, pre):
+    """The merger's input rows `pre` (padded) through visual.merger, put in place of the media tokens' embeddings.
+    `merger` is passed as itself: a graph that reaches it through model.visual parses the whole tower's construct."""
+    return place_media(h, src, merger(pre))
 
 
-def loss_sum(model, h, cos, sin, seen, rows, targets, weight, vis=None, merger=None, head=None):
+def loss_sum(model, h, cos, sin, seen, rows, targets, weight, head=None):
     """Sum of the cross-entropies of the trained rows (float32), the head run over those rows only. `head`: a
     VocabParallelHead under tensor parallel (each rank holds a slice of lm_head's rows)."""
-    if vis is not None:
-        h = merge_media(merger, h, vis)
     x = hidden(model, h, cos, sin, seen)
     x = ops.gather(x.reshape(-1, x.shape[-1]), rows, 0)
     if head is not None:
@@ -282,6 +298,8 @@ def forward_with_loss(model, input_ids, attention_mask, labels, pixel_values=Non
     if h is None:   # full / freeze: the ids and media as the training graph takes them
         feats = st.feats if st.tower is None else model.visual.features_padded(*st.tower)
         h = embed_ids(model, st.ids, st.src, feats)
+    elif st.src is not None:   # LoRA on the merger
+        h = merge_media(model.visual.merger, h, st.src, st.feats)
     x = hidden(model, h, st.cos, st.sin, st.seen)
     logits = _mm_nt(x.reshape(-1, x.shape[-1]), model.lm_head.weight).reshape(x.shape[:2] + (-1,))
     logits = model.text.gather_logits(logits)   # tensor parallel: each rank's vocab slice -> the whole vocabulary
@@ -304,17 +322,10 @@ class Grad:
 
         def fn(h, cos, sin, seen, rows, targets, weight):
             return loss_sum(model, h, cos, sin, seen, rows, targets, weight, head=head)
-
-        merger = model.visual.merger
-
-        def fn_merger(h, cos, sin, seen, rows, targets, weight, vis):
-            return loss_sum(model, h, cos, sin, seen, rows, targets, weight, vis, merger, head)
         self.vg = ms.value_and_grad(fn, None, self.params)
         self.run = ms.jit(self.vg) if jit else self.vg
-        self.vg_merger = ms.value_and_grad(fn_merger, None, self.params)   # batches with media, merger trained
-        self.run_merger = ms.jit(self.vg_merger) if jit else self.vg_merger
-        self.jit = jit
-        self._full, self._towers = {}, {}
+        self.jit, self.head = jit, head
+        self._full, self._towers, self._mergers = {}, {}, {}
 
     def _compiled(self, fn):
         vg = ms.value_and_grad(fn, None, self.params)
@@ -330,31 +341,42 @@ class Grad:
             self._full[media] = self._compiled(fn)
         return self._full[media]
 
-    def _tower_fn(self, shapes: tuple):
-        """full / freeze with the tower trained: the tower in the graph too, the image layout in its inputs, so a
-        graph is keyed by the inputs' (bucketed) shapes alone: one compiled graph per key."""
-        if shapes not in self._towers:
-            if len(self._towers) >= 16:   # keep the recent buckets
-                self._towers.pop(next(iter(self._towers)))
-            model, visual = self.model, self.model.visual
+    def _keyed(self, graphs: dict, args: tuple, fn):
+        """One compiled graph of `fn` per key: the inputs' (bucketed) shapes, the recent 16 buckets kept."""
+        shapes = tuple(tuple(a.shape) for a in args)
+        if shapes not in graphs:
+            if len(graphs) >= 16:
+                graphs.pop(next(iter(graphs)))
+            graphs[shapes] = self._compiled(fn)
+        return graphs[shapes](*args)
 
-            def fn(ids, cos, sin, seen, rows, targets, weight, src, pixels, vcos, vsin, seg, ph, pw):
-                feats = visual.features_padded(pixels, vcos, vsin, seg, ph, pw)
-                return loss_sum(model, embed_ids(model, ids, src, feats), cos, sin, seen, rows, targets, weight)
-            self._towers[shapes] = self._compiled(fn)
-        return self._towers[shapes]
+    def _tower_fn(self, *args):
+        """full / freeze with the tower trained: the tower in the graph too, the image layout in its inputs."""
+        model, visual = self.model, self.model.visual
+
+        def fn(ids, cos, sin, seen, rows, targets, weight, src, pixels, vcos, vsin, seg, ph, pw):
+            feats = visual.features_padded(pixels, vcos, vsin, seg, ph, pw)
+            return loss_sum(model, embed_ids(model, ids, src, feats), cos, sin, seen, rows, targets, weight)
+        return self._keyed(self._towers, args, fn)
+
+    def _merger_fn(self, *args):
+        """LoRA on the merger, a batch with media: the merger in the graph over its padded input rows."""
+        model, merger, head = self.model, self.model.visual.merger, self.head
+
+        def fn(h, cos, sin, seen, rows, targets, weight, src, pre):
+            return loss_sum(model, merge_media(merger, h, src, pre), cos, sin, seen, rows, targets, weight, head)
+        return self._keyed(self._mergers, args, fn)
 
     def __call__(self, st: Step):
         if st.ids is not None:
             args = (st.ids, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
             if st.tower is not None:
-                args += (st.src,) + st.tower
-                loss, grads = self._tower_fn(tuple(tuple(a.shape) for a in args))(*args)
+                loss, grads = self._tower_fn(*args, st.src, *st.tower)
             elif st.src is not None:
                 loss, grads = self._full_fn(True)(*args, st.src, st.feats)
             else:
                 loss, grads = self._full_fn(False)(*args)
             return loss, list(grads)
         args = (st.h, st.cos, st.sin, st.seen, st.rows, st.targets, st.weight)
-        loss, grads = self.run(*args) if st.vis is None else self.run_merger(*args, st.vis)
+        loss, grads = self.run(*args) if st.src is None else self._merger_fn(*args, st.src, st.feats)
         return loss, list(grads)

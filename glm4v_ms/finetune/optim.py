@@ -12,7 +12,8 @@ The updates run as one compiled graph over all parameters (ms.jit): per-paramete
 A parameter held narrower than float32 (bf16 full fine-tuning) is updated through a float32 master kept in the
 optimizer state (sharded with the moments under ZeRO 1/2), the parameter being its rounding.
 On several ranks (distributed.py) the optimizer also reduces the gradients; with sharded state (ZeRO 1/2) it
-keeps the moments of its flat slice only and runs the same per-element update on that slice (_ShardUpdate).
+keeps the moments of its flat slice only and runs the same per-element update on that slice (_ShardUpdate); under
+ZeRO-3 (Zero3Optimizer) the sliced weights update their own slices.
 """
 from __future__ import annotations
 
@@ -253,6 +254,89 @@ class Optimizer:
         narrow = [i for i, p in enumerate(self.params) if p.dtype != ms.float32]
         for i, w in zip(narrow, self.update.masters):
             w.set_data(Tensor(master(i)))
+
+
+class Zero3Optimizer:
+    """ZeRO-3 (distributed.Zero3): the trained weights held as slices update their slices in place with their own
+    moments and float32 masters, from the gradient their backward already made global (no gather after the
+    update: the next forward gathers them); the trained tensors held whole (norms, biases, embedding, head) go
+    through ZeRO-2 (Optimizer on a stage-2 world: their flat vector reduced bucket by bucket, this rank's slice
+    updated, the slices all-gathered). The clip norm sums both parts' squares over the ranks. state() is the
+    one-process format (every slice gathered), load_state() takes this rank's slices of one."""
+
+    def __init__(self, params, zero3, kind="adamw_torch", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+                 world=None):
+        import dataclasses
+        self.params, self.kind, self.wd, self.world, self.zero3 = list(params), kind, float(weight_decay), world, zero3
+        self.b1 = betas[0]
+        self.mine = [i for i, p in enumerate(self.params) if zero3.sliced(p)]
+        self.rest = [i for i, p in enumerate(self.params) if not zero3.sliced(p)]
+        self.local = Optimizer([self.params[i] for i in self.mine], kind, weight_decay, betas, eps) \
+            if self.mine else None
+        self.shared = Optimizer([self.params[i] for i in self.rest], kind, weight_decay, betas, eps,
+                                world=dataclasses.replace(world, stage=2)) if self.rest else None
+        self.flats = {id(sh): (fl, shape) for _, sh, fl, shape in zero3.items}
+        self.sum = ops.AllReduce()
+        self.sharding = None
+
+    @property
+    def t(self) -> int:
+        return (self.local or self.shared).t
+
+    def reduce(self, grads, scale: float):
+        mine = [grads[i] * scale for i in self.mine]   # already each slice's global gradient
+        rest = self.shared.reduce([grads[i] for i in self.rest], scale) if self.shared else None
+        return mine, rest
+
+    def clip(self, grads, max_norm: float):
+        mine, rest = grads
+        sq = Tensor(np.zeros(1, np.float32))
+        for g in mine:
+            sq = sq + (g.astype(ms.float32) ** 2).sum()
+        if rest is not None:
+            sq = sq + (rest * rest).sum()
+        total = ops.sqrt(self.sum(sq)).reshape(())
+        coef = ops.clamp(max_norm / (total + 1e-6), max=1.0)
+        return ([g * coef.astype(g.dtype) for g in mine], None if rest is None else rest * coef), total
+
+    def step(self, grads, lr: float):
+        mine, rest = grads
+        if self.local:
+            self.local.step(mine, lr)
+        if self.shared:
+            self.shared.step(rest, lr)
+
+    def state(self) -> dict:
+        out = {"step": np.array(self.t, np.int64)}
+        if self.shared:
+            for k, v in self.shared.state().items():
+                if k != "step":
+                    tag, j = k.rsplit(".", 1)
+                    out[f"{tag}.{self.rest[int(j)]}"] = v
+        if self.local:
+            for k, v in self.local.state().items():
+                if k != "step":
+                    tag, j = k.rsplit(".", 1)
+                    i = self.mine[int(j)]
+                    fl, shape = self.flats[id(self.params[i])]
+                    out[f"{tag}.{i}"] = self.zero3.gather(Tensor(v), fl, shape).asnumpy()
+        return out
+
+    def load_state(self, d: dict):
+        if self.shared:
+            sub = {"step": d["step"]}
+            for j, i in enumerate(self.rest):
+                sub.update({f"{tag}.{j}": d[f"{tag}.{i}"] for tag in ("exp_avg", "exp_avg_sq", "master")
+                            if f"{tag}.{i}" in d})
+            self.shared.load_state(sub)
+        if self.local:
+            sub = {"step": d["step"]}
+            for j, i in enumerate(self.mine):
+                fl, _ = self.flats[id(self.params[i])]
+                for tag in ("exp_avg", "exp_avg_sq", "master"):
+                    if f"{tag}.{i}" in d:
+                        sub[f"{tag}.{j}"] = fl.flatten([d[f"{tag}.{i}"]])[fl.lo:fl.hi]
+            self.local.load_state(sub)
 
 
 def clip_grad_norm(grads, max_norm: float):

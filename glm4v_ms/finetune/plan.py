@@ -12,21 +12,25 @@ layer's input (D) is kept, plus one layer's full set while it is recomputed. The
 
 Per rank on N ranks (data parallel, distributed.py), with T the trainable bytes: the reduction's flat vector (T) is
 added; ZeRO 1 and 2 keep the optimizer state of a 1/N slice, ZeRO 2 also the reduced and clipped gradient (so
-2 T + T/N + the flat vector instead of 3 T + it: the backward's own gradients and their sum are whole on every rank).
+2 T + T/N + one bucket instead of 3 T + the flat vector: the backward's own gradients and their sum are whole on
+every rank, and stage 2 reduces one bucket of reduce_bucket_size elements at a time, bucket_bytes).
 
 Full / freeze fine-tuning (full_parts): every weight in the model's dtype (item bytes); the trained ones also as
 float32 masters when item < 4 (LLaMA-Factory upcasts trainable parameters to float32; optim.py keeps the master
 beside the model's copy and the moments), the backward's gradients and their sum in the model's dtype, the
-reduction's float32 flat vector and the clipped gradient (float32; a 1/N slice with ZeRO-2), AdamW's two float32
-moments; ZeRO-1/2 shard the masters with the moments. The ZeRO-3 row (stage 3, not implemented: refused by name)
-is computed as sharded parameters would be: every weight, master, gradient and moment a 1/N slice, plus the
-largest group gathered at once (one decoder layer, or the embedding / head) and its gradients.
+reduction's float32 flat vector (one bucket of it with ZeRO-2) and the clipped gradient (float32; a 1/N slice
+with ZeRO-2), AdamW's two float32 moments; ZeRO-1/2 shard the masters with the moments. ZeRO-3 (distributed.Zero3) holds the decoder layers' linear
+weights above the persistence threshold as 1/N slices (trained and frozen), with their gradients, masters and
+moments; the other tensors (norms, biases, embedding, head, vision tower) whole, their trained ones through ZeRO-2
+(masters and moments sliced, one bucket of the reduction); plus the largest decoder layer's sharded weights
+gathered at once, with their whole gradient and its float32 reduction.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import attention
+from .args import REDUCE_BUCKET_DEFAULT
 
 GB = 1e9
 # float32 (B, H, L, L) tensors alive per layer at the peak of a training step on CPU: measured on demo-tiny at
@@ -58,10 +62,17 @@ def layer_bytes(t, i: int, tokens: int, length: int, item: int, plain: bool) -> 
     return tokens * per_tok
 
 
+def bucket_bytes(n: int, ranks: int, bucket: int) -> int:
+    """float32 bytes of the largest bucket the stage-2 reduction holds for n trainable elements (distributed.Flat:
+    N chunks of ceil(bucket / N) elements, at most the whole padded vector; bucket 0: the whole vector)."""
+    k = -(-n // ranks)
+    return 4 * ranks * (k if bucket <= 0 else min(k, -(-bucket // ranks)))
+
+
 def parts(cfg, item: int, total_w: int, batch: int, length: int, n_trainable: int, optim: str,
-          plain: bool | None = None, ranks: int = 1, stage: int = 0) -> dict:
+          plain: bool | None = None, ranks: int = 1, stage: int = 0, bucket: int = REDUCE_BUCKET_DEFAULT) -> dict:
     """Bytes of each term for micro-batches of `batch` rows of `length` tokens; total_w: all weights' bytes;
-    per rank of `ranks` data-parallel ranks with ZeRO `stage`."""
+    per rank of `ranks` data-parallel ranks with ZeRO `stage` (stage 2: reducing `bucket` elements at a time)."""
     t = cfg.text
     plain = attention.mode() == "plain" if plain is None else plain
     tokens = batch * length
@@ -75,7 +86,10 @@ def parts(cfg, item: int, total_w: int, batch: int, length: int, n_trainable: in
     grads = 3 * lora_b   # a micro-batch's, the sum, clipped
     if ranks > 1:
         sliced = -(-lora_b // ranks)
-        grads = lora_b + (2 * lora_b + sliced if stage == 2 else 3 * lora_b)   # + the flat vector of the reduction
+        if stage == 2:   # + one bucket of the reduction
+            grads = bucket_bytes(n_trainable, ranks, bucket) + 2 * lora_b + sliced
+        else:            # + the flat vector of the reduction
+            grads = lora_b + 3 * lora_b
         state = state // ranks if stage >= 1 else state
     return {"frozen": total_w - lora_b, "trainable": lora_b, "grads": grads,
             "optimizer": state,
@@ -89,28 +103,39 @@ def total(p: dict, recompute: bool) -> int:
     return p["frozen"] + p["trainable"] + p["grads"] + p["optimizer"] + act + p["runtime"] + p.get("dequant", 0)
 
 
-def training_plan(model, args, n_trainable: int, world=None) -> str:
+def training_parts(model, args, n_trainable: int, world=None, stage: int | None = None) -> dict:
+    """The plan's terms for this model and these keys, per rank of `world` (stage: another ZeRO stage than the
+    world's, for comparison)."""
     bs, L, opt = args.per_device_train_batch_size, args.cutoff_len, args.optim
-    rec = bool(getattr(model, "recompute_layers", False))
     from ..quant_layers import backward_peak, weight_bytes
     n, st = (world.size, world.stage) if world is not None else (1, 0)
-    w_bytes = weight_bytes(model)[0]
-
+    stage = st if stage is None else stage
+    bucket = world.bucket if world is not None else REDUCE_BUCKET_DEFAULT
     trained = getattr(model, "trained_names", None)
+    if trained and st == 3:   # the model holds slices: the counts from its config
+        from .args import persistence_threshold
+        return full_config_plan(model.config, _item(model), bs, L, args, opt, attention.mode() == "plain", n, stage,
+                                args.gradient_accumulation_steps, bucket,
+                                persistence_threshold(args.deepspeed, model.config.text.hidden_size))
     if trained:   # full / freeze: parameter counts, every weight in the model's dtype
         n_all = sum(int(np.prod(q.shape)) for _, q in model.parameters_and_names())
+        return full_parts(model.config, _item(model), n_all - n_trainable, n_trainable, bs, L, opt, ranks=n,
+                          stage=stage, accum=args.gradient_accumulation_steps, bucket=bucket)
+    p = parts(model.config, _item(model), weight_bytes(model)[0], bs, L, n_trainable, opt, ranks=n, stage=stage,
+              bucket=bucket)
+    p["dequant"] = backward_peak(model)   # a GPTQ base on the kernel path (its weights counted at their bytes)
+    return p
 
-    def make(stage):
-        if trained:
-            return full_parts(model.config, _item(model), n_all - n_trainable, n_trainable, bs, L, opt, ranks=n,
-                              stage=stage, accum=args.gradient_accumulation_steps)
-        p = parts(model.config, _item(model), w_bytes, bs, L, n_trainable, opt, ranks=n, stage=stage)
-        p["dequant"] = backward_peak(model)   # a GPTQ base on the kernel path (its weights counted at their bytes)
-        return p
-    p = make(st)
-    line = describe(p, bs, L, rec, n_trainable if trained else None, _item(model))
+
+def training_plan(model, args, n_trainable: int, world=None) -> str:
+    rec = bool(getattr(model, "recompute_layers", False))
+    n, st = (world.size, world.stage) if world is not None else (1, 0)
+    trained = getattr(model, "trained_names", None)
+    p = training_parts(model, args, n_trainable, world)
+    line = describe(p, args.per_device_train_batch_size, args.cutoff_len, rec, n_trainable if trained else None,
+                    _item(model))
     if n > 1 and st:
-        saved = total(make(0), rec) - total(p, rec)
+        saved = total(training_parts(model, args, n_trainable, world, stage=0), rec) - total(p, rec)
         line += f"; ZeRO-{st} saves {saved / 1e6:,.3f} MB per rank against unsharded state"
     return line
 
@@ -132,7 +157,8 @@ def describe(p: dict, batch: int, length: int, recompute: bool, n_trained: int |
 
 
 def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim: str = "adamw_torch",
-                plain: bool = False, ranks: int = 1, stage: int = 0, qcfg=None) -> dict:
+                plain: bool = False, ranks: int = 1, stage: int = 0, qcfg=None,
+                bucket: int = REDUCE_BUCKET_DEFAULT) -> dict:
     """The plan from a config alone (no weights loaded): the README's figures for the 9B model and GLM-4.5V.
     qcfg: a GPTQ quantization_config (quant.GPTQConfig): the frozen base quantized, on the kernel path."""
     t = cfg.text
@@ -151,36 +177,45 @@ def config_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, optim
     n_w = sum(int(np.prod(s)) for s in hf_shapes(cfg).values())
     if qcfg is None:
         return parts(cfg, dtype_bytes, n_w * dtype_bytes + 4 * n_lora, batch, length, n_lora, optim, plain, ranks,
-                     stage)
+                     stage, bucket)
     from ..quant import estimate_bytes
     from ..quant_layers import backward_peak_estimate
     p = parts(cfg, dtype_bytes, estimate_bytes(cfg, qcfg, dtype_bytes)[0] + 4 * n_lora, batch, length, n_lora, optim,
-              plain, ranks, stage)
+              plain, ranks, stage, bucket)
     p["dequant"] = backward_peak_estimate(cfg, qcfg, dtype_bytes)
     return p
 
 
 # ---------------------------------------------------------------------------------------------- full / freeze
 def full_parts(cfg, item: int, n_frozen: int, n_trained: int, batch: int, length: int, optim: str,
-               plain: bool | None = None, ranks: int = 1, stage: int = 0, gathered: int = 0, accum: int = 1) -> dict:
+               plain: bool | None = None, ranks: int = 1, stage: int = 0, gathered: int = 0, accum: int = 1,
+               bucket: int = REDUCE_BUCKET_DEFAULT, sharded: tuple = (0, 0)) -> dict:
     """Bytes of each term for a full / freeze fine-tune (module docstring): n_frozen / n_trained parameters;
     gathered: the parameters of the largest group ZeRO-3 gathers at once (stage 3 only); accum: the micro-batches
-    per step (with one, the backward's gradients are the step's sum: no second copy)."""
+    per step (with one, the backward's gradients are the step's sum: no second copy); bucket: the stage-2
+    reduction's elements per bucket; sharded: (frozen, trained) parameters ZeRO-3 holds as slices."""
     p = parts(cfg, item, 0, batch, length, 0, optim, plain)   # the activation and runtime terms
     N = ranks
     sl = lambda b: -(-b // N) if N > 1 and stage else b  # noqa: E731   (a 1/N slice under ZeRO)
     master = 4 * n_trained if item < 4 else 0
     state = 8 * n_trained if optim.startswith("adamw") else 0
     copies = 2 if accum > 1 else 1   # the backward's gradients (model dtype), and their sum over micro-batches
-    if stage == 3:
-        frozen, trainable = -(-n_frozen * item // N) + gathered * item, -(-n_trained * item // N)
-        grads = -(-copies * item * n_trained // N) + 2 * -(-4 * n_trained // N) + 4 * gathered
+    if stage == 3:   # the sliced weights' part (ceil: 1/N of each) and the whole ones'; one layer gathered
+        sf, st = sharded
+        wf, wt = n_frozen - sf, n_trained - st
+        frozen = item * (wf + -(-sf // N) + gathered)
+        trainable = item * (wt + -(-st // N))
+        grads = (copies * item * (wt + -(-st // N)) + (item + 4) * gathered + bucket_bytes(wt, N, bucket)
+                 + 4 * -(-n_trained // N))
     elif N == 1:   # + the clipped copy
         frozen, trainable = n_frozen * item, n_trained * item
         grads = (copies + 1) * item * n_trained
-    else:          # + the reduction's float32 flat vector, then the clipped one (a slice with ZeRO-2)
+    elif stage == 2:   # + one bucket of the reduction, then this rank's slice (reduced, clipped)
         frozen, trainable = n_frozen * item, n_trained * item
-        grads = copies * item * n_trained + 4 * n_trained + (sl(4 * n_trained) if stage == 2 else 4 * n_trained)
+        grads = copies * item * n_trained + bucket_bytes(n_trained, N, bucket) + sl(4 * n_trained)
+    else:          # + the reduction's float32 flat vector, then the clipped one
+        frozen, trainable = n_frozen * item, n_trained * item
+        grads = copies * item * n_trained + 8 * n_trained
     p.update(frozen=frozen, trainable=trainable + sl(master), grads=grads, optimizer=sl(state))
     return p
 
@@ -206,13 +241,39 @@ def trained_counts(cfg, args) -> tuple:
     return n[False], n[True], max(groups.values())
 
 
+def zero3_counts(cfg, args, threshold: int) -> tuple:
+    """(frozen, trained) parameters ZeRO-3 holds as slices (distributed.sharded_name) and the largest decoder
+    layer's count of them (gathered at once)."""
+    import re
+
+    from ..weights import hf_shapes
+    from .distributed import sharded_name
+    from .full import hf_parameters, select
+    shapes, trained = hf_shapes(cfg), set(select(cfg, args))
+    n, layers = {True: 0, False: 0}, {}
+    for ours, names in hf_parameters(cfg).items():
+        k = sum(int(np.prod(shapes[h])) for h in names) if names else 0
+        if sharded_name(ours, k, threshold):
+            n[ours in trained] += k
+            g = re.match(r"text\.layers\.\d+", ours).group(0)
+            layers[g] = layers.get(g, 0) + k
+    return n[False], n[True], max(layers.values(), default=0)
+
+
 def full_config_plan(cfg, dtype_bytes: int, batch: int, length: int, args, optim: str = "adamw_torch",
-                     plain: bool = False, ranks: int = 1, stage: int = 0, accum: int = 1) -> dict:
+                     plain: bool = False, ranks: int = 1, stage: int = 0, accum: int = 1,
+                     bucket: int | None = None, threshold: int | None = None) -> dict:
     """full_parts from a config and the finetuning keys alone (no weights loaded): the README's full fine-tuning
-    figures for the 9B model."""
-    frozen, trained, largest = trained_counts(cfg, args)
-    return full_parts(cfg, dtype_bytes, frozen, trained, batch, length, optim, plain, ranks, stage,
-                      largest if stage == 3 else 0, accum)
+    figures for the 9B model. bucket / threshold (ZeRO-2/3's reduce_bucket_size, ZeRO-3's persistence threshold)
+    default to what LLaMA-Factory's examples/deepspeed files give: ds_z2_config's 5e8 and ds_z3_config's "auto"
+    (hidden_size squared, 10 x hidden_size)."""
+    D = cfg.text.hidden_size
+    bucket = (D * D if stage == 3 else REDUCE_BUCKET_DEFAULT) if bucket is None else bucket
+    frozen, trained, _ = trained_counts(cfg, args)
+    sf, st, largest = zero3_counts(cfg, args, 10 * D if threshold is None else threshold) if stage == 3 \
+        else (0, 0, 0)
+    return full_parts(cfg, dtype_bytes, frozen, trained, batch, length, optim, plain, ranks, stage, largest, accum,
+                      bucket, (sf, st))
 
 
 def tensor_parallel_plan(cfg, dtype_bytes: int, batch: int, length: int, rank: int, tp: int,

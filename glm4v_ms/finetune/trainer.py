@@ -24,6 +24,8 @@ logs, writes and plots; every rank takes part in the collectives, a checkpoint's
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -39,7 +41,7 @@ import numpy as np
 
 from . import adapter, distributed, forward, full, interrupt, lora, optim, tensor_parallel
 
-from .args import FinetuneError, check_batch_keys, zero_stage
+from .args import FinetuneError, check_batch_keys, persistence_threshold, reduce_bucket_size, zero_stage
 from .data import collate
 
 LOG, STATE, OPTIM, EXACT = "trainer_log.jsonl", "trainer_state.json", "optimizer.npz", "trained.npz"
@@ -123,8 +125,16 @@ class Trainer:
         self.sched = optim.Schedule(args.lr_scheduler_type, args.learning_rate, total, warm)
         self.full = args.finetuning_type != "lora"
         self.params = full.trainable(model) if self.full else lora.trainable(model)
-        self.opt = optim.Optimizer(self.params, args.optim.replace("adamw_torch_fused", "adamw_torch"),
-                                   args.weight_decay, world=self.world)
+        self.n_trained = sum(int(np.prod(p.shape)) for p in self.params)   # whole, before any ZeRO-3 slicing
+        self.zero3 = None
+        kind = args.optim.replace("adamw_torch_fused", "adamw_torch")
+        if self.world.stage == 3 and self.world.size > 1:   # sharded parameters (full / freeze: args.check)
+            self.zero3 = distributed.Zero3(model, self.world, persistence_threshold(
+                args.deepspeed, model.config.text.hidden_size))
+            self.params = full.trainable(model)   # the slices, where sharded
+            self.opt = optim.Zero3Optimizer(self.params, self.zero3, kind, args.weight_decay, world=self.world)
+        else:
+            self.opt = optim.Optimizer(self.params, kind, args.weight_decay, world=self.world)
         self.grad = forward.Grad(model, self.params, jit=jit)
         self.tp = tensor_parallel.Ranks(model) if model.layout.world > 1 else None   # the model split over the ranks
         self.max_norm = args.max_grad_norm
@@ -172,17 +182,26 @@ class Trainer:
         return adapter.config_dict(r, cfg.get("lora_alpha", a.alpha), float(cfg.get("lora_dropout", a.lora_dropout)),
                                    bool(cfg.get("use_rslora", a.use_rslora)), mods, a.model_name_or_path)
 
+    def whole_values(self) -> dict:
+        """ZeRO-3: every sharded weight's whole value by name (a collective: every rank calls it; rank 0 keeps
+        them); {} otherwise."""
+        return self.zero3.values(keep=self.world.rank == 0) if self.zero3 else {}
+
     def save_checkpoint(self) -> str:
         final = os.path.join(self.out, f"checkpoint-{self.step}")
         opt_state = self.tp.gather(self.opt) if self.tp else self.opt.state()   # sharded / split: gathered
-        if self.world.rank != 0:
-            return final
+        values = self.whole_values()
+        if self.world.rank == 0:
+            self._write_checkpoint(final, opt_state, values)
+        return final
 
+    def _write_checkpoint(self, final, opt_state, values):
         def write(tmp):
             if self.full:
-                self.save_model(tmp)
+                self.save_model(tmp, values)
                 if _wider_than_base(self.model, self.args.model_name_or_path):
-                    np.savez(os.path.join(tmp, EXACT), **{p.name: p.asnumpy() for p in self.params})
+                    np.savez(os.path.join(tmp, EXACT), **{p.name: values[p.name] if p.name in values else p.asnumpy()
+                                                          for p in self.params})
             else:
                 adapter.save(self.model, tmp, self.adapter_config())
             np.savez(os.path.join(tmp, OPTIM), **opt_state)
@@ -200,16 +219,15 @@ class Trainer:
         if limit:
             for old in checkpoints(self.out)[:-int(limit)]:
                 shutil.rmtree(old, ignore_errors=True)
-        return final
 
-    def save_model(self, dst: str):
+    def save_model(self, dst: str, values: dict | None = None):
         """The model's current weights as a Hugging Face checkpoint in the folder dst (which may exist: the files
         are moved in from export.save_hf's own atomic folder)."""
         from .export import save_hf
         tmp = os.path.join(dst, f".hf-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            save_hf(self.model, self.args.model_name_or_path, tmp)
+            save_hf(self.model, self.args.model_name_or_path, tmp, values)
         except ValueError as e:   # safetensors_io.WeightError: the base is no Hugging Face checkpoint of it
             shutil.rmtree(tmp, ignore_errors=True)
             raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
@@ -253,13 +271,14 @@ class Trainer:
         self.step, self.epoch, self.history = int(st["global_step"]), float(st["epoch"]), list(st["log_history"])
 
     def _resume_full(self, folder, st):
-        self.model.load_weights(folder)   # the whole Hugging Face checkpoint (the Parameters stay the same objects)
-        exact = os.path.join(folder, EXACT)
-        if os.path.isfile(exact):
-            from mindspore import Tensor
-            with np.load(exact) as d:
-                for p in self.params:
-                    p.set_data(Tensor(d[p.name]).astype(p.dtype))
+        with self.zero3.loading() if self.zero3 else contextlib.nullcontext():   # ZeRO-3: then sliced
+            self.model.load_weights(folder)   # the whole Hugging Face checkpoint (the Parameters stay the same)
+            exact = os.path.join(folder, EXACT)
+            if os.path.isfile(exact):
+                from mindspore import Tensor
+                with np.load(exact) as d:
+                    for p in full.trainable(self.model):
+                        p.set_data(Tensor(d[p.name]).astype(p.dtype))
         with np.load(os.path.join(folder, OPTIM)) as d:
             self.opt.load_state(dict(d))
         self.sched.last = int(st["scheduler"]["last"])
@@ -302,10 +321,13 @@ class Trainer:
             self.save_checkpoint()   # transformers saves the last step's checkpoint too when it falls on save_steps
         if self.tp:
             self.tp.gather()   # every rank: the adapter's whole tensors, for rank 0 to write
-        if self.world.rank != 0:
-            return
+        values = self.whole_values()   # ZeRO-3: every rank gathers the sharded weights, rank 0 writes them
+        if self.world.rank == 0:
+            self._publish(total, values)
+
+    def _publish(self, total, values):
         if self.full:
-            self.save_model(self.out)
+            self.save_model(self.out, values)
         else:
             adapter.save(self.model, self.out, self.adapter_config())
         if self.args.plot_loss:
@@ -506,6 +528,8 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
         except ValueError as e:
             raise FinetuneError(f"model_name_or_path: {' '.join(str(e).split())}") from None
     ms.set_seed(args.seed)
+    if world.stage >= 2:   # the reduction's bucket ("auto": from the model's hidden size, as transformers fills it)
+        world = dataclasses.replace(world, bucket=reduce_bucket_size(args.deepspeed, model.config.text.hidden_size))
     setup(args, model)
     pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
     pad = pad if pad is not None else (model.generation_config.pad_token_id or 0)
@@ -513,7 +537,7 @@ def run(args, train, eval, processor, model=None, jit: bool = True) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
     tr = Trainer(args, model, train, pad, jit=jit, world=world)
     from .plan import training_plan
-    n_trainable = sum(int(np.prod(p.shape)) for p in tr.params)
+    n_trainable = tr.n_trained
     if tr.tp:   # the rank's slices and layer widths
         tr.log(f"[memory {tensor_parallel.plan_line(model, args, n_trainable)}]")
     else:
