@@ -108,10 +108,11 @@ def library(folder, lora_args, runtime_adapter):
     from test_serve_lora import for_processor
     model, proc = Glm4vForConditionalGeneration.from_pretrained(folder), Glm4vProcessor.from_pretrained(folder)
     out = {}
-    for name, d in (("m", None), ("a", lora_args[-1].split("=", 1)[1]), ("b", runtime_adapter)):
+    a = lora_args[-1].split("=", 1)[1]
+    for name, d, prompts in (("m", None, (2,)), ("a", a, (3,)), ("b", runtime_adapter, (2, 3))):   # those asked
         if d is not None:
             model.load_adapter(d)
-        for i in (2, 3):
+        for i in prompts:
             x = proc.apply_chat_template(for_processor(messages(i)), add_generation_prompt=True, tokenize=True,
                                          return_dict=True)
             tokens = model.generate(**x, max_new_tokens=N, min_new_tokens=N, do_sample=False)[
@@ -123,11 +124,13 @@ def library(folder, lora_args, runtime_adapter):
 
 def post(url, path, body):
     """(status, the reply: text for a text/plain one, else parsed JSON) of a raw POST."""
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             raw = r.read()
-            return r.status, raw.decode() if r.headers.get("Content-Type", "").startswith("text/plain") else json.loads(raw)
+            text = r.headers.get("Content-Type", "").startswith("text/plain")
+            return r.status, raw.decode() if text else json.loads(raw)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
