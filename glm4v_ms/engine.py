@@ -177,7 +177,9 @@ class Engine:
             self._thread = None
 
     def busy_rows(self) -> int:
-        return sum(s is not None for g in self.groups for s in g.seqs)
+        """Rows decoding a request. A request's row is freed just after its last token tells the listener "done",
+        so its client may have the answer first: counted here as free from that point on."""
+        return sum(s is not None and s.finish_reason is None for g in self.groups for s in g.seqs)
 
     # ------------------------------------------------------------------ the engine thread
     def _fit(self, n: int) -> int:
@@ -210,7 +212,7 @@ class Engine:
                 req.seq.finish("cancelled")
                 continue
             if req.adapter is not None:
-                slot = bank.slot_for(req.adapter, busy)
+                slot = bank.slot_for(req.adapter, busy, self._write_slot)
                 if slot is None:
                     self.deferred.append(req)
                     self.slot_waits += 1
@@ -289,6 +291,20 @@ class Engine:
         self._resume(stop)
         if stop:
             raise Cancelled()
+
+    def _write_slot(self, slot: int, ad):
+        """Adapter `ad` into bank slot `slot` (its request's, chosen by slot_for): one rank writes it (LeaderEngine
+        tells the other ranks first)."""
+        self.model.adapter_bank.write(slot, ad)
+
+    def adapter_loaded(self, ad):
+        """Any thread: `ad` (read on this host by bank.read) is served from now on. Nothing to do in one process
+        (a slot takes it when a request needs it); LeaderEngine has every other rank read its slices, or raises
+        multi_lora.LoraModulesError where one cannot (then no rank holds it)."""
+
+    def adapter_unloaded(self, ad):
+        """Any thread: `ad` is no longer served (requests holding it finish with it). Nothing to do in one process;
+        LeaderEngine tells the other ranks."""
 
     def _resume(self, stop: bool):
         """The prefill goes on (or stops): nothing to do on one rank (LeaderEngine tells the other ranks)."""

@@ -250,10 +250,11 @@ class Bank:
         self.resident[slot] = ad
         self.loads += 1
 
-    def slot_for(self, ad: Adapter, busy) -> int | None:
+    def slot_for(self, ad: Adapter, busy, write=None) -> int | None:
         """The slot a request for `ad` decodes with: the one holding it, else an idle one (not in `busy`: no
         running row uses it) overwritten, the one holding an unloaded adapter or used longest ago first; None when
-        every slot holds another adapter in use (the request waits)."""
+        every slot holds another adapter in use (the request waits). write(slot, ad) does the overwrite (default
+        self.write; under msrun rank 0's engine first tells the other ranks, which write the same slot)."""
         self.takes += 1
         now = self.takes
         for k in range(1, self.max_loras + 1):
@@ -264,7 +265,7 @@ class Bank:
         if not idle:
             return None
         k = min(idle, key=lambda k: (self.resident[k] is not None and not self.resident[k].unloaded, self.used[k]))
-        self.write(k, ad)
+        (write or self.write)(k, ad)
         self.used[k] = now
         return k
 

@@ -234,6 +234,88 @@ def test_beam_search_on_a_model_holding_a_bank(setup):
         multi_lora.uninstall(model)
 
 
+class FakeChannel:
+    """ranks.Channel in one process, as rank `rank`: what rank 0 sends (msgs), what this rank receives (inbox),
+    and what all-gather brings back: the next of `others` (the other ranks' parts, in rank order) with this rank's
+    part inserted at its place."""
+
+    def __init__(self, rank, inbox=(), others=()):
+        self.rank, self.msgs, self.inbox, self.others, self.parts = rank, [], list(inbox), list(others), []
+        self.sent, self.last = 0, time.monotonic()
+
+    def send(self, msg):
+        self.msgs.append(msg)
+        self.sent, self.last = self.sent + 1, time.monotonic()
+
+    def recv(self):
+        return self.inbox.pop(0)
+
+    def gather(self, obj):
+        self.parts.append(obj)
+        out = list(self.others.pop(0))
+        out.insert(self.rank, obj)
+        return out
+
+
+def test_rank_protocol_for_adapters(setup, tmp_path, monkeypatch):
+    """The msrun server's adapter messages (serve/ranks.py), each side alone over a FakeChannel. Rank 0: a runtime
+    load that failed on another rank raises that rank's error (and nothing is kept); a slot write is sent before
+    the admit that uses it, and the answer is the library's; an unload is sent, then, once nothing on rank 0 holds
+    the adapter, a forget. Another rank: a load it cannot read (the folder gone) or that another rank failed is
+    not kept (a later slot write naming it is an error, not a silent wrong answer); a load every rank read is
+    written where rank 0 says."""
+    from glm4v_ms.serve import ranks
+    model, third = setup["model"], setup["more"]["third"]
+    bank = multi_lora.install(model, [("charts", setup["adapters"]["charts"])], 1, max_loras=1, max_rank=8)
+    try:
+        gone = str(tmp_path / "gone")
+        chan = FakeChannel(1, inbox=[("lora_load", 901, "third", gone), ("lora_load", 902, "third", third),
+                                  ("lora_load", 903, "third", third), ("lora_write", 1, 903, "third"),
+                                  ("lora_unload", 903), ("lora_forget", [903]), ("lora_write", 1, 902, "third")],
+                           others=[[None], [None, (404, "Loading lora third failed: No adapter found")], [None]])
+        monkeypatch.setattr(ranks, "Channel", lambda lay: chan)
+        with pytest.raises(RuntimeError, match="does not hold it"):
+            ranks.follow(Engine(model, 1, 256, row_groups=False))
+        assert chan.parts[0][0] == 404 and "No adapter found" in chan.parts[0][1] and chan.parts[1:] == [None, None]
+        assert [a.uid for a in bank.resident[1:]] == [903] and bank.resident[1].unloaded
+        assert list(bank.adapters) == ["charts"]
+
+        bank.write(1, bank.adapters["charts"])
+        chan = FakeChannel(0, others=[[(404, "Loading lora third failed: No adapter found for X")], [None]])
+        monkeypatch.setattr(ranks, "Channel", lambda lay: chan)
+        engine = ranks.LeaderEngine(model, 1, 256, row_groups=False).start()
+        try:
+            ad = bank.read("third", third)
+            with pytest.raises(multi_lora.AdapterNotFound, match=r"No adapter found for X \(on rank 1\)"):
+                engine.adapter_loaded(ad)
+            engine.adapter_loaded(ad)
+            assert [m for m in chan.msgs if m[0] == "lora_load"] == [("lora_load", ad.uid, "third", third)] * 2
+            bank.adapters["third"] = ad   # as /v1/load_lora_adapter does
+            cfg = model.generation_config.updated(do_sample=False, min_new_tokens=N)
+            r = engine.submit(setup["inputs"]["text"], cfg, N, adapter=ad)
+            wait_all([r])
+            assert r.tokens == setup["want"]["third", "text"].tolist()
+            ops = [m[:2] if m[0] == "admit" else m for m in chan.msgs if m[0] in ("lora_write", "admit")]
+            assert ops == [("lora_write", 1, ad.uid, "third"), ("admit", 0)], ops
+            del bank.adapters["third"]
+            ad.unloaded = True
+            engine.adapter_unloaded(ad)
+            assert chan.msgs[-1] == ("lora_unload", ad.uid)
+            r = engine.submit(setup["inputs"]["text"], cfg, N, adapter=bank.adapters["charts"])   # takes third's slot
+            wait_all([r])
+            uid, ad, r = ad.uid, None, None
+            import gc
+            gc.collect()
+            deadline = time.time() + 30
+            while ("lora_forget", [uid]) not in chan.msgs:
+                assert time.time() < deadline, chan.msgs[-5:]
+                time.sleep(0.05)
+        finally:
+            engine.stop()
+    finally:
+        multi_lora.uninstall(model)
+
+
 def lora_command():
     """The README's server command with --lora-modules, as (environment assignments, argv)."""
     for block in blocks():

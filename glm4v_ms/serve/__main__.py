@@ -84,14 +84,10 @@ def build(a):
     from glm4v_ms.engine import Engine
     from .app import Server, create_app
     from .ranks import LeaderEngine
-    from glm4v_ms.multi_lora import LoraModulesError, check_folders, install, parse_modules
+    from glm4v_ms.multi_lora import check_folders, install, parse_modules
     # the adapters' cheap checks first (names, PEFT folders), whether each fits the base once it has loaded
     adapters = parse_modules(a.lora_modules, a.name)
     check_folders(adapters, a.max_lora_rank)
-    if a.tensor_parallel_size > 1 and a.max_loras < len(adapters):
-        # every rank must hold the same adapters in the same slots; slot swaps are not sent to the other ranks
-        raise LoraModulesError(f"--max-loras {a.max_loras}: under tensor parallel every --lora-modules adapter "
-                               f"needs a slot of its own ({len(adapters)})")
     folder = resolve_model(a.model)
     processor = Glm4vProcessor.from_pretrained(folder)
     model = load_model(folder, a)

@@ -67,6 +67,7 @@ class Server:
         self.engine, self.processor, self.name, self.api_key = engine, processor, name, api_key
         self.bank, self.runtime_lora = bank, runtime_lora
         self.adapters = bank.adapters if bank is not None else {}   # name -> multi_lora.Adapter, in load order
+        self.loading = set()   # names of runtime loads under way (a second load of one of them: refused)
         self.media = MediaLoader(allowed_local_media_path, max_media_bytes)
         self.max_images, self.max_request_bytes = max_images, max_request_bytes
         self.defaults = engine.model.generation_config
@@ -372,9 +373,6 @@ class ChatCompletion:
 # ---------------------------------------------------------------------------------------------- runtime adapters
 
 def _lora_body(server: Server, raw: bytes, fields) -> dict:
-    if server.engine.model.layout.world > 1:
-        raise ApiError(501, "loading or unloading adapters while serving is not supported under tensor parallel "
-                            "(msrun): pass them all in --lora-modules")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -396,18 +394,23 @@ def add_lora_routes(app: FastAPI, server: Server, auth):
         name, path = body.get("lora_name"), body.get("lora_path")
         if not name or not path:
             raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.", kind="InvalidUserInput")
-        if name in server.adapters or name == server.name:
+        if name in server.adapters or name in server.loading or name == server.name:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", kind="InvalidUserInput")
         if server.bank is None:
             raise ApiError(400, "LoRA is not enabled: start the server with --enable-lora (or --lora-modules)")
+        server.loading.add(name)   # no await since the check above: a second load of this name is refused
         try:   # read and checked off the event loop; the engine writes it into a slot when a request needs it
             ad = await asyncio.to_thread(server.bank.read, name, path)
+            # under msrun every other rank reads its slices now; where one cannot, no rank keeps it
+            await asyncio.to_thread(server.engine.adapter_loaded, ad)
         except AdapterNotFound as e:
             raise ApiError(404, str(e), kind="NotFoundError") from None
         except LoraModulesError as e:
             raise ApiError(400, str(e)) from None
-        if name in server.adapters:   # the same name loaded meanwhile
-            raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", kind="InvalidUserInput")
+        except RuntimeError as e:   # the engine stopped
+            raise ApiError(500, str(e)) from None
+        finally:
+            server.loading.discard(name)
         server.adapters[name] = ad
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -422,6 +425,10 @@ def add_lora_routes(app: FastAPI, server: Server, auth):
             raise ApiError(404, f"The lora adapter '{name}' cannot be found.")
         # requests that hold it (running or waiting) finish with it; its slot goes first to the next adapter
         ad.unloaded = True
+        try:   # under msrun: the other ranks are told (they keep their slices while rank 0 keeps the adapter)
+            await asyncio.to_thread(server.engine.adapter_unloaded, ad)
+        except RuntimeError as e:
+            raise ApiError(500, str(e)) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 

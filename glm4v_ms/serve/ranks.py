@@ -14,6 +14,14 @@ Messages go over all-gather (see Channel): a length (one int32), then the pickle
 words. While nothing happens rank 0 sends a heartbeat every 2 s (a CPU collective gives up after 30 s). Pickle is safe here: both ends are this program's
 ranks of one launch.
 
+Adapters (multi_lora): every rank holds its slices of the same adapters, each in the same slot. A slot write (rank
+0's engine choosing a slot for a request: Bank.slot_for) is sent before rank 0 makes it, naming the slot and the
+adapter, and every rank writes its own slices there. A runtime load (/v1/load_lora_adapter, once rank 0 has read the
+folder) is one engine call: rank 0 sends the adapter's name and folder, every other rank reads its slices from the
+folder, and all-gather brings every rank's outcome back to every rank: where one failed (the folder gone, unreadable)
+no rank keeps the adapter and rank 0 answers that rank's error. An unload is sent too; each rank keeps its slices
+while rank 0 still holds the adapter (requests that hold it finish with it), then rank 0 tells them to forget it.
+
 Same tokens on every rank: a sampled request without a seed gets one drawn on rank 0 and sent with its settings.
 A disconnect: rank 0 defers the cancel to its next step and names the cancelled rows in that step's message, so
 every rank frees the same rows at the same step.
@@ -21,13 +29,17 @@ every rank frees the same rows at the same step.
 from __future__ import annotations
 
 import pickle
+import queue
 import threading
 import time
+import weakref
+from concurrent.futures import Future
 
 import numpy as np
 
 from glm4v_ms import parallel
 from glm4v_ms.engine import Cancelled, Engine
+from glm4v_ms.multi_lora import AdapterNotFound, LoraModulesError
 from glm4v_ms.batch import Sequence
 from glm4v_ms.prompt import Prompt
 
@@ -44,9 +56,12 @@ class Channel:
     def __init__(self, lay: parallel.Layout):
         self.lay, self.sent, self.last = lay, 0, time.monotonic()
 
-    def _gather(self, arr: np.ndarray) -> np.ndarray:
+    def _all(self, arr: np.ndarray) -> np.ndarray:
         from mindspore import Tensor, ops
-        return ops.AllGather()(Tensor(arr)).asnumpy()[:len(arr)]   # rank 0's part
+        return ops.AllGather()(Tensor(arr)).asnumpy()   # every rank's part, in rank order
+
+    def _gather(self, arr: np.ndarray) -> np.ndarray:
+        return self._all(arr)[:len(arr)]   # rank 0's part
 
     def send(self, msg):
         self.sent, self.last = self.sent + 1, time.monotonic()
@@ -60,6 +75,16 @@ class Channel:
         n = int(self._gather(np.zeros(1, np.int32))[0])
         words = self._gather(np.zeros((n + 3) // 4, np.int32))
         return pickle.loads(words.view(np.uint8)[:n].tobytes())
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (each rank calls it at the same point)."""
+        self.last = time.monotonic()
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        sizes = self._all(np.array([len(data)], np.int32))
+        words = np.zeros((int(sizes.max()) + 3) // 4, np.int32)
+        words.view(np.uint8)[:len(data)] = np.frombuffer(data, np.uint8)
+        parts = self._all(words).reshape(len(sizes), -1)
+        return [pickle.loads(w.view(np.uint8)[:n].tobytes()) for w, n in zip(parts, sizes.tolist())]
 
 
 class _Told:
@@ -122,6 +147,54 @@ class LeaderEngine(Engine):
         self.chan = Channel(model.layout)
         self.cancels, self.lock = set(), threading.Lock()   # one set for all row groups: a row may move before its step
         self.groups = [_Told(g, i, self.chan, self.cancels, self.lock) for i, g in enumerate(self.groups)]
+        self.calls = queue.Queue()   # (function, Future): adapter loads and unloads, run on the engine thread
+        self.dropped = []            # uids of unloaded adapters rank 0 no longer holds (the others may forget them)
+
+    def _write_slot(self, slot: int, ad):
+        self.chan.send(("lora_write", slot, ad.uid, ad.name))
+        super()._write_slot(slot, ad)
+
+    def _call(self, fn):
+        """Run fn on the engine thread between two steps (the thread that talks to the other ranks); its result or
+        its exception. RuntimeError when the engine stops first."""
+        fut = Future()
+        self.calls.put((fn, fut))
+        while True:
+            try:
+                return fut.result(timeout=1.0)
+            except TimeoutError:
+                if self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError("the engine stopped") from None
+
+    def adapter_loaded(self, ad):
+        def load():
+            self.chan.send(("lora_load", ad.uid, ad.name, ad.path))
+            failed = [(r, e) for r, e in enumerate(self.chan.gather(None)) if e is not None]
+            if failed:   # every rank saw the same outcomes: none keeps it
+                r, (status, msg) = failed[0]
+                raise (AdapterNotFound if status == 404 else LoraModulesError)(f"{msg} (on rank {r})")
+        self._call(load)
+
+    def adapter_unloaded(self, ad):
+        uid = ad.uid
+        weakref.finalize(ad, self.dropped.append, uid)   # the last request holding it has gone
+        self._call(lambda: self.chan.send(("lora_unload", uid)))
+
+    def _run_calls(self):
+        while True:
+            try:
+                fn, fut = self.calls.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+        if self.dropped:
+            uids = []
+            while self.dropped:
+                uids.append(self.dropped.pop())
+            self.chan.send(("lora_forget", uids))
 
     def _between(self, seq):
         with self.lock:   # a request cancelled while it is prefilled: every rank stops its prefill at this point
@@ -135,6 +208,7 @@ class LeaderEngine(Engine):
 
     def _step(self):
         sent = self.chan.sent
+        self._run_calls()
         super()._step()
         if self.chan.sent == sent and time.monotonic() - self.chan.last > 2.0:
             # idle: a heartbeat, as a rank waiting in a CPU collective gives up after 30 s
@@ -145,6 +219,8 @@ class LeaderEngine(Engine):
             super()._loop()
         finally:   # stopped or failed: the other ranks leave too (from this thread, the one that talks to them)
             self.chan.send(STOP)
+            while not self.calls.empty():
+                self.calls.get_nowait()[1].set_exception(RuntimeError("the engine stopped"))
 
 
 def follow(engine: Engine) -> int:
@@ -152,6 +228,10 @@ def follow(engine: Engine) -> int:
     chan = Channel(engine.model.layout)
     batches = dict(enumerate(engine.groups))
     engine.plan_compiles()   # rank 0's first calls are the same warm-ups
+    bank = getattr(engine.model, "adapter_bank", None)
+    # this rank's slices of every adapter rank 0 holds, by rank 0's uid (--lora-modules: read in the same order on
+    # every rank, so their uids agree; runtime loads take rank 0's)
+    held = {} if bank is None else {ad.uid: ad for ad in bank.adapters.values()}
 
     def between():   # between two pieces of a prefill: rank 0's steps, until it says resume (or stop)
         while True:
@@ -174,8 +254,7 @@ def follow(engine: Engine) -> int:
             _, name, row, p, prompt, cfg, max_new, force, where, adapter, slot = msg
             origin = None if where is None else (batches[where[0]], where[1])
             seq = Sequence(prompt, cfg, max_new, force)
-            # the row's adapter and its slot (multi_lora): every rank holds its slices of the same adapters in the
-            # same slots (all of them, from the start: the server refuses slot swaps and runtime loads under msrun)
+            # the row's adapter and its slot (multi_lora): rank 0's slot writes came first ("lora_write")
             seq.adapter, seq.slot = adapter, slot
             try:
                 batches[name].admit(row, p, seq, origin, between)
@@ -192,6 +271,32 @@ def follow(engine: Engine) -> int:
             for r in rows:
                 b.seqs[r].cancel()
             b.step()
+        elif op == "lora_write":
+            _, slot, uid, name = msg
+            ad = held.get(uid)
+            if ad is None or ad.name != name:
+                raise RuntimeError(f"rank 0 writes adapter {name!r} (uid {uid}) into slot {slot}: this rank does not "
+                                   f"hold it")
+            bank.write(slot, ad)
+        elif op == "lora_load":
+            _, uid, name, path = msg
+            try:   # this rank's slices; the outcome goes to every rank, which all keep it or all drop it
+                ad, err = bank.read(name, path), None
+                ad.uid = uid
+            except AdapterNotFound as e:
+                ad, err = None, (404, str(e))
+            except Exception as e:   # LoraModulesError, or anything unforeseen: refused on every rank alike
+                ad, err = None, (400, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            if all(e is None for e in chan.gather(err)):
+                held[uid] = bank.adapters[name] = ad
+        elif op == "lora_unload":
+            ad = held[msg[1]]
+            ad.unloaded = True
+            if bank.adapters.get(ad.name) is ad:
+                del bank.adapters[ad.name]
+        elif op == "lora_forget":   # rank 0 no longer holds them: neither will this rank once its slots move on
+            for uid in msg[1]:
+                held.pop(uid, None)
         else:
             raise RuntimeError(f"unknown message from rank 0: {op!r}")
         return None
